@@ -1,0 +1,281 @@
+"""Registry, group statistics, the single reduction ``agg_loss`` and the public ``policy_loss``.
+
+Everything here is pure tensor code: no I/O, no model. Shapes: ``B`` rows (answers), ``T`` response tokens.
+
+Micro-batch exactness. The loss of a mini-batch (one optimizer step) is
+
+    L = (1 / N) * sum_{rows, tokens} per_token_loss * mask          (N: the reduction's normaliser)
+
+where ``per_token_loss`` of a row depends only on that row and its group's statistics. So the loop computes the
+group statistics and ``N`` once on the whole mini-batch with :func:`batch_context`, slices the per-row entries for
+each micro-batch and passes them to :func:`policy_loss`; the micro-batch losses then *add up* to the mini-batch loss
+(no extra division by the number of micro-batches, the bug of TRL #5619 / verl #5625).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum"]
+AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
+#: default constant of ``token-sum`` (the official NFT code divides the token sum by 1000).
+TOKEN_SUM_CONST = 1000.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reduction
+# ----------------------------------------------------------------------------------------------------------------------
+def agg_normalizer(mask: torch.Tensor, mode: str, const: float | None = None) -> float:
+    """The denominator ``N`` of :func:`agg_loss` for a whole (mini-)batch.
+
+    - ``token-mean`` (DAPO): number of response tokens.
+    - ``seq-mean-token-mean`` (GRPO): number of non-empty rows (rows of padding do not count).
+    - ``seq-mean-token-sum-norm`` (Dr.GRPO): non-empty rows x ``const`` (a constant max length; default ``T``).
+    - ``token-sum`` (official NFT): ``const`` (default 1000), independent of the batch.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"agg: unknown reduction mode {mode!r}; expected one of {list(AGG_MODES)}")
+    if mode == "token-mean":
+        return float(mask.sum())
+    if mode == "seq-mean-token-mean":
+        return float((mask.sum(-1) > 0).sum())
+    if mode == "seq-mean-token-sum-norm":
+        length = float(mask.shape[-1] if const is None else const)
+        return float((mask.sum(-1) > 0).sum()) * length
+    return float(TOKEN_SUM_CONST if const is None else const)
+
+
+def agg_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    *,
+    normalizer: float | None = None,
+    const: float | None = None,
+) -> torch.Tensor:
+    """Reduce a ``[B, T]`` per-token loss to a scalar: ``sum(row_weight * loss * mask) / N``.
+
+    ``seq-mean-token-mean`` first averages each row over its own tokens (a row's own count is local to the row, so
+    micro-batches stay exact); the other modes sum tokens. ``N`` is ``normalizer`` when given (the whole mini-batch's
+    value from :func:`agg_normalizer`), else computed from ``mask``. An empty mask gives an exact zero (with a
+    gradient of zeros), never NaN.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"agg: unknown reduction mode {mode!r}; expected one of {list(AGG_MODES)}")
+    masked = torch.where(mask > 0, per_token_loss * mask, torch.zeros_like(per_token_loss))
+    if mode == "seq-mean-token-mean":
+        total = (masked.sum(-1) / mask.sum(-1).clamp_min(1.0)).sum()
+    else:
+        total = masked.sum()
+    norm = agg_normalizer(mask, mode, const) if normalizer is None else float(normalizer)
+    return total / (norm if norm > 0 else 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Group statistics and the DAPO batch helpers
+# ----------------------------------------------------------------------------------------------------------------------
+def group_stats(
+    rewards: torch.Tensor, group_ids: torch.Tensor, *, std: Literal["population", "unbiased"] = "population"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row mean and std of the rewards of the row's group. ``[B]`` in, ``([B], [B])`` out.
+
+    ``std="population"`` divides by n (the paper's theory: for 0/1 rewards sigma = sqrt(r(1-r)));
+    ``"unbiased"`` by n - 1 (``torch.std``, as verl's GRPO). A group of one answer has std 0.
+    """
+    if std not in ("population", "unbiased"):
+        raise ValueError(f"std: expected 'population' or 'unbiased', got {std!r}")
+    rewards = rewards.to(torch.float64) if rewards.dtype == torch.float64 else rewards.float()
+    _, inv = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inv.max()) + 1 if inv.numel() else 0
+    count = torch.zeros(n_groups, dtype=rewards.dtype).scatter_add_(0, inv, torch.ones_like(rewards))
+    total = torch.zeros(n_groups, dtype=rewards.dtype).scatter_add_(0, inv, rewards)
+    mean = (total / count)[inv]
+    sq = torch.zeros(n_groups, dtype=rewards.dtype).scatter_add_(0, inv, (rewards - mean) ** 2)
+    denom = count if std == "population" else (count - 1).clamp_min(1.0)
+    return mean, (sq / denom).sqrt()[inv]
+
+
+def dynamic_sampling_keep(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """DAPO's dynamic-sampling filter: a ``[B]`` bool mask keeping rows whose group has 0 < mean reward < 1.
+
+    (Yu et al. 2025, DAPO, Sec. 3.2; the official NFT code applies the same filter.)
+    """
+    mean, _ = group_stats(rewards, group_ids)
+    return (mean > 0) & (mean < 1)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Eq. 13), added to the reward.
+
+    0 for ``L <= max_len - buffer``; ``-penalty * (L - (max_len - buffer)) / buffer`` up to ``max_len``;
+    ``-penalty`` beyond.
+    """
+    if buffer <= 0 or buffer > max_len:
+        raise ValueError(f"overlong buffer: need 0 < buffer <= max_len, got buffer={buffer}, max_len={max_len}")
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0.0) / buffer
+    return -penalty * over.clamp(max=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossSpec:
+    """One registered loss: its per-token function, its hyperparameter dataclass and its reduction rules."""
+
+    name: str
+    fn: Callable
+    params: type
+    positives_only: bool = False  # RFT: only positive rows enter the loss and its normaliser
+    doc: str = ""
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, params: type, *, positives_only: bool = False):
+    """Decorator: register ``fn(logp, old_logp, mask, rewards, group_rate, group_std, p) -> (per_token, parts)``."""
+
+    def deco(fn):
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} registered twice")
+        LOSSES[name] = LossSpec(name, fn, params, positives_only, (fn.__doc__ or "").strip())
+        return fn
+
+    return deco
+
+
+def get_spec(name: str) -> LossSpec:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; registered losses: {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
+def make_params(name: str, **overrides):
+    """The loss's hyperparameter dataclass with ``overrides`` applied; unknown names raise, naming them."""
+    spec = get_spec(name)
+    fields = {f.name for f in dataclasses.fields(spec.params)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"loss {name!r}: unknown hyperparameter(s) {unknown}; valid: {sorted(fields)}")
+    return spec.params(**overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------------
+def _check_inputs(name, logp, old_logp, mask, rewards, group_ids, binary: bool) -> None:
+    if logp.dim() != 2:
+        raise ValueError(f"logp: expected a [B, T] tensor, got shape {tuple(logp.shape)}")
+    for label, t in (("old_logp", old_logp), ("mask", mask)):
+        if t.shape != logp.shape:
+            raise ValueError(f"{label}: shape {tuple(t.shape)} differs from logp's {tuple(logp.shape)}")
+    B = logp.shape[0]
+    for label, t in (("rewards", rewards), ("group_ids", group_ids)):
+        if t.shape != (B,):
+            raise ValueError(f"{label}: expected shape ({B},), got {tuple(t.shape)}")
+    if not torch.isfinite(mask).all() or ((mask < 0) | (mask > 1)).any():
+        raise ValueError("mask: values must be finite and in [0, 1]")
+    on = mask > 0
+    for label, t in (("logp", logp), ("old_logp", old_logp)):
+        if not torch.isfinite(t.detach()[on]).all():
+            raise ValueError(f"{label}: NaN or inf on {int((~torch.isfinite(t.detach()[on])).sum())} response tokens")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards: NaN or inf")
+    if binary and not ((rewards == 0) | (rewards == 1)).all():
+        raise ValueError(f"rewards: loss {name!r} needs rewards in {{0, 1}}, got {sorted(set(rewards.tolist()))[:5]}")
+
+
+def batch_context(name: str, *, mask, rewards, group_ids, **overrides) -> dict:
+    """What the loop computes once per mini-batch and slices for its micro-batches.
+
+    Returns ``{"group_rate": [B], "group_std": [B], "normalizer": float}``: the group mean reward of each row (r-hat,
+    before any clipping), its group's reward std (population or unbiased per the loss's ``std`` option) and the
+    reduction's normaliser for the whole mini-batch. Pass the row slices and the normaliser to :func:`policy_loss`.
+    """
+    spec = get_spec(name)
+    p = make_params(name, **overrides)
+    std = getattr(p, "std", "population")
+    rate, sd = group_stats(rewards, group_ids, std=std)
+    eff_mask = mask * (rewards > 0.5).to(mask.dtype)[:, None] if spec.positives_only else mask
+    return {"group_rate": rate, "group_std": sd, "normalizer": agg_normalizer(eff_mask, p.agg, p.agg_const)}
+
+
+def policy_loss(
+    name: str,
+    *,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    group_rate: torch.Tensor | None = None,
+    group_std: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    **overrides,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss ``name`` of a (micro-)batch and its metrics.
+
+    Args:
+        logp, old_logp, mask: ``[B, T]`` log-probs of the sampled tokens under the current / sampling policy and the
+            response mask (1 on response tokens). Padded positions may hold anything, even NaN.
+        rewards: ``[B]`` correctness in {0, 1} (GRPO-family losses also accept shaped float rewards).
+        group_ids: ``[B]`` ints; answers to the same question share an id.
+        group_rate, group_std, normalizer: optional whole-mini-batch values from :func:`batch_context` (row slices
+            and the scalar). When omitted they are computed from the rows given, i.e. this batch is the whole batch.
+        **overrides: the loss's hyperparameters by name (see ``LOSSES[name].params``).
+
+    Returns:
+        ``(loss, metrics)``: a scalar tensor and a dict of floats (ratio mean/max, clip fractions, positive and
+        negative parts of the loss that add up to it, ...).
+    """
+    spec = get_spec(name)
+    p = make_params(name, **overrides)
+    _check_inputs(name, logp, old_logp, mask, rewards, group_ids, binary=getattr(p, "binary_rewards", False))
+    if group_rate is None or group_std is None:
+        rate, sd = group_stats(rewards, group_ids, std=getattr(p, "std", "population"))
+        group_rate = rate if group_rate is None else group_rate
+        group_std = sd if group_std is None else group_std
+    dtype = logp.dtype
+    mask = mask.to(dtype)
+    if spec.positives_only:
+        mask = mask * (rewards > 0.5).to(dtype)[:, None]
+    on = mask > 0
+    # Padded positions can hold garbage (even NaN); zero them so that nothing leaks into values or gradients.
+    zero = torch.zeros((), dtype=dtype)
+    log_ratio = torch.where(on, logp - old_logp.detach(), zero)
+    per_token, parts = spec.fn(
+        log_ratio, mask, rewards.to(dtype), group_rate.to(dtype), group_std.to(dtype), p
+    )
+    if normalizer is None:
+        normalizer = agg_normalizer(mask, p.agg, p.agg_const)
+    loss = agg_loss(per_token, mask, p.agg, normalizer=normalizer, const=p.agg_const)
+    metrics = _metrics(loss, per_token, mask, rewards.to(dtype), log_ratio, parts, p, normalizer)
+    return loss, metrics
+
+
+def _metrics(loss, per_token, mask, rewards, log_ratio, parts, p, normalizer) -> dict[str, float]:
+    on = mask > 0
+    n_tok = int(on.sum())
+    ratio = torch.exp(log_ratio.detach().clamp(max=20.0))
+    pos_rows = (rewards > 0.5)[:, None] & on
+    with torch.no_grad():
+        pos = agg_loss(per_token.detach(), mask * pos_rows.to(mask.dtype), p.agg, normalizer=normalizer,
+                       const=p.agg_const)
+    m = {
+        "loss": float(loss.detach()),
+        "loss_pos": float(pos),
+        "loss_neg": float(loss.detach() - pos),
+        "ratio_mean": float(ratio[on].mean()) if n_tok else 1.0,
+        "ratio_max": float(ratio[on].max()) if n_tok else 1.0,
+        "tokens": float(n_tok),
+    }
+    for key, flag in parts.items():  # boolean [B, T] indicators -> fractions of the (sub)set of tokens they cover
+        flag, among = flag if isinstance(flag, tuple) else (flag, on)
+        among = among & on
+        m[key] = float(flag[among].float().mean()) if bool(among.any()) else 0.0
+    return m
