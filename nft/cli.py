@@ -1,7 +1,13 @@
 """The ``nft`` command line: one sub-command per entry point.
 
-Usage: ``nft losses`` (the loss registry and its hyperparameters). Later entry points register themselves in
-``COMMANDS``.
+    nft losses                                          the loss registry and its hyperparameters
+    nft prepare  --config params.yaml --out data
+    nft pretrain --config params.yaml --out models/base [--set pretrain.steps=100 ...]
+    nft train    --config params.yaml --algo nft --seed 0 --out runs/nft-s0 [--set train.steps=5 ...]
+    nft replay   runs/nft-s0 [--tracking-uri URI]      copy an offline run folder into MLflow
+
+Every command validates the whole params file (and ``--set`` overrides) before any work starts; a bad key is one
+error naming the file and the key.
 """
 
 from __future__ import annotations
@@ -22,17 +28,108 @@ def _cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from nft.config import load_study
+    from nft.pretrain import run_pretrain
+
+    cfg = load_study(args.config, args.set)
+    summary = run_pretrain(cfg["data"], cfg["model"], cfg["pretrain"], args.out, progress=not args.quiet)
+    print(f"pretrain: {summary['parameters']:,} parameters, final loss {summary['final_loss']:.4f}, "
+          f"{summary['seconds']:.1f} s -> {args.out}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+    from pathlib import Path
+
+    from nft.config import load_study
+    from nft.data.synthetic import build_splits, data_hash, write_jsonl
+
+    cfg = load_study(args.config, args.set)
+    splits = build_splits(cfg["data"])
+    out = Path(args.out)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    manifest = {}
+    for name, items in splits.items():
+        write_jsonl(tmp / f"{name}.jsonl", items)
+        manifest[name] = {"count": len(items), "hash": data_hash(items)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print("prepare: " + ", ".join(f"{k} {v['count']}" for k, v in manifest.items()) + f" -> {out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from nft.config import load_study, to_dict
+    from nft.train.loop import run_training
+
+    cfg = load_study(args.config, args.set)
+    full = {k: to_dict(v) for k, v in cfg.items() if not k.startswith("_")}
+    study = (cfg["_raw"].get("study") or {}).get("name", "nft-study") if isinstance(cfg["_raw"].get("study"), dict) \
+        else "nft-study"
+    final = run_training(cfg["train"], args.algo, args.seed, args.out, study=study, full_config=full,
+                         progress=not args.quiet)
+    accs = {k: round(v, 4) for k, v in final.items() if k.startswith("val/") and "avg@" in k}
+    print(f"train: {args.algo} seed {args.seed} done -> {args.out} {accs}")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from nft.tracking import replay
+
+    run_id = replay(args.run_dir, args.tracking_uri, args.experiment)
+    print(f"replay: {args.run_dir} -> MLflow run {run_id}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="params file (params.yaml or an experiments/ preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("losses", help="list the registered losses and their default hyperparameters")
     p.set_defaults(func=_cmd_losses)
+    p = sub.add_parser("pretrain", help="build the tokenizer and warm-start the tiny base model")
+    _common(p)
+    p.add_argument("--out", required=True, help="output folder (save_pretrained format)")
+    p.set_defaults(func=_cmd_pretrain)
+    p = sub.add_parser("prepare", help="write the synthetic training pool and held-out sets")
+    _common(p)
+    p.add_argument("--out", required=True, help="data folder")
+    p.set_defaults(func=_cmd_prepare)
+    p = sub.add_parser("train", help="online training of one algorithm with one seed")
+    _common(p)
+    p.add_argument("--algo", required=True, help="registered loss: nft, rft, grpo, dr_grpo, dapo")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("replay", help="copy a run folder into MLflow (after training offline)")
+    p.add_argument("run_dir")
+    p.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--experiment", default=None)
+    p.set_defaults(func=_cmd_replay)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nft.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"nft {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ See :mod:`nft.algorithms.core` for the micro-batch protocol and :mod:`nft.algori
 from . import losses as _losses  # noqa: F401  (registers the losses)
 from .core import (
     AGG_MODES,
+    BATCH_RULES,
     LOSSES,
     agg_loss,
     agg_normalizer,
@@ -24,6 +25,7 @@ from .core import (
 
 __all__ = [
     "AGG_MODES",
+    "BATCH_RULES",
     "LOSSES",
     "agg_loss",
     "agg_normalizer",

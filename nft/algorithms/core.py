@@ -131,19 +131,28 @@ class LossSpec:
     fn: Callable
     params: type
     positives_only: bool = False  # RFT: only positive rows enter the loss and its normaliser
+    batch_rule: str = "all"  # which rollout groups the loop trains on: all | dynamic (0 < r < 1) | positives
     doc: str = ""
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, params: type, *, positives_only: bool = False):
-    """Decorator: register ``fn(logp, old_logp, mask, rewards, group_rate, group_std, p) -> (per_token, parts)``."""
+BATCH_RULES = ("all", "dynamic", "positives")
+
+
+def register_loss(name: str, params: type, *, positives_only: bool = False, batch_rule: str = "all"):
+    """Decorator: register ``fn(log_ratio, mask, rewards, group_rate, group_std, p) -> (per_token, parts)``.
+
+    ``batch_rule`` is the algorithm's default rule for which rollout groups it trains on (the official code's):
+    ``all``, ``dynamic`` (DAPO's dynamic sampling: groups with 0 < r-hat < 1) or ``positives`` (RFT)."""
+    if batch_rule not in BATCH_RULES:
+        raise ValueError(f"batch_rule: expected one of {BATCH_RULES}, got {batch_rule!r}")
 
     def deco(fn):
         if name in LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
-        LOSSES[name] = LossSpec(name, fn, params, positives_only, (fn.__doc__ or "").strip())
+        LOSSES[name] = LossSpec(name, fn, params, positives_only, batch_rule, (fn.__doc__ or "").strip())
         return fn
 
     return deco

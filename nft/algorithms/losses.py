@@ -98,7 +98,7 @@ def _ratio_terms(log_ratio, mask, p):
     return seq.expand_as(log_ratio), (1.0 / n).expand_as(log_ratio)
 
 
-@register_loss("nft", NFTParams)
+@register_loss("nft", NFTParams, batch_rule="dynamic")
 def nft_loss(log_ratio, mask, rewards, group_rate, group_std, p: NFTParams):
     """Negative-aware Fine-Tuning, per token t of answer a to question q (paper Eq. 9, official ``dp_actor.py``):
 
@@ -122,7 +122,7 @@ def nft_loss(log_ratio, mask, rewards, group_rate, group_std, p: NFTParams):
     return per_token, {"neg_eps_clip_frac": ((x < p.eps) & negative, negative)}
 
 
-@register_loss("rft", RFTParams, positives_only=True)
+@register_loss("rft", RFTParams, positives_only=True, batch_rule="positives")
 def rft_loss(log_ratio, mask, rewards, group_rate, group_std, p: RFTParams):
     """Rejection-sampling fine-tuning: L_t = -log R_t on the positive answers only (negatives are masked out of the
     loss and of its normaliser). With R = 1 its gradient is the SFT gradient -grad log pi on the positives.
@@ -207,7 +207,7 @@ def dr_grpo_loss(log_ratio, mask, rewards, group_rate, group_std, p: DrGRPOParam
     return _clipped_surrogate(log_ratio, rewards, group_rate, group_std, p)
 
 
-@register_loss("dapo", DAPOParams)
+@register_loss("dapo", DAPOParams, batch_rule="dynamic")
 def dapo_loss(log_ratio, mask, rewards, group_rate, group_std, p: DAPOParams):
     """DAPO: GRPO's advantage with clip-higher (eps_low 0.2, eps_high 0.28) and the ``token-mean`` reduction over
     all tokens of the mini-batch (Yu et al. 2025, Eq. 8)."""

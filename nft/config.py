@@ -1,0 +1,180 @@
+"""Typed configuration: params.yaml -> nested dataclasses, with errors that name the key.
+
+Each entry point has its documented dataclass (one per section); :class:`StudyConfig` gathers the sections of
+params.yaml. ``--set section.key=value`` overrides any key (values parsed as YAML); unknown keys are an error that
+names them, raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad params file or override; the message names the file and key."""
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: expected one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = get_args(tp)[:1] or (Any,)
+        return [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: Any, where: str = ""):
+    """Build dataclass ``cls`` from a mapping, checking names and types; ``where`` prefixes error messages."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        keys = ", ".join(f"{where}.{k}" if where else k for k in unknown)
+        raise ConfigError(f"unknown key(s) {keys}; valid keys{' of ' + where if where else ''}: {sorted(names)}")
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        msg = str(e)
+        if where and not msg.startswith(where):
+            # dataclass checks name their own field; prefix the section when they use a bare name
+            msg = msg if "." in msg.split(":")[0] else f"{where}.{msg}"
+        raise ConfigError(msg) from None
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists kept as values)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(data: dict, sets: list[str] | None) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested mapping (copied)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _sections():
+    from .data.synthetic import SyntheticConfig
+    from .modeling import ModelConfig
+    from .evaluate import EvalConfig
+    from .pretrain import PretrainConfig
+    from .train.config import TrainConfig
+
+    return {"data": SyntheticConfig, "model": ModelConfig, "pretrain": PretrainConfig, "train": TrainConfig,
+            "eval": EvalConfig}
+
+
+def load_study(path: str | Path, sets: list[str] | None = None, extra_sections: dict[str, type] | None = None):
+    """Load and validate params.yaml (plus overrides). Returns ``{section: dataclass instance}`` for every known
+    section and the raw mapping under ``"_raw"``. Unknown sections or keys raise :class:`ConfigError` naming the
+    file and the key."""
+    raw = apply_overrides(load_yaml(path), sets)
+    sections = dict(_sections())
+    sections.update(extra_sections or {})
+    passthrough = {"study", "algorithms", "seeds", "stages"}  # plain values consumed by dvc.yaml / study runner
+    unknown = sorted(set(raw) - set(sections) - passthrough)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(set(sections) | passthrough)}")
+    out: dict[str, Any] = {"_raw": raw}
+    for name, cls in sections.items():
+        try:
+            out[name] = from_dict(cls, raw.get(name), name)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return out
+
+
+__all__ = ["ConfigError", "from_dict", "to_dict", "flatten", "apply_overrides", "load_yaml", "load_study", "field"]

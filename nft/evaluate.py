@@ -1,0 +1,144 @@
+"""Evaluation: avg@k, unbiased pass@k and maj@k; one code path for in-loop validation and the final evaluation.
+
+Usage: ``nft evaluate --model DIR --benchmarks synth-medium,math500 --k 4 --out FILE.json [--samples FILE.jsonl]``
+
+Definitions (per benchmark, over its problems):
+- ``avg@k``: mean accuracy over the k sampled answers of each problem, averaged over problems (the paper's "avg@32");
+- ``pass@k``: the unbiased estimator of Chen et al. (2021), 1 - C(n - c, k) / C(n, k) with n = k samples here;
+- ``maj@k``: the most frequent (normalised) final answer among the k is correct (ties: the earliest);
+- ``stderr``: the standard error of the per-problem accuracy across problems.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data.prompts import render_prompt
+from .reward import GraderPool, extract_boxed, normalize_dapo
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings (the ``eval`` section of params.yaml)."""
+
+    benchmarks: list[str] = field(default_factory=lambda: ["synth-easy", "synth-medium", "synth-hard"])
+    """benchmark names from the registry (``nft.data.benchmarks``)."""
+    k: int = 4
+    """samples per problem."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    limit: int = 0
+    """evaluate only the first ``limit`` problems of each benchmark (0: all)."""
+    prompts_per_batch: int = 64
+    seed: int = 0
+    graders: list[str] = field(default_factory=lambda: ["math_verify", "dapo"])
+    """the first grader gives the headline metrics; the others are reported beside it with the disagreement rate."""
+    workers: int = 2
+    """grader worker processes."""
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"eval.k: must be >= 1, got {self.k}")
+        if not self.graders:
+            raise ValueError("eval.graders: at least one grader is needed")
+        from .reward import GRADERS
+
+        bad = [g for g in self.graders if g not in GRADERS]
+        if bad:
+            raise ValueError(f"eval.graders: unknown grader(s) {bad}; known: {sorted(GRADERS)}")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k), computed as a stable product."""
+    if k > n:
+        raise ValueError(f"pass@k: k ({k}) > n ({n})")
+    if n - c < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
+    """maj@k: the most frequent normalised final answer is correct (None answers never win; ties: earliest)."""
+    keys = [normalize_dapo(a) if a is not None else None for a in answers]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return False
+    best = max(counts.values())
+    for key, ok in zip(keys, correct):
+        if key is not None and counts[key] == best:
+            return ok
+    return False
+
+
+def summarize(correct: np.ndarray, lengths: np.ndarray, truncated: np.ndarray, answers: list[list[str | None]],
+              k: int) -> dict[str, float]:
+    """Metrics of one benchmark from ``[problems, k]`` arrays."""
+    per_problem = correct.mean(axis=1)
+    n = len(per_problem)
+    return {
+        f"avg@{k}": float(per_problem.mean()) if n else float("nan"),
+        f"pass@{k}": float(np.mean([pass_at_k(k, int(c), k) for c in correct.sum(axis=1)])) if n else float("nan"),
+        f"maj@{k}": float(np.mean([majority_correct(a, list(c)) for a, c in zip(answers, correct)])) if n else float("nan"),
+        "stderr": float(per_problem.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
+        "problems": n,
+        "mean_length": float(lengths.mean()) if n else 0.0,
+        "truncated": int(truncated.sum()),
+    }
+
+
+def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: GraderPool,
+                      extra_pools: dict[str, GraderPool] | None = None, seed: int | None = None):
+    """Sample ``cfg.k`` answers per problem with ``sampler``, grade them, return ``(metrics, records)``.
+
+    ``problems`` need ``.question`` and ``.answer``; ``records`` is one dict per answer (for ``--samples``)."""
+    k = cfg.k
+    seed = cfg.seed if seed is None else seed
+    if cfg.limit:
+        problems = problems[: cfg.limit]
+    texts, finished, lengths = [], [], []
+    for start in range(0, len(problems), cfg.prompts_per_batch):
+        chunk = problems[start: start + cfg.prompts_per_batch]
+        prompts = [render_prompt(tokenizer, p.question) for p in chunk]
+        ro = sampler.sample(prompts, k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, seed=seed + start)
+        texts += ro.texts
+        finished += ro.finished.tolist()
+        lengths += ro.lengths.tolist()
+    golds = [p.answer for p in problems for _ in range(k)]
+    verdicts, stats = pool.grade_many(texts, golds, only=finished)
+    # an answer cut at the length limit is wrong, whatever it contains
+    ok = np.array([v and f for v, f in zip(verdicts, finished)], dtype=bool).reshape(len(problems), k)
+    answers = [extract_boxed(t) for t in texts]
+    metrics = summarize(ok, np.array(lengths).reshape(len(problems), k), ~np.array(finished, dtype=bool),
+                        [answers[i * k:(i + 1) * k] for i in range(len(problems))], k)
+    metrics["grader_timeouts"] = stats.timeouts
+    metrics["grader_errors"] = len(stats.errors)
+    others = {}
+    for name, other in (extra_pools or {}).items():
+        v2, _ = other.grade_many(texts, golds, only=finished)
+        ok2 = np.array([v and f for v, f in zip(v2, finished)], dtype=bool).reshape(len(problems), k)
+        metrics[f"{name}/avg@{k}"] = float(ok2.mean(axis=1).mean()) if len(problems) else float("nan")
+        metrics[f"{name}/disagreement"] = float((ok2 != ok).mean()) if len(problems) else 0.0
+        others[name] = ok2.reshape(-1).tolist()
+    records = [
+        {"problem": i // k, "sample": i % k, "answer_text": texts[i], "extracted": answers[i], "gold": golds[i],
+         "correct": bool(ok.reshape(-1)[i]), "finished": bool(finished[i]), "length": int(lengths[i]),
+         **{f"correct_{n}": others[n][i] for n in others}}
+        for i in range(len(texts))
+    ]
+    return metrics, records
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,120 @@
+"""Model construction and the trainer-side log-prob / entropy pass (one code path for tiny and paper models).
+
+The embedded default builds a small ``Qwen2ForCausalLM`` (the class of Qwen2.5-Math) from :class:`ModelConfig`;
+the paper presets load a hub-format folder with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    """The tiny Qwen2 of the embedded default (the ``model`` section of params.yaml)."""
+
+    hidden_size: int = 128
+    """width; 128 with 4 layers is ~0.9M parameters, fast on 2 CPU cores."""
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    """grouped-query attention, as Qwen2.5."""
+    intermediate_size: int = 384
+    vocab_size: int = 512
+    """target size of the byte-level BPE trained on the synthetic corpus (the trainer may stop earlier)."""
+    max_position: int = 512
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads ({self.num_kv_heads})")
+        if self.vocab_size < 300:
+            raise ValueError(f"model.vocab_size: a byte-level BPE needs >= 259 entries plus merges; got {self.vocab_size}")
+
+
+def build_tiny_qwen2(cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int]):
+    """A freshly initialised ``Qwen2ForCausalLM`` (seed torch before calling)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=[special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],
+        pad_token_id=special_ids["<|endoftext|>"],
+        use_sliding_window=False,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def load_policy(path: str, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a ``save_pretrained`` folder (local files only: no hub access at run time)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    return model, tokenizer
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """End-of-answer tokens: the tokenizer's eos plus Qwen's ``<|im_end|>`` / ``<|endoftext|>`` where present."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    for t in ("<|im_end|>", "<|endoftext|>"):
+        if t in vocab:
+            ids.add(vocab[t])
+    return sorted(ids)
+
+
+def pack(prompt_ids: list[list[int]], response: torch.Tensor, response_mask: torch.Tensor, pad_id: int):
+    """Left-pad prompts and append the (right-padded) responses: ``(input_ids, attention_mask, position_ids, Lp)``.
+
+    Every prompt ends at column ``Lp``, so the logits at columns ``Lp - 1 .. Lp + T - 2`` predict the response.
+    """
+    B, T = response.shape
+    Lp = max(len(p) for p in prompt_ids)
+    ids = torch.full((B, Lp + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, Lp + T), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, Lp - len(p): Lp] = torch.tensor(p, dtype=torch.long)
+        attn[i, Lp - len(p): Lp] = 1
+    ids[:, Lp:] = torch.where(response_mask > 0, response, torch.full_like(response, pad_id))
+    attn[:, Lp:] = (response_mask > 0).long()
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    return ids, attn, pos, Lp
+
+
+def response_logprobs(
+    model, prompt_ids, response, response_mask, pad_id: int, temperature: float = 1.0, with_entropy: bool = False
+):
+    """Log-probs ``[B, T]`` of the response tokens under ``model`` (and the per-token entropy ``[B, T]``).
+
+    Gradients flow when called outside ``torch.no_grad``. Logits are divided by ``temperature`` (as verl does) so that
+    old and new log-probs refer to the sampling distribution.
+    """
+    ids, attn, pos, Lp = pack(prompt_ids, response, response_mask, pad_id)
+    T = response.shape[1]
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    logits = out.logits[:, Lp - 1: Lp + T - 1, :].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, response.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy

@@ -1,0 +1,288 @@
+"""Graders: is an answer right? ``grade(response, gold, grader="math_verify") -> bool``.
+
+- ``math_verify`` (default): HuggingFace math-verify on the answer (its last ``\\boxed{}`` or other final answer)
+  against ``\\boxed{gold}``.
+- ``dapo``: strict, as the DAPO code: the last ``\\boxed{}`` in the final 300 characters, string match after
+  normalisation (units, spaces, ``\\text{}``, ``\\left``/``\\right``, ``dfrac`` -> ``frac``, trailing ``.0``).
+
+Never ``eval``: model output only ever reaches math-verify's parser. Time bounds: math-verify's own (signal based)
+timeouts hold in a process's main thread only, and big-integer arithmetic in C cannot be interrupted at all, so
+:class:`GraderPool` grades in worker processes and *kills* a worker that passes the hard bound; such an answer, and
+any grader crash, counts as wrong and is recorded. Two exact shortcuts skip the pool: identical answer strings and
+plain integer literals (where math-verify's verdict is the integer comparison).
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing as mp
+import re
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as mp_wait
+
+MAX_ANSWER_CHARS = 2000  # longer text is cut to its tail before parsing
+MAX_BOXED_CHARS = 300  # a boxed answer longer than this is wrong without parsing
+_INT = re.compile(r"-?\d{1,60}")
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces matched; None if absent or unbalanced."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, min(len(text), i + 10 * MAX_BOXED_CHARS)):
+        c = text[j]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1: j]
+    return None
+
+
+def _clean(s: str) -> str:
+    return s.strip().strip("$").strip()
+
+
+def fast_verdict(response: str, gold: str) -> bool | None:
+    """Exact shortcuts (no parsing): True/False when decidable, None to defer to math-verify."""
+    boxed = extract_boxed(response[-MAX_ANSWER_CHARS:])
+    if boxed is None:
+        return None
+    a, g = _clean(boxed), _clean(gold)
+    if a == g:
+        return True
+    if len(a) > MAX_BOXED_CHARS:
+        return False
+    if _INT.fullmatch(a) and _INT.fullmatch(g):
+        return int(a) == int(g)
+    return None
+
+
+def grade_math_verify(response: str, gold: str, timeout: float = 2) -> bool:
+    """math-verify's verdict (call in a process's main thread for its timeouts to work)."""
+    from math_verify import parse, verify
+
+    timeout = max(1, int(round(timeout)))  # math-verify's signal.alarm takes whole seconds
+    text = response[-MAX_ANSWER_CHARS:]
+    gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=timeout)
+    if not gold_parsed:
+        gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
+    answer = parse(text, parsing_timeout=timeout)
+    if not gold_parsed or not answer:
+        return False
+    return bool(verify(gold_parsed, answer, timeout_seconds=timeout))
+
+
+_DAPO_REMOVE = ["\\left", "\\right", "\\!", "\\,", "\\;", "\\ ", "$", " "]
+
+
+def normalize_dapo(ans: str) -> str:
+    """DAPO-style final-answer normalisation for the strict string match."""
+    s = ans.strip()
+    s = re.sub(r"\\text\{\s*([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\(?:mbox|mathrm)\{\s*([^{}]*)\}", r"\1", s)
+    for r in _DAPO_REMOVE:
+        s = s.replace(r, "")
+    s = s.replace("dfrac", "frac").replace("tfrac", "frac").replace("^\\circ", "").replace("^{\\circ}", "")
+    s = re.sub(r"(degrees?|cm|meters?|units?|inches|inch|feet|dollars?)$", "", s)
+    s = s.rstrip(".")
+    if re.fullmatch(r"-?\d+\.0+", s):
+        s = s.split(".")[0]
+    if re.fullmatch(r"-?[\d,]+", s) and "," in s and all(len(p) == 3 for p in s.lstrip("-").split(",")[1:]):
+        s = s.replace(",", "")
+    return s
+
+
+def grade_dapo(response: str, gold: str) -> bool:
+    """Strict DAPO grading: last ``\\boxed{}`` in the final 300 characters, normalised string match."""
+    boxed = extract_boxed(response[-300:])
+    return boxed is not None and normalize_dapo(boxed) == normalize_dapo(gold)
+
+
+GRADERS = {"math_verify": grade_math_verify, "dapo": grade_dapo}
+
+
+def _check_grader(grader: str) -> None:
+    if grader not in GRADERS:
+        raise ValueError(f"grader: unknown {grader!r}; known: {sorted(GRADERS)}")
+
+
+def grade(response: str, gold: str, grader: str = "math_verify") -> bool:
+    """Grade one answer in this process (main thread). For many answers or untrusted output use
+    :class:`GraderPool`, which bounds the time per answer hard."""
+    _check_grader(grader)
+    if grader == "math_verify":
+        fast = fast_verdict(response, gold)
+        if fast is not None:
+            return fast
+        try:
+            return grade_math_verify(response, gold)
+        except BaseException:  # math-verify's TimeoutException derives from BaseException
+            return False
+    return grade_dapo(response, gold)
+
+
+def _worker(conn, fn) -> None:
+    try:  # warm up (imports math-verify / sympy) before saying ready: the per-answer clock starts after this
+        fn("\\boxed{1}", "1")
+    except BaseException:  # noqa: BLE001
+        pass
+    conn.send("ready")
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        idx, response, gold = msg
+        try:
+            ok = fn(response, gold)
+            conn.send((idx, bool(ok), None))
+        except BaseException as e:  # noqa: BLE001 - any crash is a wrong answer, reported
+            conn.send((idx, False, f"{type(e).__name__}: {str(e)[:200]}"))
+
+
+@dataclass
+class GradeStats:
+    """What happened while grading a batch."""
+
+    n: int = 0
+    fast: int = 0
+    timeouts: int = 0
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class GraderPool:
+    """Grades in ``workers`` processes with a hard per-answer bound ``hard_timeout`` (the worker is killed and
+    replaced; the answer counts as wrong). Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, workers: int = 2, grader: str = "math_verify", hard_timeout: float = 5.0,
+                 soft_timeout: float = 2.0, fn=None):
+        """``fn``: a picklable ``(response, gold) -> bool`` replacing the named grader (no fast path then)."""
+        if fn is None:
+            _check_grader(grader)
+            fn = functools.partial(grade_math_verify, timeout=soft_timeout) if grader == "math_verify" \
+                else GRADERS[grader]
+        else:
+            grader = "custom"
+        if workers < 1:
+            raise ValueError(f"grader workers: need >= 1, got {workers}")
+        self.grader, self.fn, self.hard_timeout = grader, fn, hard_timeout
+        self.startup_timeout = 60.0
+        self._ctx = mp.get_context("spawn")
+        self._procs: list = [None] * workers
+        self._conns: list = [None] * workers
+        self._ready: list[bool] = [False] * workers
+
+    def _start(self, k: int) -> None:
+        parent, child = self._ctx.Pipe()
+        p = self._ctx.Process(target=_worker, args=(child, self.fn), daemon=True)
+        p.start()
+        child.close()
+        self._procs[k], self._conns[k] = p, parent
+        self._ready[k] = False
+
+    def _wait_ready(self, ks: list[int]) -> None:
+        """Block until the given (new) workers have imported their grader (60 s at most each)."""
+        deadline = time.perf_counter() + self.startup_timeout
+        for k in ks:
+            conn = self._conns[k]
+            if conn.poll(max(0.0, deadline - time.perf_counter())):
+                try:
+                    self._ready[k] = conn.recv() == "ready"
+                except (EOFError, OSError):
+                    self._ready[k] = False
+            if not self._ready[k]:
+                raise RuntimeError(f"grader worker {k} did not start within {self.startup_timeout:.0f} s")
+
+    def _kill(self, k: int) -> None:
+        p = self._procs[k]
+        if p is not None:
+            p.kill()
+            p.join(timeout=5)
+            self._conns[k].close()
+        self._procs[k] = self._conns[k] = None
+
+    def grade_many(self, responses: list[str], golds: list[str], only: list[bool] | None = None
+                   ) -> tuple[list[bool], GradeStats]:
+        """Verdicts for all answers; where ``only[i]`` is False the answer is not graded (False), e.g. answers cut
+        at the length limit, which count as wrong anyway."""
+        if len(responses) != len(golds):
+            raise ValueError(f"responses ({len(responses)}) and golds ({len(golds)}) differ in length")
+        t0 = time.perf_counter()
+        stats = GradeStats(n=len(responses))
+        out: list[bool] = [False] * len(responses)
+        todo = []
+        for i, (r, g) in enumerate(zip(responses, golds)):
+            if only is not None and not only[i]:
+                continue
+            fast = fast_verdict(r, g) if self.grader == "math_verify" else \
+                grade_dapo(r, g) if self.grader == "dapo" else None
+            if fast is None:
+                todo.append(i)
+            else:
+                out[i] = fast
+                stats.fast += 1
+        queue = list(reversed(todo))
+        busy: dict[int, tuple[int, float]] = {}  # worker -> (answer index, start time)
+        while queue or busy:
+            idle = [k for k in range(len(self._procs)) if k not in busy][: len(queue)]
+            fresh = [k for k in idle if self._procs[k] is None or not self._procs[k].is_alive()]
+            for k in fresh:
+                self._start(k)
+            self._wait_ready(fresh)
+            for k in idle:
+                if queue:
+                    i = queue.pop()
+                    self._conns[k].send((i, responses[i], golds[i]))
+                    busy[k] = (i, time.perf_counter())
+            ready = mp_wait([self._conns[k] for k in busy], timeout=0.05)
+            for k in list(busy):
+                conn = self._conns[k]
+                i, started = busy[k]
+                if conn in ready:
+                    try:
+                        idx, ok, err = conn.recv()
+                    except (EOFError, OSError) as e:  # the worker died
+                        ok, err = False, f"worker died: {e!r}"
+                        self._kill(k)
+                    out[i] = ok
+                    if err:
+                        stats.errors.append(err)
+                    del busy[k]
+                elif time.perf_counter() - started > self.hard_timeout:
+                    self._kill(k)
+                    out[i] = False
+                    stats.timeouts += 1
+                    stats.errors.append(f"timeout after {self.hard_timeout:.1f}s on answer {i}")
+                    del busy[k]
+        stats.seconds = time.perf_counter() - t0
+        return out, stats
+
+    def close(self) -> None:
+        for k, conn in enumerate(self._conns):
+            if conn is not None:
+                try:
+                    conn.send(None)
+                except (OSError, BrokenPipeError):
+                    pass
+                self._procs[k].join(timeout=2)
+                if self._procs[k].is_alive():
+                    self._procs[k].kill()
+        self._procs = [None] * len(self._procs)
+        self._conns = [None] * len(self._conns)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

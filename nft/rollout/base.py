@@ -1,0 +1,60 @@
+"""The sampler protocol shared by the torch and vLLM backends.
+
+A sampler turns P prompts into P x n answers (rows ``i * n .. i * n + n - 1`` answer prompt ``i``) and returns the
+token ids with their log-probs under the sampling distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """P x n sampled answers.
+
+    Attributes:
+        prompt_ids: per row, the prompt's token ids (repeated n times per prompt).
+        response: ``[B, T]`` sampled ids (padding after the end, ``T`` = longest answer).
+        mask: ``[B, T]`` float, 1 on generated tokens (the stop token included).
+        logprobs: ``[B, T]`` float, log-probs of the sampled tokens under the sampler (0 on padding).
+        finished: ``[B]`` bool, the answer ended with a stop token (False: cut at the length limit).
+        texts: decoded answers (special tokens dropped).
+    """
+
+    prompt_ids: list[list[int]]
+    response: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    finished: torch.Tensor
+    texts: list[str]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(-1).long()
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+class Sampler(Protocol):
+    def sample(
+        self, prompts: list[str], n: int, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Rollout: ...
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Make the sampler use the trainer's current weights."""
+        ...
+
+
+def pad_rows(rows: list[list], fill, dtype) -> torch.Tensor:
+    T = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(T, 1)), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor(r, dtype=dtype)
+    return out

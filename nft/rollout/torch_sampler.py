@@ -1,0 +1,111 @@
+"""A lean KV-cache sampler on plain torch/transformers (the CPU backend of the sampler protocol).
+
+Why not ``generate``: each of its decoding steps runs logits processors, stopping criteria and cache bookkeeping
+that cost more than a tiny model's forward pass. Here a step is one forward of the new tokens, one log-softmax and
+one ``multinomial``. Each distinct prompt is prefilled once and its KV cache repeated n times (the K answers to a
+question share the prompt), and rows that have finished are dropped from the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..modeling import stop_token_ids
+from .base import Rollout, pad_rows
+
+
+def _top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter on log-probs: keep the smallest set of tokens with mass >= top_p, renormalised."""
+    if top_p >= 1.0:
+        return logp
+    sorted_lp, idx = logp.sort(dim=-1, descending=True)
+    cum = sorted_lp.exp().cumsum(-1)
+    drop = cum - sorted_lp.exp() >= top_p  # tokens after the mass is reached
+    sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
+    out = torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp)
+    return out - torch.logsumexp(out, dim=-1, keepdim=True)
+
+
+class TorchSampler:
+    """Samples from a transformers causal LM on the trainer's own module (so weight updates are seen at once)."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_ids = torch.tensor(stop_token_ids(tokenizer), dtype=torch.long)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.stop_ids[0])
+
+    def update_weights(self, model) -> None:
+        self.model = model
+
+    @torch.inference_mode()
+    def sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
+        if temperature <= 0:
+            raise ValueError(f"temperature: must be > 0 for sampling, got {temperature}")
+        model = self.model
+        was_training = model.training
+        model.eval()
+        try:
+            enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            P, B = len(enc), len(enc) * n
+            Lp = max(len(e) for e in enc)
+            ids = torch.full((P, Lp), self.pad_id, dtype=torch.long)
+            attn = torch.zeros((P, Lp), dtype=torch.long)
+            for i, e in enumerate(enc):
+                ids[i, Lp - len(e):] = torch.tensor(e)
+                attn[i, Lp - len(e):] = 1
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+            logits = out.logits[:, -1, :].float().repeat_interleave(n, dim=0)
+            attn = attn.repeat_interleave(n, dim=0)
+            next_pos = pos[:, -1:].repeat_interleave(n, dim=0) + 1
+
+            gen = torch.Generator().manual_seed(int(seed))
+            tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long)
+            logps = torch.zeros((B, max_new_tokens))
+            lengths = torch.zeros(B, dtype=torch.long)
+            finished = torch.zeros(B, dtype=torch.bool)
+            alive = torch.arange(B)  # rows still generating, in cache order
+            for t in range(max_new_tokens):
+                logp = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+                draw = _top_p_filter(logp, top_p) if top_p < 1.0 else logp
+                tok = torch.multinomial(draw.exp(), 1, generator=gen).squeeze(-1)
+                tokens[alive, t] = tok
+                logps[alive, t] = draw.gather(-1, tok[:, None]).squeeze(-1)
+                lengths[alive] = t + 1
+                stop = torch.isin(tok, self.stop_ids)
+                finished[alive[stop]] = True
+                if t + 1 == max_new_tokens or bool(stop.all()):
+                    break
+                if bool(stop.any()):  # drop finished rows from the batch and its cache
+                    keep = (~stop).nonzero().squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    alive, tok, attn, next_pos = alive[keep], tok[keep], attn[keep], next_pos[keep]
+                attn = torch.cat([attn, torch.ones((attn.shape[0], 1), dtype=attn.dtype)], dim=-1)
+                out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
+                            past_key_values=cache, use_cache=True)
+                logits = out.logits[:, -1, :].float()
+                next_pos = next_pos + 1
+        finally:
+            model.train(was_training)
+        T = max(int(lengths.max()), 1)
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+        response = tokens[:, :T].masked_fill(mask == 0, self.pad_id)
+        texts = self.tokenizer.batch_decode(
+            [response[i, : lengths[i]].tolist() for i in range(B)], skip_special_tokens=True
+        )
+        return Rollout(
+            prompt_ids=[e for e in enc for _ in range(n)],
+            response=response,
+            mask=mask,
+            logprobs=logps[:, :T] * mask,
+            finished=finished,
+            texts=texts,
+        )
+
+
+__all__ = ["TorchSampler", "pad_rows"]

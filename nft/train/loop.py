@@ -1,0 +1,520 @@
+"""The online training loop: sample K answers per question, grade them, update the policy; log, validate, checkpoint.
+
+Usage: ``nft train --config params.yaml --algo nft --seed 0 --out runs/nft-s0 [--set train.steps=5 ...]``
+
+One rollout step:
+1. draw P questions from a seeded cursor, sample K answers each (the sampler protocol), grade them; the algorithm's
+   batch rule keeps groups (``dynamic``: 0 < r-hat < 1, sampling more generation batches until P groups or
+   ``max_num_gen_batches``; ``all``; ``positives``: correct answers only);
+2. recompute old log-probs with the trainer (as verl) and log their mismatch with the sampler's;
+3. split the kept questions into mini-batches (one optimizer step each) and each mini-batch into micro-batches
+   (gradient accumulation, exact through ``nft.algorithms.batch_context``); AdamW with warmup and clipping;
+4. log namespaced metrics to ``history.jsonl`` and MLflow; validate every ``val_every`` steps; checkpoint every
+   ``checkpoint_every`` steps. Re-running on the same folder resumes from the last checkpoint; a finished run
+   (``metrics.json`` present) is not redone.
+
+Seeding: one run seed; every other seed is derived from it and logged (``seed/*`` params): data order, sampling
+seed per step and generation batch, validation sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from ..algorithms import batch_context, get_spec, make_params, overlong_penalty, policy_loss
+from ..config import flatten
+from ..data.benchmarks import load_benchmark
+from ..data.prompts import render_prompt
+from ..evaluate import EvalConfig, evaluate_problems
+from ..modeling import load_policy, response_logprobs
+from ..reward import GraderPool
+from ..tracking import MLflowTracker, NullTracker
+from .config import TrainConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Seeds
+# ----------------------------------------------------------------------------------------------------------------------
+def derive_seed(seed: int, *names) -> int:
+    """A stable 31-bit seed derived from the run seed and a label (independent streams per purpose)."""
+    return random.Random(f"{seed}/" + "/".join(map(str, names))).getrandbits(31)
+
+
+def seed_block(seed: int) -> dict[str, int]:
+    """The run's seeds, all derived from one: logged as ``seed/*`` params."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return {"seed/run": seed, "seed/data_order": derive_seed(seed, "data"),
+            "seed/sampling_base": derive_seed(seed, "sample"), "seed/validation": derive_seed(seed, "val")}
+
+
+class Cursor:
+    """Seeded pass over the training set: a fresh permutation per epoch; state = (epoch, position)."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, pos: int = 0):
+        self.n, self.seed, self.epoch, self.pos = n, seed, epoch, pos
+        self._perm = self._make(epoch)
+
+    def _make(self, epoch: int) -> list[int]:
+        perm = list(range(self.n))
+        random.Random(f"{self.seed}-{epoch}").shuffle(perm)
+        return perm
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._make(self.epoch)
+            out.append(self._perm[self.pos])
+            self.pos += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Engine: model + optimizer + schedule (the DeepSpeed engine implements the same methods)
+# ----------------------------------------------------------------------------------------------------------------------
+class TorchEngine:
+    """Single-process training engine: AdamW, linear warmup then constant lr, gradient-norm clipping."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        self.model, self.cfg = model, cfg
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        warm = max(cfg.warmup_steps, 0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run folder, checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def save_checkpoint(run_dir: Path, model, tokenizer, engine, cursor: Cursor, step: int) -> None:
+    """Atomic: written to ``checkpoint.tmp`` then renamed over ``checkpoint``."""
+    tmp, final = run_dir / "checkpoint.tmp", run_dir / "checkpoint"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "model")
+    torch.save({
+        "engine": engine.state_dict(),
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        "cursor": cursor.state(),
+        "step": step,
+    }, tmp / "state.pt")
+    old = run_dir / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _truncate_history(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rollout
+# ----------------------------------------------------------------------------------------------------------------------
+def collect_rollout(sampler, tokenizer, problems, cursor: Cursor, pool: GraderPool, cfg: TrainConfig, rule: str,
+                    seed: int, step: int):
+    """Sample and grade generation batches until the batch rule has P groups (or the generation budget is spent).
+
+    Returns ``(batch, metrics)``; ``batch`` holds the kept rows: prompt_ids, response, mask, sampler logprobs,
+    rewards, group ids (and the questions' full-group r-hat and std)."""
+    P, K = cfg.prompts_per_step, cfg.answers_per_prompt
+    kept: list[dict] = []
+    seen_groups = kept_groups = 0
+    all_rewards, all_lengths, all_finished = [], [], []
+    t_sample = t_grade = 0.0
+    gen_batches = 0
+    n_tokens = 0
+    grader_timeouts = grader_errors = 0
+    max_batches = cfg.max_num_gen_batches if rule == "dynamic" else 1
+    while gen_batches < max_batches and kept_groups < P:
+        idx = cursor.take(P)
+        qs = [problems[i] for i in idx]
+        t0 = time.perf_counter()
+        ro = sampler.sample([render_prompt(tokenizer, q.question) for q in qs], K, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, top_p=cfg.top_p, seed=derive_seed(seed, "sample", step,
+                                                                                            gen_batches))
+        t1 = time.perf_counter()
+        verdicts, gstats = pool.grade_many(ro.texts, [q.answer for q in qs for _ in range(K)],
+                                           only=ro.finished.tolist())
+        grader_timeouts += gstats.timeouts
+        grader_errors += len(gstats.errors)
+        for err in gstats.errors[:3]:
+            print(f"grader: step {step}: {err} (counted as wrong)", file=sys.stderr)
+        t2 = time.perf_counter()
+        t_sample, t_grade = t_sample + t1 - t0, t_grade + t2 - t1
+        gen_batches += 1
+        n_tokens += int(ro.mask.sum())
+        correct = torch.tensor(verdicts, dtype=torch.bool) & ro.finished  # cut at the length limit: negative
+        rewards = correct.double()
+        all_rewards.append(rewards)
+        all_lengths.append(ro.lengths)
+        all_finished.append(ro.finished)
+        for g in range(P):
+            rows = slice(g * K, (g + 1) * K)
+            r = rewards[rows]
+            seen_groups += 1
+            rate = float(r.mean())
+            if rule == "dynamic" and not 0.0 < rate < 1.0:
+                continue
+            if rule == "positives" and rate == 0.0:
+                continue
+            if kept_groups >= P:
+                continue
+            kept.append({"prompt_ids": ro.prompt_ids[rows], "response": ro.response[rows], "mask": ro.mask[rows],
+                         "logprobs": ro.logprobs[rows], "rewards": r, "lengths": ro.lengths[rows]})
+            kept_groups += 1
+    rewards = torch.cat(all_rewards)
+    lengths = torch.cat(all_lengths).double()
+    finished = torch.cat(all_finished)
+    metrics = {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/accuracy": float(rewards.mean()),
+        "rollout/groups_kept_frac": kept_groups / max(seen_groups, 1),
+        "rollout/groups_kept": float(kept_groups),
+        "rollout/gen_batches": float(gen_batches),
+        "rollout/all_correct_frac": float(np.mean([float(r.mean()) == 1.0 for r in rewards.split(K)])),
+        "rollout/all_wrong_frac": float(np.mean([float(r.mean()) == 0.0 for r in rewards.split(K)])),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/clipped_frac": float((~finished).double().mean()),
+        "grader/timeouts": float(grader_timeouts),
+        "grader/errors": float(grader_errors),
+        "time/sample": t_sample,
+        "time/grade": t_grade,
+        "perf/sample_tokens_per_s": n_tokens / max(t_sample, 1e-9),
+    }
+    return _stack(kept, K, rule), metrics
+
+
+def _stack(groups: list[dict], K: int, rule: str):
+    if not groups:
+        return None
+    T = max(g["response"].shape[1] for g in groups)
+
+    def pad(t, fill=0):
+        return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=fill)
+
+    batch = {
+        "prompt_ids": [p for g in groups for p in g["prompt_ids"]],
+        "response": torch.cat([pad(g["response"]) for g in groups]),
+        "mask": torch.cat([pad(g["mask"]) for g in groups]).float(),
+        "sampler_logprobs": torch.cat([pad(g["logprobs"]) for g in groups]).float(),
+        "rewards": torch.cat([g["rewards"] for g in groups]),
+        "lengths": torch.cat([g["lengths"] for g in groups]),
+        "group_ids": torch.arange(len(groups)).repeat_interleave(K),
+    }
+    if rule == "positives":  # RFT trains on the correct answers only
+        keep = batch["rewards"] > 0.5
+        batch = {k: ([v[i] for i in keep.nonzero().squeeze(-1).tolist()] if isinstance(v, list) else v[keep])
+                 for k, v in batch.items()}
+    return batch
+
+
+def _rows(batch: dict, idx: list[int]) -> dict:
+    t = torch.tensor(idx, dtype=torch.long)
+    return {k: ([v[i] for i in idx] if isinstance(v, list) else v[t]) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Update
+# ----------------------------------------------------------------------------------------------------------------------
+def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pad_id: int, seed: int, step: int):
+    """Old log-probs, then one optimizer step per mini-batch of questions. Returns the step's metrics."""
+    model = engine.model
+    B = len(batch["prompt_ids"])
+    mb = cfg.micro_batch_size
+    # mini-batches of whole questions, in a seeded order
+    groups = batch["group_ids"].unique().tolist()
+    random.Random(derive_seed(seed, "minibatch", step)).shuffle(groups)
+    n_mini = max(1, math.ceil(len(groups) / cfg.mini_batch_prompts))
+    minis = [[i for i in range(B) if int(batch["group_ids"][i]) in set(groups[m::n_mini])] for m in range(n_mini)]
+    minis = [m for m in minis if m]
+
+    # old log-probs: the first mini-batch's come from its own (pre-update) forward; the others need a no-grad pass
+    t0 = time.perf_counter()
+    old = torch.zeros_like(batch["sampler_logprobs"])
+    rest = [i for m in minis[1:] for i in m]
+    with torch.no_grad():
+        for s in range(0, len(rest), mb):
+            idx = rest[s: s + mb]
+            sub = _rows(batch, idx)
+            lp, _ = response_logprobs(model, sub["prompt_ids"], sub["response"], sub["mask"], pad_id,
+                                      cfg.temperature)
+            old[torch.tensor(idx)] = lp
+    t_old = time.perf_counter() - t0
+
+    # group statistics of the whole rollout batch (full groups; RFT's rows are positives only)
+    ctx_all = batch_context(algo, mask=batch["mask"], rewards=batch["rewards"], group_ids=batch["group_ids"],
+                            **overrides)
+    sums: dict[str, float] = {}
+    tok_total = 0.0
+    grad_norms, ent_sum, ent_tok = [], 0.0, 0.0
+    t1 = time.perf_counter()
+    for m_i, rows in enumerate(minis):
+        mini = _rows(batch, rows)
+        ctx = batch_context(algo, mask=mini["mask"], rewards=mini["rewards"], group_ids=mini["group_ids"],
+                            **overrides)
+        rate_all, std_all = ctx_all["group_rate"][torch.tensor(rows)], ctx_all["group_std"][torch.tensor(rows)]
+        for s in range(0, len(rows), mb):
+            sl = slice(s, s + mb)
+            micro = {k: (v[sl]) for k, v in mini.items()}
+            logp, ent = response_logprobs(model, micro["prompt_ids"], micro["response"], micro["mask"], pad_id,
+                                          cfg.temperature, with_entropy=True)
+            idx = torch.tensor(rows[s: s + mb])
+            if m_i == 0:
+                old[idx] = logp.detach()
+            loss, met = policy_loss(algo, logp=logp, old_logp=old[idx], mask=micro["mask"],
+                                    rewards=micro["rewards"], group_ids=micro["group_ids"], group_rate=rate_all[sl],
+                                    group_std=std_all[sl], normalizer=ctx["normalizer"], **overrides)
+            engine.backward(loss)
+            n_tok = float(micro["mask"].sum())
+            tok_total += n_tok
+            for k, v in met.items():
+                if k in ("loss", "loss_pos", "loss_neg"):
+                    sums[k] = sums.get(k, 0.0) + v  # micro-batch losses add up to the mini-batch loss
+                elif k == "ratio_max":
+                    sums[k] = max(sums.get(k, 0.0), v)
+                elif k != "tokens":
+                    sums[k] = sums.get(k, 0.0) + v * n_tok
+            ent_sum += float((ent * micro["mask"]).sum())
+            ent_tok += n_tok
+        grad_norms.append(engine.step())
+    t_update = time.perf_counter() - t1
+    on = batch["mask"] > 0
+    mismatch = (old - batch["sampler_logprobs"]).abs()[on]
+    out = {
+        "train/entropy": ent_sum / max(ent_tok, 1.0),
+        "train/grad_norm": float(np.mean(grad_norms)),
+        "train/grad_norm_max": float(np.max(grad_norms)),
+        "train/lr": engine.lr,
+        "train/optimizer_steps": float(len(minis)),
+        "train/answers": float(B),
+        "train/tokens": tok_total,
+        "logprob/mismatch_mean": float(mismatch.mean()) if mismatch.numel() else 0.0,
+        "logprob/mismatch_max": float(mismatch.max()) if mismatch.numel() else 0.0,
+        "time/old_logprob": t_old,
+        "time/update": t_update,
+        "perf/train_tokens_per_s": tok_total / max(t_update, 1e-9),
+    }
+    for k, v in sums.items():
+        if k in ("loss", "loss_pos", "loss_neg"):
+            out[f"loss/{k.replace('loss_', '') if k != 'loss' else 'total'}"] = v / len(minis)
+        elif k == "ratio_max":
+            out["loss/ratio_max"] = v
+        else:
+            out[f"loss/{k}"] = v / max(tok_total, 1.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------------
+def validate(sampler, tokenizer, val_sets: dict, pool: GraderPool, cfg: TrainConfig, seed: int, step: int) -> dict:
+    ecfg = EvalConfig(benchmarks=list(val_sets), k=cfg.val_k, temperature=cfg.val_temperature, top_p=cfg.val_top_p,
+                      max_new_tokens=cfg.max_new_tokens, limit=cfg.val_limit, graders=[cfg.grader])
+    out, accs = {}, []
+    t0 = time.perf_counter()
+    for name, problems in val_sets.items():
+        m, _ = evaluate_problems(sampler, tokenizer, problems, ecfg, pool, seed=derive_seed(seed, "val", name))
+        out[f"val/{name}/avg@{cfg.val_k}"] = m[f"avg@{cfg.val_k}"]
+        out[f"val/{name}/pass@{cfg.val_k}"] = m[f"pass@{cfg.val_k}"]
+        out[f"val/{name}/length_mean"] = m["mean_length"]
+        accs.append(m[f"avg@{cfg.val_k}"])
+    out[f"val/mean/avg@{cfg.val_k}"] = float(np.mean(accs))
+    out["time/validate"] = time.perf_counter() - t0
+    return out
+
+
+def make_sampler(cfg: TrainConfig, model, tokenizer, seed: int):
+    if cfg.sampler == "torch":
+        from ..rollout.torch_sampler import TorchSampler
+
+        return TorchSampler(model, tokenizer)
+    from ..rollout.vllm_sampler import VLLMSampler
+
+    return VLLMSampler(cfg.model, tokenizer, seed=seed, **cfg.vllm)
+
+
+def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, study: str = "nft-study",
+                 full_config: dict | None = None, progress: bool = True, tracker=None) -> dict:
+    """Train ``algo`` with ``seed`` into run folder ``out``; resumes from its checkpoint; returns final metrics."""
+    spec = get_spec(algo)  # unknown algorithm: error before any work
+    overrides = dict(cfg.loss.get(algo, {}) or {})
+    make_params(algo, **overrides)
+    rule = spec.batch_rule if cfg.batch_rule == "auto" else cfg.batch_rule
+    run_dir = Path(out)
+    final_path = run_dir / "metrics.json"
+    if final_path.is_file():
+        print(f"train: {run_dir} is finished (metrics.json present); nothing to do")
+        return json.loads(final_path.read_text())
+    train_set = load_benchmark(cfg.train_set, cfg.data)
+    val_sets = {name: load_benchmark(name, cfg.data) for name in cfg.val_benchmarks}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    seeds = seed_block(seed)
+
+    ckpt = run_dir / "checkpoint"
+    resume = (ckpt / "state.pt").is_file()
+    model, tokenizer = load_policy(str(ckpt / "model") if resume else cfg.model)
+    model.train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = TorchEngine(model, cfg)
+    cursor = Cursor(len(train_set), seeds["seed/data_order"])
+    start_step = 0
+    if resume:
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        engine.load_state_dict(state["engine"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        cursor = Cursor(len(train_set), seeds["seed/data_order"], **state["cursor"])
+        start_step = state["step"]
+        _truncate_history(run_dir / "history.jsonl", start_step)
+    else:
+        (run_dir / "history.jsonl").unlink(missing_ok=True)
+
+    resolved = {"algo": algo, "seed": seed, "batch_rule": rule, "loss": asdict(make_params(algo, **overrides)),
+                "train": asdict(cfg)}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({**(full_config or {}), "resolved": resolved},
+                                                         sort_keys=False))
+    tags = {"algo": algo, "seed": str(seed), "study": study, "git_commit": _git_commit(),
+            "data_hash": getattr(train_set, "hash", ""), "batch_rule": rule}
+    (run_dir / "tags.json").write_text(json.dumps(tags, indent=2))
+    if tracker is None:
+        if cfg.tracking:
+            run_id_file = run_dir / "mlflow_run_id"
+            run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
+            tracker = MLflowTracker(cfg.tracking_uri, cfg.experiment, f"{algo}-s{seed}", run_id=run_id,
+                                    flush_every=5)
+            if tracker.run_id and not tracker.offline:
+                run_id_file.write_text(tracker.run_id)
+        else:
+            tracker = NullTracker()
+    if not resume:
+        tracker.log_params({**flatten(resolved), **seeds})
+        tracker.set_tags(tags)
+
+    sampler = make_sampler(cfg, model, tokenizer, seed)
+    history = (run_dir / "history.jsonl").open("a")
+    status = "FAILED"
+    pool = GraderPool(cfg.grader_workers, cfg.grader)
+    try:
+        steps = range(start_step, cfg.steps)
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc=f"{algo}-s{seed}", initial=start_step, total=cfg.steps, mininterval=1.0)
+        if start_step == 0:
+            row = {"step": 0, **validate(sampler, tokenizer, val_sets, pool, cfg, seed, 0)}
+            history.write(json.dumps(row) + "\n")
+            history.flush()
+            tracker.log_metrics(row, 0)
+        last = {}
+        for step in steps:
+            t0 = time.perf_counter()
+            batch, metrics = collect_rollout(sampler, tokenizer, train_set, cursor, pool, cfg, rule, seed, step)
+            if batch is not None and cfg.overlong_buffer and not spec.params().__dict__.get("binary_rewards", False):
+                batch["rewards"] = batch["rewards"] + overlong_penalty(
+                    batch["lengths"], cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty).double()
+            if batch is not None and len(batch["prompt_ids"]):
+                metrics.update(update(engine, batch, algo, overrides, cfg, pad_id, seed, step))
+                sampler.update_weights(model)
+            else:
+                metrics["train/skipped"] = 1.0
+            metrics["time/step"] = time.perf_counter() - t0
+            done = step + 1
+            if (cfg.val_every and done % cfg.val_every == 0) or done == cfg.steps:
+                metrics.update(validate(sampler, tokenizer, val_sets, pool, cfg, seed, done))
+            row = {"step": done, **metrics}
+            history.write(json.dumps(row) + "\n")
+            history.flush()
+            tracker.log_metrics(row, done)
+            last = row
+            if progress:
+                steps.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}",
+                                  ent=f"{metrics.get('train/entropy', float('nan')):.2f}")
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                history.flush()
+                os.fsync(history.fileno())
+                save_checkpoint(run_dir, model, tokenizer, engine, cursor, done)
+                if hasattr(tracker, "flush"):
+                    tracker.flush()
+        # final model + final metrics (the run is finished once metrics.json exists)
+        final_model = run_dir / "model"
+        tmp = run_dir / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final_model, ignore_errors=True)
+        tmp.rename(final_model)
+        if not last:  # resumed at the end
+            lines = (run_dir / "history.jsonl").read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else {}
+        final = {k: v for k, v in last.items() if k.startswith("val/")}
+        final.update({"steps": cfg.steps, "algo": algo, "seed": seed})
+        tmpm = run_dir / "metrics.json.tmp"
+        tmpm.write_text(json.dumps(final, indent=2))
+        tmpm.replace(final_path)
+        status = "FINISHED"
+        return final
+    finally:
+        history.close()
+        pool.close()
+        tracker.finish(status)

@@ -1,0 +1,92 @@
+"""Graders: correctness on known cases, hard time bounds on adversarial answers, crashes counted as wrong."""
+
+import time
+
+import pytest
+
+from nft.reward import GraderPool, extract_boxed, fast_verdict, grade, grade_dapo, normalize_dapo
+
+ADVERSARIAL = [
+    "\\boxed{9^{9^{9^{9}}}}",
+    "\\boxed{" + "{" * 10000 + "1" + "}" * 10000 + "}",
+    "x" * 100_000 + "\\boxed{3}",
+    "\\boxed{" + "1+" * 50_000 + "1}",
+    "\\boxed{\u202e\u0000\ud7ff\U0001F600 ∑∫√ \ufeff}",
+    "\\boxed{(" * 3000 + ")}" * 3000,
+    "\\boxed{\\frac{\\frac{\\frac{1}{2}}{3}}{" + "\\sqrt{" * 500 + "2" + "}" * 500 + "}}",
+    "\\boxed{10^{10^{10^{10^{10}}}} - 10^{10^{10^{10^{10}}}}}",
+]
+
+
+@pytest.mark.parametrize("response,gold,ok", [
+    ("so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", True),
+    ("so \\boxed{0.5}", "\\frac{1}{2}", True),
+    ("so \\boxed{\\dfrac{2}{4}}", "\\frac{1}{2}", True),
+    ("so \\boxed{-3}", "-3", True),
+    ("so \\boxed{3}", "-3", False),
+    ("no box but the answer is $42$", "42", True),
+    ("\\boxed{x = 5}", "5", True),
+    ("\\boxed{27}", "27", True),
+    ("", "1", False),
+])
+def test_math_verify_cases(response, gold, ok):
+    assert grade(response, gold) is ok
+
+
+def test_fast_path_agrees_with_math_verify():
+    from nft.reward import grade_math_verify
+
+    for resp, gold in [("\\boxed{12}", "12"), ("\\boxed{13}", "12"), ("\\boxed{-0}", "0"), ("\\boxed{007}", "7"),
+                       ("\\boxed{\\frac{3}{4}}", "\\frac{3}{4}")]:
+        fast = fast_verdict(resp, gold)
+        assert fast is not None and fast == grade_math_verify(resp, gold)
+
+
+def test_extract_boxed():
+    assert extract_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert extract_boxed("\\boxed{unclosed") is None
+    assert extract_boxed("nothing") is None
+
+
+def test_dapo_grader():
+    assert grade_dapo("... \\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}")
+    assert grade_dapo("\\boxed{27.0}", "27")
+    assert grade_dapo("\\boxed{30^\\circ}", "30")
+    assert not grade_dapo("\\boxed{0.5}", "\\frac{1}{2}")  # strict: no numeric equivalence
+    assert not grade_dapo("\\boxed{1}" + " " * 400, "1")  # the box must be in the last 300 characters
+    assert normalize_dapo("\\text{ 5 }") == "5"
+
+
+def test_pool_bounds_time_and_survives_adversarial_answers():
+    golds = ["3"] * len(ADVERSARIAL)
+    with GraderPool(workers=2, hard_timeout=5.0) as pool:
+        t0 = time.perf_counter()
+        verdicts, stats = pool.grade_many(ADVERSARIAL, golds)
+        elapsed = time.perf_counter() - t0
+        assert len(verdicts) == len(ADVERSARIAL)
+        assert verdicts[2] is True  # a long preamble does not hide the boxed answer
+        assert not any(verdicts[i] for i in (0, 1, 3, 4, 5, 6, 7))
+        # each answer within 5 s: 8 answers on 2 workers can take at most 4 rounds of the bound (+ respawns)
+        assert elapsed < 4 * 5.0 + 10
+        # the pool still works after killing workers
+        ok, _ = pool.grade_many(["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}"], ["\\frac{1}{2}", "\\frac{1}{2}"])
+        assert ok == [True, True]
+
+
+def hanging_or_crashing_grader(response: str, gold: str) -> bool:
+    """A grader stuck in C code (no signal can stop it) or crashing, to prove the pool's bound."""
+    if "hang" in response:
+        time.sleep(3600)
+    if "crash" in response:
+        raise RuntimeError("grader crashed")
+    return response == gold
+
+
+def test_pool_kills_a_hanging_worker():
+    with GraderPool(workers=1, hard_timeout=1.0, fn=hanging_or_crashing_grader) as pool:
+        t0 = time.perf_counter()
+        verdicts, stats = pool.grade_many(["hang", "ok", "crash", "ok"], ["x", "ok", "x", "no"])
+        assert time.perf_counter() - t0 < 10
+    assert verdicts == [False, True, False, False]
+    assert stats.timeouts == 1 and any("timeout" in e for e in stats.errors)
+    assert any("RuntimeError" in e for e in stats.errors)
