@@ -4,6 +4,8 @@
     nft prepare  --config params.yaml --out data
     nft pretrain --config params.yaml --out models/base [--set pretrain.steps=100 ...]
     nft train    --config params.yaml --algo nft --seed 0 --out runs/nft-s0 [--set train.steps=5 ...]
+    nft evaluate --model runs/nft-s0/model --benchmarks synth-medium,math500 --k 4 --out eval.json
+                 [--samples answers.jsonl] [--config params.yaml] [--data data] [--limit N]
     nft replay   runs/nft-s0 [--tracking-uri URI]      copy an offline run folder into MLflow
 
 Every command validates the whole params file (and ``--set`` overrides) before any work starts; a bad key is one
@@ -79,6 +81,63 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from nft.config import load_study
+    from nft.data.benchmarks import load_benchmark
+    from nft.evaluate import EvalConfig, evaluate_problems, write_json_atomic
+    from nft.modeling import load_policy
+    from nft.reward import GraderPool
+    from nft.rollout.torch_sampler import TorchSampler
+
+    base = load_study(args.config, args.set)["eval"] if args.config else EvalConfig()
+    changes = {k: v for k, v in {"k": args.k, "limit": args.limit, "seed": args.seed,
+                                 "temperature": args.temperature, "top_p": args.top_p,
+                                 "max_new_tokens": args.max_new_tokens}.items() if v is not None}
+    if args.benchmarks:
+        changes["benchmarks"] = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    cfg = dataclasses.replace(base, **changes)
+    # resolve every benchmark and the model before sampling anything
+    sets = {name: load_benchmark(name, args.data) for name in cfg.benchmarks}
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"{args.model}: model folder not found")
+    torch.set_num_threads(args.threads)
+    model, tok = load_policy(args.model)
+    sampler = TorchSampler(model, tok)
+    result = {"model": str(args.model), "config": dataclasses.asdict(cfg), "benchmarks": {}}
+    records = []
+    pools = {g: GraderPool(cfg.workers, g) for g in cfg.graders}
+    try:
+        for name, problems in sets.items():
+            t0 = time.perf_counter()
+            metrics, recs = evaluate_problems(sampler, tok, problems, cfg, pools[cfg.graders[0]],
+                                              {g: pools[g] for g in cfg.graders[1:]})
+            metrics["skipped_rows"] = problems.skipped
+            metrics["seconds"] = round(time.perf_counter() - t0, 2)
+            result["benchmarks"][name] = metrics
+            records += [{"benchmark": name, "question": problems[r["problem"]].question, **r} for r in recs]
+            print(f"evaluate: {name}: avg@{cfg.k} {metrics[f'avg@{cfg.k}']:.4f} pass@{cfg.k} "
+                  f"{metrics[f'pass@{cfg.k}']:.4f} ({metrics['problems']} problems, {metrics['seconds']} s)")
+    finally:
+        for p in pools.values():
+            p.close()
+    accs = [m[f"avg@{cfg.k}"] for m in result["benchmarks"].values()]
+    result["mean"] = {f"avg@{cfg.k}": sum(accs) / len(accs) if accs else float("nan")}
+    write_json_atomic(args.out, result)
+    if args.samples:
+        tmp = Path(args.samples + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(args.samples)
+    return 0
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from nft.tracking import replay
 
@@ -113,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("evaluate", help="sample k answers per problem and grade them: avg@k, pass@k, maj@k")
+    p.add_argument("--model", required=True, help="save_pretrained folder")
+    p.add_argument("--benchmarks", default=None, help="comma-separated registry names (default: the config's)")
+    p.add_argument("--k", type=int, default=None)
+    p.add_argument("--out", required=True, help="metrics JSON")
+    p.add_argument("--samples", default=None, help="optional per-answer JSONL for auditing")
+    p.add_argument("--config", default=None, help="params file whose eval section gives the defaults")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data", default="data", help="folder of the prepared synthetic sets")
+    p.add_argument("--limit", type=int, default=None, help="first N problems per benchmark")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", dest="top_p", type=float, default=None)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("replay", help="copy a run folder into MLflow (after training offline)")
     p.add_argument("run_dir")
     p.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")

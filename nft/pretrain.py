@@ -38,18 +38,18 @@ class PretrainConfig:
 
     seed: int = 0
     """drives initialisation, batch order and trace noise."""
-    steps: int = 700
+    steps: int = 3000
     """optimizer steps: the capacity budget that keeps the base model mediocre."""
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 3e-3
     """peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
-    warmup: int = 50
+    warmup: int = 100
     weight_decay: float = 0.01
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
-    wrong_frac: float = 0.25
+    wrong_frac: float = 0.05
     """fraction of traces whose final result (last step and boxed answer) is perturbed."""
-    truncate_frac: float = 0.05
+    truncate_frac: float = 0.02
     """fraction of traces cut before the boxed answer."""
     tokenizer_corpus: int = 4000
     """training-pool questions (with solutions) used to train the BPE."""

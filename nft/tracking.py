@@ -39,6 +39,18 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
+def mlflow_key(key: str) -> str:
+    """MLflow names allow alphanumerics, ``_ - . space : /`` only: ``val/synth-easy/avg@4`` is logged as
+    ``val/synth-easy/avg_at_4`` (:func:`from_mlflow_key` reverses it)."""
+    return key.replace("@", "_at_")
+
+
+def from_mlflow_key(key: str) -> str:
+    import re
+
+    return re.sub(r"_at_(\d+)", r"@\1", key)
+
+
 def _clean_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     import math
 
@@ -47,7 +59,7 @@ def _clean_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         if math.isfinite(float(v)):
-            out[k] = float(v)
+            out[mlflow_key(k)] = float(v)
     return out
 
 
@@ -96,7 +108,7 @@ class MLflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(mlflow_key(k), str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self._call(self.client.log_batch, self.run_id, params=items[i: i + 100])
 

@@ -214,7 +214,7 @@ def build_splits(cfg: SyntheticConfig) -> dict[str, list[Problem]]:
             fam = cfg.families[len(items) % len(cfg.families)]
             p = make_problem(rng, fam, tier, len(items), f"synth-{tier}")
             key = normalise(p.question)
-            if key in seen:
+            if key in seen or key in held_out:  # held-out sets are disjoint from each other too
                 continue
             seen.add(key)
             items.append(p)

@@ -130,6 +130,8 @@ def test_mlflow_server_receives_metric_history(tiny_study, tmp_path, mlflow_serv
     assert got.data.params["seed/run"] == "1" and "seed/data_order" in got.data.params
     hist = client.get_metric_history(run_id, "rollout/accuracy")
     assert [m.step for m in hist] == [1, 2]
+    val = client.get_metric_history(run_id, "val/synth-easy/avg_at_2")  # '@' is not allowed in MLflow names
+    assert [m.step for m in val] == [0, 2]
     local = _history(run)
     assert [m.value for m in hist] == [r["rollout/accuracy"] for r in local[1:]]
 
