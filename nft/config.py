@@ -168,6 +168,22 @@ def load_study(path: str | Path, sets: list[str] | None = None, extra_sections: 
     unknown = sorted(set(raw) - set(sections) - passthrough)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(set(sections) | passthrough)}")
+    if "algorithms" in raw:
+        from .algorithms import LOSSES
+
+        algos = raw["algorithms"]
+        if not isinstance(algos, list) or not algos:
+            raise ConfigError(f"{path}: algorithms: expected a non-empty list of registered losses {sorted(LOSSES)}")
+        bad = [a for a in algos if a not in LOSSES]
+        if bad:
+            raise ConfigError(f"{path}: algorithms: unknown {bad}; registered: {sorted(LOSSES)}")
+    if "seeds" in raw:
+        seeds = raw["seeds"]
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in seeds):
+            raise ConfigError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
+    if "study" in raw and not (isinstance(raw["study"], dict) and set(raw["study"]) <= {"name"}):
+        raise ConfigError(f"{path}: study: expected a mapping with one key, name")
     out: dict[str, Any] = {"_raw": raw}
     for name, cls in sections.items():
         try:

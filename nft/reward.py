@@ -1,7 +1,7 @@
 """Graders: is an answer right? ``grade(response, gold, grader="math_verify") -> bool``.
 
-- ``math_verify`` (default): HuggingFace math-verify on the answer (its last ``\\boxed{}`` or other final answer)
-  against ``\\boxed{gold}``.
+- ``math_verify`` (default): HuggingFace math-verify on the content of the answer's last ``\\boxed{}`` against
+  ``\\boxed{gold}``; no box is wrong, and a plain-number gold needs a plain-number answer (see ``fast_verdict``).
 - ``dapo``: strict, as the DAPO code: the last ``\\boxed{}`` in the final 300 characters, string match after
   normalisation (units, spaces, ``\\text{}``, ``\\left``/``\\right``, ``dfrac`` -> ``frac``, trailing ``.0``).
 
@@ -46,19 +46,41 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+_LITERAL = re.compile(r"-?(\d+(\.\d+)?|\\[dt]?frac\{\d+\}\{\d+\})")
+_ASSIGN = re.compile(r"^[a-zA-Z]\s*=\s*")
+
+
 def _clean(s: str) -> str:
     return s.strip().strip("$").strip()
 
 
-def fast_verdict(response: str, gold: str) -> bool | None:
-    """Exact shortcuts (no parsing): True/False when decidable, None to defer to math-verify."""
+def is_literal(s: str) -> bool:
+    """A plain number: integer, decimal or ``\\frac{a}{b}`` with an optional sign (spaces ignored)."""
+    return bool(_LITERAL.fullmatch(_clean(s).replace(" ", "")))
+
+
+def final_answer(response: str) -> str | None:
+    """The answer a grader looks at: the content of the last ``\\boxed{}`` (``x = 5`` -> ``5``); None if absent."""
     boxed = extract_boxed(response[-MAX_ANSWER_CHARS:])
-    if boxed is None:
-        return None
-    a, g = _clean(boxed), _clean(gold)
+    return None if boxed is None else _ASSIGN.sub("", _clean(boxed))
+
+
+def fast_verdict(response: str, gold: str) -> bool | None:
+    """Exact decisions that need no parsing: True/False when decidable, None to defer to math-verify.
+
+    An answer without ``\\boxed{}`` is wrong (the prompt asks for one; otherwise math-verify would evaluate
+    whatever expression the text ends with -- a tiny policy learned within 30 steps to restate ``64 + 48`` unboxed
+    and collect the reward). When the gold answer is a plain number the boxed answer must be one too: an
+    unevaluated ``\\boxed{64 + 48}`` is not a final answer."""
+    a = final_answer(response)
+    if a is None:
+        return False
+    g = _clean(gold)
     if a == g:
         return True
     if len(a) > MAX_BOXED_CHARS:
+        return False
+    if is_literal(g) and not is_literal(a):
         return False
     if _INT.fullmatch(a) and _INT.fullmatch(g):
         return int(a) == int(g)
@@ -70,11 +92,13 @@ def grade_math_verify(response: str, gold: str, timeout: float = 2) -> bool:
     from math_verify import parse, verify
 
     timeout = max(1, int(round(timeout)))  # math-verify's signal.alarm takes whole seconds
-    text = response[-MAX_ANSWER_CHARS:]
+    fast = fast_verdict(response, gold)
+    if fast is not None:
+        return fast
     gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=timeout)
     if not gold_parsed:
         gold_parsed = parse(f"${gold}$", parsing_timeout=timeout)
-    answer = parse(text, parsing_timeout=timeout)
+    answer = parse(f"\\boxed{{{final_answer(response)}}}", parsing_timeout=timeout)
     if not gold_parsed or not answer:
         return False
     return bool(verify(gold_parsed, answer, timeout_seconds=timeout))

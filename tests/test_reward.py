@@ -24,7 +24,12 @@ ADVERSARIAL = [
     ("so \\boxed{\\dfrac{2}{4}}", "\\frac{1}{2}", True),
     ("so \\boxed{-3}", "-3", True),
     ("so \\boxed{3}", "-3", False),
-    ("no box but the answer is $42$", "42", True),
+    ("no box but the answer is $42$", "42", False),   # the prompt asks for \boxed{}; unboxed text is not graded
+    ("What is 64 + 48?\n64 + 48", "112", False),       # reward hacking seen in training: restate the question
+    ("\\boxed{64 + 48}", "112", False),                # an unevaluated expression is not a final number
+    ("\\boxed{112}", "112", True),
+    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", True),
+    ("\\boxed{\\frac{3^{1/2}}{2}}", "\\frac{\\sqrt{3}}{2}", True),  # symbolic gold: math-verify decides
     ("\\boxed{x = 5}", "5", True),
     ("\\boxed{27}", "27", True),
     ("", "1", False),

@@ -165,6 +165,46 @@ def _truncate_history(path: Path, last_step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+def fingerprint(resolved: dict, train_set, val_sets: dict, model_dir: str) -> str:
+    """What a run's results depend on: its resolved config, the data and the base model (its pretrain summary, or
+    its config files for hub models). A run folder with another fingerprint is not resumed."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode())
+    h.update(getattr(train_set, "hash", "").encode())
+    for name in sorted(val_sets):
+        h.update(getattr(val_sets[name], "hash", "").encode())
+    for f in ("pretrain.json", "config.json", "model.safetensors.index.json"):
+        p = Path(model_dir) / f
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()[:20]
+
+
+CURVE_METRICS = ["rollout/accuracy", "train/entropy", "response/length_mean", "rollout/groups_kept_frac"]
+
+
+def write_curves(run_dir: Path) -> None:
+    """CSV views of history.jsonl for ``dvc plots``: ``curves_val.csv`` (validation steps) and
+    ``curves_train.csv`` (every rollout step); slashes and '@' become '_' in column names."""
+    import csv
+
+    rows = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines() if x.strip()]
+
+    def col(k: str) -> str:
+        return k.replace("/", "_").replace("@", "_at_")
+
+    val_keys = sorted({k for r in rows for k in r if k.startswith("val/") and "avg@" in k})
+    for name, keys, keep in [("curves_val.csv", val_keys, lambda r: any(k in r for k in val_keys)),
+                             ("curves_train.csv", CURVE_METRICS, lambda r: "rollout/accuracy" in r)]:
+        with (run_dir / name).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step"] + [col(k) for k in keys])
+            for r in rows:
+                if keep(r):
+                    w.writerow([r["step"]] + [r.get(k, "") for k in keys])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Rollout
 # ----------------------------------------------------------------------------------------------------------------------
@@ -401,12 +441,23 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
     rule = spec.batch_rule if cfg.batch_rule == "auto" else cfg.batch_rule
     run_dir = Path(out)
     final_path = run_dir / "metrics.json"
-    if final_path.is_file():
-        print(f"train: {run_dir} is finished (metrics.json present); nothing to do")
-        return json.loads(final_path.read_text())
     train_set = load_benchmark(cfg.train_set, cfg.data)
     val_sets = {name: load_benchmark(name, cfg.data) for name in cfg.val_benchmarks}
+    if not Path(cfg.model).is_dir():
+        raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
+    resolved = {"algo": algo, "seed": seed, "batch_rule": rule, "loss": asdict(make_params(algo, **overrides)),
+                "train": asdict(cfg)}
+    fp = fingerprint(resolved, train_set, val_sets, cfg.model)
+    fp_file = run_dir / "fingerprint"
+    if run_dir.is_dir() and fp_file.is_file() and fp_file.read_text().strip() != fp:
+        print(f"train: {run_dir} holds a run with another configuration, base model or data; starting afresh",
+              file=sys.stderr)
+        shutil.rmtree(run_dir)
+    if final_path.is_file() and fp_file.is_file():
+        print(f"train: {run_dir} is finished (metrics.json present); nothing to do")
+        return json.loads(final_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
+    fp_file.write_text(fp)
     torch.set_num_threads(cfg.threads)
     seeds = seed_block(seed)
 
@@ -430,8 +481,6 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
     else:
         (run_dir / "history.jsonl").unlink(missing_ok=True)
 
-    resolved = {"algo": algo, "seed": seed, "batch_rule": rule, "loss": asdict(make_params(algo, **overrides)),
-                "train": asdict(cfg)}
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**(full_config or {}), "resolved": resolved},
                                                          sort_keys=False))
     tags = {"algo": algo, "seed": str(seed), "study": study, "git_commit": _git_commit(),
@@ -507,6 +556,7 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
         if not last:  # resumed at the end
             lines = (run_dir / "history.jsonl").read_text().splitlines()
             last = json.loads(lines[-1]) if lines else {}
+        write_curves(run_dir)
         final = {k: v for k, v in last.items() if k.startswith("val/")}
         final.update({"steps": cfg.steps, "algo": algo, "seed": seed})
         tmpm = run_dir / "metrics.json.tmp"

@@ -48,13 +48,14 @@ def _perturbed(answer: str) -> str:
 
 def test_gold_answers_grade_right_and_perturbed_wrong(splits):
     """Every gold answer (as its worked solution) is right against itself and a perturbed answer is wrong, by the
-    project's math-verify grader (the slow path: the fast shortcuts are bypassed by reformatting)."""
+    project's math-verify grader."""
     sample = random.Random(0).sample(splits["train"], 150) + [p for n in EVAL_SETS for p in splits[n][:30]]
     for p in sample:
         assert grade(p.solution, p.answer), p
-        assert grade(f"The result is ${p.answer}$", p.answer), p  # no box: math-verify parses it
+        assert grade(f"So \\boxed{{ {p.answer} }} .", p.answer), p  # spacing does not matter
+        assert not grade(f"The result is ${p.answer}$", p.answer), p  # no box: not a final answer
         assert not grade(f"\\boxed{{{_perturbed(p.answer)}}}", p.answer), p
-        assert not grade(f"The result is ${_perturbed(p.answer)}$", p.answer), p
+        assert not grade(f"x = \\boxed{{{_perturbed(p.answer)}}}", p.answer), p
 
 
 def test_fractions_in_lowest_terms(splits):

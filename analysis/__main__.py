@@ -1,0 +1,148 @@
+"""The ``analyze`` stage: finished runs -> figures, tables and ``reports/summary.md``.
+
+    python -m analysis --runs runs --evals evals --out reports
+    python -m analysis --mlflow-experiment embedded-default --out reports     # the same from MLflow
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .figures import save, standard_figures
+from .load import load_mlflow, load_runs, seed_matrix
+from .stats import iqm, mean_std, poi_ci, stratified_bootstrap_ci
+from .tables import paper_comparison, results_table, to_latex, to_markdown
+
+
+def headline_metric(final, k: int | None) -> str:
+    """avg@k of the final evaluation (the largest k present when not given)."""
+    metrics = [m for m in final.metric.unique() if m.startswith("avg@")]
+    if k is not None:
+        return f"avg@{k}"
+    return max(metrics, key=lambda m: int(m.split("@")[1])) if metrics else "avg@1"
+
+
+def analyze(history, final, problems: list[str], out: Path, source: str, k: int | None = None,
+            seed: int = 0) -> dict:
+    """Write figures, tables and the summary into ``out``; returns the numbers (for tests and DVC metrics)."""
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "figures").mkdir(parents=True)
+    metric = headline_metric(final, k)
+    kval = int(metric.split("@")[1])
+    val_k = sorted({int(m.split("@")[1]) for m in history.metric.unique() if m.startswith("val/mean/avg@")})
+    figs = standard_figures(history, val_k[-1] if val_k else kval)
+    fig_files = {name: save(fig, tmp / "figures", name) for name, fig in figs.items()}
+
+    benchmarks = sorted(final.benchmark.unique())
+    variants = sorted(final.variant.unique())
+    table = results_table(final, metric, benchmarks) if len(final) else None
+    numbers: dict = {"metric": metric, "variants": {}}
+    lines = [f"# Study summary\n", f"Source: {source}. Headline metric: **{metric}** of the final evaluation, in "
+             f"percent, mean ± std over seeds (entries within 1 point of the best in bold).\n"]
+    runs = history.groupby(["variant", "seed"]).step.max().reset_index() if len(history) else None
+    if runs is not None and len(runs):
+        lines.append("## Runs\n\n| variant | seeds | last step |\n|---|---|---|")
+        for v, g in runs.groupby("variant"):
+            lines.append(f"| {v} | {', '.join(map(str, sorted(g.seed)))} | "
+                         f"{', '.join(str(int(s)) for s in g.sort_values('seed').step)} |")
+        lines.append("")
+    if table is not None and len(table):
+        (tmp / "results.md").write_text(to_markdown(table))
+        (tmp / "results.tex").write_text(to_latex(table))
+        lines += ["## Results\n", to_markdown(table)]
+        comp = paper_comparison(table)
+        if comp:
+            (tmp / "paper_comparison.md").write_text(comp)
+            lines += ["## Against the paper (Qwen2.5-Math-7B)\n", comp]
+        # honest statistics over (seeds x benchmarks)
+        lines += ["## Statistics over seeds x benchmarks\n",
+                  "Stratified bootstrap 95% intervals (2,000 resamples, seeded), interquartile mean, and probability "
+                  "of improvement P(row > column).\n", "| variant | mean | 95% CI | IQM | seeds |", "|---|---|---|---|---|"]
+        mats = {v: seed_matrix(final, v, metric, benchmarks) * 100 for v in variants}
+        for v in variants:
+            mat = mats[v]
+            point, lo, hi = stratified_bootstrap_ci(mat, seed=seed) if mat.size else (np.nan,) * 3
+            mu, sd = mean_std(mat)
+            numbers["variants"][v] = {"mean": mu, "std": sd, "ci_low": lo, "ci_high": hi, "iqm": iqm(mat),
+                                      "seeds": int(mat.shape[0])}
+            lines.append(f"| {v} | {point:.1f} | [{lo:.1f}, {hi:.1f}] | {iqm(mat):.1f} | {mat.shape[0]} |")
+        lines.append("")
+        if len(variants) > 1:
+            lines += ["| P(row > column) | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+            for a in variants:
+                cells = []
+                for b in variants:
+                    if a == b:
+                        cells.append("–")
+                        continue
+                    p, lo, hi = poi_ci(mats[a], mats[b], seed=seed)
+                    numbers.setdefault("poi", {})[f"{a}>{b}"] = p
+                    cells.append(f"{p:.2f} [{lo:.2f}, {hi:.2f}]")
+                lines.append(f"| {a} | " + " | ".join(cells) + " |")
+            lines.append("")
+    else:
+        lines.append("No final evaluation found.\n")
+    nan_rows = int(history.value.isna().sum()) if len(history) else 0
+    if nan_rows:
+        problems = problems + [f"{nan_rows} NaN metric values were ignored"]
+    lines += ["## Figures\n"] + [f"- `{name}`: " + ", ".join(f"figures/{p.name}" for p in files)
+                                 for name, files in fig_files.items()]
+    lines += ["", "## Problems\n"] + ([f"- {p}" for p in problems] if problems else ["- none"])
+    (tmp / "summary.md").write_text("\n".join(lines) + "\n")
+    (tmp / "metrics.json").write_text(json.dumps(numbers, indent=2, default=float))
+    write_plot_tables(history, tmp / "plots", val_k[-1] if val_k else kval)
+    history.to_csv(tmp / "history_tidy.csv", index=False)
+    final.to_csv(tmp / "final_tidy.csv", index=False)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return numbers
+
+
+def write_plot_tables(history, out: Path, k: int) -> None:
+    """Wide CSVs (step x algorithm, mean over seeds) for ``dvc plots``: val_accuracy, entropy, reward."""
+    from .load import curve
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, metric in [("val_accuracy", f"val/mean/avg@{k}"), ("entropy", "train/entropy"),
+                         ("reward", "rollout/accuracy")]:
+        c = curve(history, metric)
+        c = c[~c.variant.str.contains(r"\[", regex=True)]
+        wide = c.pivot(index="step", columns="variant", values="mean") if len(c) else None
+        if wide is not None:
+            wide.reset_index().to_csv(out / f"{name}.csv", index=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="runs", help="folder of run folders")
+    ap.add_argument("--evals", default="evals", help="folder of final evaluation JSONs (<run>.json)")
+    ap.add_argument("--mlflow-experiment", default=None, help="read the runs from this MLflow experiment instead")
+    ap.add_argument("--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
+    ap.add_argument("--out", default="reports")
+    ap.add_argument("--k", type=int, default=None, help="headline avg@k (default: the largest in the evaluation)")
+    ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    args = ap.parse_args(argv)
+    evals = Path(args.evals) if Path(args.evals).is_dir() else None
+    if args.mlflow_experiment:
+        history, final, problems = load_mlflow(args.mlflow_experiment, args.tracking_uri, evals)
+        source = f"MLflow experiment {args.mlflow_experiment}"
+    else:
+        if not Path(args.runs).is_dir():
+            print(f"analysis: error: {args.runs}: runs folder not found", file=sys.stderr)
+            return 2
+        history, final, problems = load_runs(args.runs, evals)
+        source = f"run folders under {args.runs}"
+    numbers = analyze(history, final, problems, Path(args.out), source, args.k, args.seed)
+    print(f"analysis: {len(numbers['variants'])} variants -> {args.out}/summary.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Finished runs -> tidy pandas frames, from run folders or from MLflow (same columns, same numbers).
+
+- ``history``: one row per (run, step, metric): ``run, algo, variant, seed, step, metric, value``;
+- ``final``: one row per (run, benchmark, metric) of the final evaluation: ``run, algo, variant, seed, benchmark,
+  metric, value`` (from ``evals/<run>.json`` when present, else the run's last validation).
+
+``variant`` is the algorithm plus its non-default loss hyperparameters (``nft[omega=sqrt]``), so ablation runs of one
+algorithm stay apart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+HISTORY_COLUMNS = ["run", "algo", "variant", "seed", "step", "metric", "value"]
+FINAL_COLUMNS = ["run", "algo", "variant", "seed", "benchmark", "metric", "value"]
+
+
+def variant_name(algo: str, overrides: dict | None) -> str:
+    if not overrides:
+        return algo
+    return algo + "[" + ",".join(f"{k}={overrides[k]}" for k in sorted(overrides)) + "]"
+
+
+def _run_identity(run_dir: Path) -> dict:
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    res = cfg.get("resolved", {})
+    algo = res.get("algo") or run_dir.name.rsplit("-s", 1)[0]
+    overrides = ((res.get("train") or {}).get("loss") or {}).get(algo) or {}
+    return {"run": run_dir.name, "algo": algo, "variant": variant_name(algo, overrides),
+            "seed": int(res.get("seed", run_dir.name.rsplit("-s", 1)[-1] if "-s" in run_dir.name else 0))}
+
+
+def _history_rows(ident: dict, rows: list[dict]) -> list[tuple]:
+    out = []
+    for r in rows:
+        step = int(r["step"])
+        for k, v in r.items():
+            if k == "step" or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            out.append((ident["run"], ident["algo"], ident["variant"], ident["seed"], step, k, float(v)))
+    return out
+
+
+def _final_rows(ident: dict, eval_json: dict | None, last_val: dict) -> list[tuple]:
+    out = []
+    if eval_json:
+        for bench, metrics in eval_json.get("benchmarks", {}).items():
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out.append((ident["run"], ident["algo"], ident["variant"], ident["seed"], bench, k, float(v)))
+    else:
+        for k, v in last_val.items():
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == "val" and parts[1] != "mean":
+                out.append((ident["run"], ident["algo"], ident["variant"], ident["seed"], parts[1], parts[2],
+                            float(v)))
+    return out
+
+
+def load_runs(runs_dir: str | Path, evals_dir: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """Read every run folder under ``runs_dir``. Returns ``(history, final, problems)``; ``problems`` lists what was
+    odd (unfinished runs, missing files) for the summary, without failing."""
+    runs_dir = Path(runs_dir)
+    hist, final, problems = [], [], []
+    for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []:
+        if not (run_dir / "config.yaml").is_file() or not (run_dir / "history.jsonl").is_file():
+            problems.append(f"{run_dir.name}: not a run folder (config.yaml or history.jsonl missing); skipped")
+            continue
+        ident = _run_identity(run_dir)
+        rows = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines() if x.strip()]
+        hist += _history_rows(ident, rows)
+        if not (run_dir / "metrics.json").is_file():
+            problems.append(f"{run_dir.name}: unfinished (no metrics.json); its curve is included up to step "
+                            f"{rows[-1]['step'] if rows else 0}")
+        ev = None
+        if evals_dir is not None and (Path(evals_dir) / f"{run_dir.name}.json").is_file():
+            ev = json.loads((Path(evals_dir) / f"{run_dir.name}.json").read_text())
+        last_val = {}
+        for r in rows:
+            last_val.update({k: v for k, v in r.items() if k.startswith("val/")})
+        final += _final_rows(ident, ev, last_val)
+    return (pd.DataFrame(hist, columns=HISTORY_COLUMNS), pd.DataFrame(final, columns=FINAL_COLUMNS), problems)
+
+
+def load_mlflow(experiment: str, tracking_uri: str = "", evals_dir: str | Path | None = None
+                ) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """The same frames from an MLflow experiment (metric histories; ``_at_`` in names maps back to ``@``)."""
+    from mlflow.tracking import MlflowClient
+
+    from nft.tracking import from_mlflow_key, resolve_uri
+
+    client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"MLflow experiment {experiment!r} not found at {resolve_uri(tracking_uri)}")
+    hist, final, problems = [], [], []
+    runs = client.search_runs([exp.experiment_id], max_results=10000)
+    for run in sorted(runs, key=lambda r: r.info.run_name or ""):
+        tags, params = run.data.tags, run.data.params
+        if "algo" not in tags:
+            continue  # a sweep parent or a foreign run
+        algo = tags["algo"]
+        overrides = {}
+        prefix = f"resolved.train.loss.{algo}."
+        for k, v in params.items():
+            if k.startswith(prefix):
+                overrides[k[len(prefix):]] = yaml.safe_load(v)
+        name = run.info.run_name or f"{algo}-s{tags.get('seed')}"
+        ident = {"run": name, "algo": algo, "variant": variant_name(algo, overrides), "seed": int(tags.get("seed", 0))}
+        by_step: dict[int, dict] = {}
+        for key in run.data.metrics:
+            for m in client.get_metric_history(run.info.run_id, key):
+                by_step.setdefault(int(m.step), {})[from_mlflow_key(key)] = m.value  # last value per step wins
+        rows = [{"step": s, **v} for s, v in sorted(by_step.items())]
+        hist += _history_rows(ident, rows)
+        if run.info.status != "FINISHED":
+            problems.append(f"{name}: MLflow status {run.info.status}")
+        ev = None
+        if evals_dir is not None and (Path(evals_dir) / f"{name}.json").is_file():
+            ev = json.loads((Path(evals_dir) / f"{name}.json").read_text())
+        last_val = {}
+        for r in rows:
+            last_val.update({k: v for k, v in r.items() if k.startswith("val/")})
+        final += _final_rows(ident, ev, last_val)
+    return (pd.DataFrame(hist, columns=HISTORY_COLUMNS), pd.DataFrame(final, columns=FINAL_COLUMNS), problems)
+
+
+def curve(history: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``variant x step`` mean, std and count over seeds of one metric (NaN dropped; runs of unequal length give
+    fewer seeds at late steps, reported in ``n``)."""
+    sub = history[history.metric == metric].dropna(subset=["value"])
+    if sub.empty:
+        return pd.DataFrame(columns=["variant", "step", "mean", "std", "n"])
+    g = sub.groupby(["variant", "step"])["value"]
+    out = g.agg(["mean", "std", "count"]).reset_index().rename(columns={"count": "n"})
+    out["std"] = out["std"].fillna(0.0)
+    return out
+
+
+def seed_matrix(final: pd.DataFrame, variant: str, metric: str, benchmarks: list[str]) -> np.ndarray:
+    """``(seeds x benchmarks)`` array of one metric for one variant (NaN where a seed lacks a benchmark)."""
+    sub = final[(final.variant == variant) & (final.metric == metric)]
+    table = sub.pivot_table(index="seed", columns="benchmark", values="value", aggfunc="mean")
+    return table.reindex(columns=benchmarks).to_numpy(dtype=float)
