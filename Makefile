@@ -23,6 +23,7 @@ test: $(STAMP)
 
 study: $(STAMP)
 	@if [ ! -f dvc.yaml ]; then echo "make study: the DVC pipeline (dvc.yaml) is not built yet (issue [order 5]); nothing was run."; exit 2; fi
+	$(BIN)/nft check --config params.yaml
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
 
 clean:

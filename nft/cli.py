@@ -1,6 +1,7 @@
 """The ``nft`` command line: one sub-command per entry point.
 
     nft losses                                          the loss registry and its hyperparameters
+    nft check    --config params.yaml                  validate a study file (make study runs it first)
     nft prepare  --config params.yaml --out data
     nft pretrain --config params.yaml --out models/base [--set pretrain.steps=100 ...]
     nft train    --config params.yaml --algo nft --seed 0 --out runs/nft-s0 [--set train.steps=5 ...]
@@ -38,6 +39,17 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     summary = run_pretrain(cfg["data"], cfg["model"], cfg["pretrain"], args.out, progress=not args.quiet)
     print(f"pretrain: {summary['parameters']:,} parameters, final loss {summary['final_loss']:.4f}, "
           f"{summary['seconds']:.1f} s -> {args.out}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from nft.config import ConfigError, load_study
+
+    cfg = load_study(args.config, args.set)
+    missing = [k for k in ("algorithms", "seeds") if k not in cfg["_raw"]]
+    if missing:
+        raise ConfigError(f"{args.config}: missing key(s) {missing} (the study's train x seed matrix)")
+    print(f"check: {args.config} is valid: algorithms {cfg['_raw']['algorithms']}, seeds {cfg['_raw']['seeds']}")
     return 0
 
 
@@ -162,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", required=True, help="output folder (save_pretrained format)")
     p.set_defaults(func=_cmd_pretrain)
+    p = sub.add_parser("check", help="validate a study params file (every section and key)")
+    _common(p)
+    p.set_defaults(func=_cmd_check)
     p = sub.add_parser("prepare", help="write the synthetic training pool and held-out sets")
     _common(p)
     p.add_argument("--out", required=True, help="data folder")
