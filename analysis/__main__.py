@@ -113,7 +113,6 @@ def write_plot_tables(history, out: Path, k: int) -> None:
     for name, metric in [("val_accuracy", f"val/mean/avg@{k}"), ("entropy", "train/entropy"),
                          ("reward", "rollout/accuracy")]:
         c = curve(history, metric)
-        c = c[~c.variant.str.contains(r"\[", regex=True)]
         wide = c.pivot(index="step", columns="variant", values="mean") if len(c) else None
         if wide is not None:
             wide.reset_index().to_csv(out / f"{name}.csv", index=False)

@@ -18,8 +18,15 @@ LABELS = {"nft": "NFT", "dapo": "DAPO", "grpo": "GRPO", "dr_grpo": "Dr.GRPO", "r
 STYLES = ["-", "--", ":", "-."]
 
 
+def _algo_of(variant: str) -> str:
+    for algo in sorted(COLORS, key=len, reverse=True):
+        if variant == algo or variant.startswith(algo + "-") or variant.startswith(algo + "["):
+            return algo
+    return variant
+
+
 def _style(variant: str, seen: dict) -> dict:
-    algo = variant.split("[")[0]
+    algo = _algo_of(variant)
     k = seen.setdefault(algo, [])
     if variant not in k:
         k.append(variant)
@@ -64,7 +71,8 @@ def standard_figures(history: pd.DataFrame, k: int) -> dict[str, object]:
     """The paper's figures that the data supports: name -> Figure."""
     figs = {}
     metrics = set(history.metric.unique())
-    default_variants = sorted(v for v in history.variant.unique() if "[" not in v)
+    pairs = history[["algo", "variant"]].drop_duplicates()
+    default_variants = sorted(pairs[pairs.algo == pairs.variant].variant) or sorted(pairs.variant)
     key = f"val/mean/avg@{k}"
     if key in metrics:
         figs["val_accuracy"] = curve_figure(history, key, f"validation avg@{k} (%)",
@@ -79,8 +87,10 @@ def standard_figures(history: pd.DataFrame, k: int) -> dict[str, object]:
                                   ("length", "response/length_mean", "tokens", "Response length")]:
         if m in metrics:
             figs[name] = curve_figure(history, m, label, title, default_variants, 100 if name == "reward" else 1)
-    for algo in sorted({v.split("[")[0] for v in history.variant.unique() if "[" in v}):
-        variants = sorted(v for v in history.variant.unique() if v.split("[")[0] == algo)
+    for algo, group in pairs.groupby("algo"):
+        variants = sorted(group.variant)
+        if len(variants) < 2:
+            continue
         if key in metrics:
             figs[f"ablation_{algo}"] = curve_figure(history, key, f"validation avg@{k} (%)",
                                                     f"{LABELS.get(algo, algo)} ablation", variants, 100)

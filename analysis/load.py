@@ -4,8 +4,9 @@
 - ``final``: one row per (run, benchmark, metric) of the final evaluation: ``run, algo, variant, seed, benchmark,
   metric, value`` (from ``evals/<run>.json`` when present, else the run's last validation).
 
-``variant`` is the algorithm plus its non-default loss hyperparameters (``nft[omega=sqrt]``), so ablation runs of one
-algorithm stay apart.
+``variant`` is the run's variant name (``nft-omega-sqrt`` from the study's ``variants``; the algorithm itself
+otherwise; for runs without that tag, the algorithm plus its loss overrides, ``nft[omega=sqrt]``), so ablation runs
+of one algorithm stay apart.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def _run_identity(run_dir: Path) -> dict:
     res = cfg.get("resolved", {})
     algo = res.get("algo") or run_dir.name.rsplit("-s", 1)[0]
     overrides = ((res.get("train") or {}).get("loss") or {}).get(algo) or {}
-    return {"run": run_dir.name, "algo": algo, "variant": variant_name(algo, overrides),
+    tags = json.loads((run_dir / "tags.json").read_text()) if (run_dir / "tags.json").is_file() else {}
+    variant = tags.get("variant") or variant_name(algo, overrides)
+    return {"run": run_dir.name, "algo": algo, "variant": variant,
             "seed": int(res.get("seed", run_dir.name.rsplit("-s", 1)[-1] if "-s" in run_dir.name else 0))}
 
 
@@ -112,7 +115,8 @@ def load_mlflow(experiment: str, tracking_uri: str = "", evals_dir: str | Path |
             if k.startswith(prefix):
                 overrides[k[len(prefix):]] = yaml.safe_load(v)
         name = run.info.run_name or f"{algo}-s{tags.get('seed')}"
-        ident = {"run": name, "algo": algo, "variant": variant_name(algo, overrides), "seed": int(tags.get("seed", 0))}
+        ident = {"run": name, "algo": algo, "variant": tags.get("variant") or variant_name(algo, overrides),
+                 "seed": int(tags.get("seed", 0))}
         by_step: dict[int, dict] = {}
         for key in run.data.metrics:
             for m in client.get_metric_history(run.info.run_id, key):

@@ -8,6 +8,9 @@
     nft evaluate --model runs/nft-s0/model --benchmarks synth-medium,math500 --k 4 --out eval.json
                  [--samples answers.jsonl] [--config params.yaml] [--data data] [--limit N]
     nft replay   runs/nft-s0 [--tracking-uri URI]      copy an offline run folder into MLflow
+    nft sweep    --config params.yaml --space experiments/sweeps/nft.yaml --trials 20 --study-name S
+                 [--storage URL] [--seeds 0,1]           Optuna; every worker runs the same command
+    nft sweep best --study-name S --storage URL --config params.yaml --out best.yaml
 
 Every command validates the whole params file (and ``--set`` overrides) before any work starts; a bad key is one
 error naming the file and the key.
@@ -82,12 +85,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from nft.config import load_study, to_dict
     from nft.train.loop import run_training
 
+    import dataclasses
+
     cfg = load_study(args.config, args.set)
+    algo, name = args.algo, args.algo
+    variants = cfg["_raw"].get("variants") or {}
+    if name in variants:  # a named variant: an algorithm with its own loss hyperparameters (ablations)
+        algo = variants[name]["algo"]
+        loss = dict(cfg["train"].loss)
+        loss[algo] = {**(loss.get(algo) or {}), **(variants[name].get("loss") or {})}
+        cfg["train"] = dataclasses.replace(cfg["train"], loss=loss)
     full = {k: to_dict(v) for k, v in cfg.items() if not k.startswith("_")}
     study = (cfg["_raw"].get("study") or {}).get("name", "nft-study") if isinstance(cfg["_raw"].get("study"), dict) \
         else "nft-study"
-    final = run_training(cfg["train"], args.algo, args.seed, args.out, study=study, full_config=full,
-                         progress=not args.quiet)
+    final = run_training(cfg["train"], algo, args.seed, args.out, study=study, full_config=full,
+                         progress=not args.quiet, variant=name)
     accs = {k: round(v, 4) for k, v in final.items() if k.startswith("val/") and "avg@" in k}
     print(f"train: {args.algo} seed {args.seed} done -> {args.out} {accs}")
     return 0
@@ -103,7 +115,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from nft.config import load_study
     from nft.data.benchmarks import load_benchmark
-    from nft.evaluate import EvalConfig, evaluate_problems, write_json_atomic
+    from nft.evaluate import EvalConfig, evaluate_problems, k_for, write_json_atomic
     from nft.modeling import load_policy
     from nft.reward import GraderPool
     from nft.rollout.torch_sampler import TorchSampler
@@ -128,19 +140,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         for name, problems in sets.items():
             t0 = time.perf_counter()
-            metrics, recs = evaluate_problems(sampler, tok, problems, cfg, pools[cfg.graders[0]],
+            bcfg = dataclasses.replace(cfg, k=k_for(cfg, name))
+            metrics, recs = evaluate_problems(sampler, tok, problems, bcfg, pools[cfg.graders[0]],
                                               {g: pools[g] for g in cfg.graders[1:]})
             metrics["skipped_rows"] = problems.skipped
             metrics["seconds"] = round(time.perf_counter() - t0, 2)
             result["benchmarks"][name] = metrics
             records += [{"benchmark": name, "question": problems[r["problem"]].question, **r} for r in recs]
-            print(f"evaluate: {name}: avg@{cfg.k} {metrics[f'avg@{cfg.k}']:.4f} pass@{cfg.k} "
-                  f"{metrics[f'pass@{cfg.k}']:.4f} ({metrics['problems']} problems, {metrics['seconds']} s)")
+            k = bcfg.k
+            print(f"evaluate: {name}: avg@{k} {metrics[f'avg@{k}']:.4f} pass@{k} "
+                  f"{metrics[f'pass@{k}']:.4f} ({metrics['problems']} problems, {metrics['seconds']} s)")
     finally:
         for p in pools.values():
             p.close()
-    accs = [m[f"avg@{cfg.k}"] for m in result["benchmarks"].values()]
-    result["mean"] = {f"avg@{cfg.k}": sum(accs) / len(accs) if accs else float("nan")}
+    accs = [m[f"avg@{k_for(cfg, b)}"] for b, m in result["benchmarks"].items()]
+    result["mean"] = {"avg": sum(accs) / len(accs) if accs else float("nan")}
     write_json_atomic(args.out, result)
     if args.samples:
         tmp = Path(args.samples + ".tmp")
@@ -155,6 +169,27 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     run_id = replay(args.run_dir, args.tracking_uri, args.experiment)
     print(f"replay: {args.run_dir} -> MLflow run {run_id}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import json
+
+    from nft.sweep import default_storage, run_sweep, write_best
+
+    storage = args.storage or default_storage(args.study_name)
+    if args.action == "best":
+        if not args.out:
+            raise ValueError("nft sweep best: --out FILE.yaml is required")
+        best = write_best(args.study_name, storage, args.config, args.out)
+        print(f"sweep best: trial {best['trial']} value {best['value']:.4f} {best['params']} -> {args.out}")
+        return 0
+    if not args.space:
+        raise ValueError("nft sweep: --space FILE is required")
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    summary = run_sweep(args.config, args.space, args.trials, args.study_name, storage, seeds, args.set,
+                        args.out_dir, progress=not args.quiet)
+    print("sweep: " + json.dumps(summary, default=str))
     return 0
 
 
@@ -203,6 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=_cmd_evaluate)
+    p = sub.add_parser("sweep", help="Optuna sweep over an algorithm's hyperparameters (or: sweep best)")
+    p.add_argument("action", nargs="?", choices=["run", "best"], default="run")
+    _common(p)
+    p.add_argument("--space", default=None, help="sweep space file (experiments/sweeps/*.yaml)")
+    p.add_argument("--trials", type=int, default=10, help="trials in the study, all workers together")
+    p.add_argument("--study-name", required=True)
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///sweeps/<study>.db)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds per trial")
+    p.add_argument("--out-dir", default="sweeps", help="folder of the trials' run folders")
+    p.add_argument("--out", default=None, help="sweep best: the params file to write")
+    p.set_defaults(func=_cmd_sweep)
     p = sub.add_parser("replay", help="copy a run folder into MLflow (after training offline)")
     p.add_argument("run_dir")
     p.add_argument("--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")

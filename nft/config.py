@@ -164,19 +164,30 @@ def load_study(path: str | Path, sets: list[str] | None = None, extra_sections: 
     raw = apply_overrides(load_yaml(path), sets)
     sections = dict(_sections())
     sections.update(extra_sections or {})
-    passthrough = {"study", "algorithms", "seeds", "stages"}  # plain values consumed by dvc.yaml / study runner
+    passthrough = {"study", "algorithms", "seeds", "variants"}  # plain values consumed by dvc.yaml and `nft train`
     unknown = sorted(set(raw) - set(sections) - passthrough)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(set(sections) | passthrough)}")
-    if "algorithms" in raw:
-        from .algorithms import LOSSES
+    from .algorithms import LOSSES, make_params
 
+    variants = raw.get("variants") or {}
+    if not isinstance(variants, dict):
+        raise ConfigError(f"{path}: variants: expected a mapping name -> {{algo: NAME, loss: {{...}}}}")
+    for name, v in variants.items():
+        if not isinstance(v, dict) or v.get("algo") not in LOSSES or set(v) - {"algo", "loss"}:
+            raise ConfigError(f"{path}: variants.{name}: expected {{algo: one of {sorted(LOSSES)}, loss: {{...}}}}")
+        try:
+            make_params(v["algo"], **(v.get("loss") or {}))
+        except ValueError as e:
+            raise ConfigError(f"{path}: variants.{name}.loss: {e}") from None
+    if "algorithms" in raw:
         algos = raw["algorithms"]
         if not isinstance(algos, list) or not algos:
             raise ConfigError(f"{path}: algorithms: expected a non-empty list of registered losses {sorted(LOSSES)}")
-        bad = [a for a in algos if a not in LOSSES]
+        bad = [a for a in algos if a not in LOSSES and a not in variants]
         if bad:
-            raise ConfigError(f"{path}: algorithms: unknown {bad}; registered: {sorted(LOSSES)}")
+            raise ConfigError(f"{path}: algorithms: unknown {bad}; registered: {sorted(LOSSES)}, variants: "
+                              f"{sorted(variants)}")
     if "seeds" in raw:
         seeds = raw["seeds"]
         if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)

@@ -31,6 +31,8 @@ class EvalConfig:
     """benchmark names from the registry (``nft.data.benchmarks``)."""
     k: int = 4
     """samples per problem."""
+    k_per_benchmark: dict[str, int] = field(default_factory=dict)
+    """k for particular benchmarks (the paper: avg@32 on AIME24/AIME25/AMC23, avg@1 elsewhere)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 48
@@ -44,8 +46,8 @@ class EvalConfig:
     """grader worker processes."""
 
     def __post_init__(self):
-        if self.k < 1:
-            raise ValueError(f"eval.k: must be >= 1, got {self.k}")
+        if self.k < 1 or any(v < 1 for v in self.k_per_benchmark.values()):
+            raise ValueError(f"eval.k / eval.k_per_benchmark: must be >= 1, got {self.k}, {self.k_per_benchmark}")
         if not self.graders:
             raise ValueError("eval.graders: at least one grader is needed")
         from .reward import GRADERS
@@ -93,9 +95,14 @@ def summarize(correct: np.ndarray, lengths: np.ndarray, truncated: np.ndarray, a
     }
 
 
+def k_for(cfg: EvalConfig, benchmark: str) -> int:
+    return cfg.k_per_benchmark.get(benchmark, cfg.k)
+
+
 def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: GraderPool,
                       extra_pools: dict[str, GraderPool] | None = None, seed: int | None = None):
-    """Sample ``cfg.k`` answers per problem with ``sampler``, grade them, return ``(metrics, records)``.
+    """Sample ``cfg.k`` answers per problem with ``sampler``, grade them, return ``(metrics, records)``
+    (the caller picks the benchmark's k with :func:`k_for`).
 
     ``problems`` need ``.question`` and ``.answer``; ``records`` is one dict per answer (for ``--samples``)."""
     k = cfg.k

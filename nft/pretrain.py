@@ -36,6 +36,9 @@ from .modeling import ModelConfig, build_tiny_qwen2
 class PretrainConfig:
     """Warm-start of the tiny base model (the ``pretrain`` section of params.yaml)."""
 
+    base_model: str = ""
+    """paper presets: a local Hugging Face model folder (e.g. a snapshot of Qwen/Qwen2.5-Math-7B) used as the base
+    instead of training one; the stage then only checks it and writes a reference to it."""
     seed: int = 0
     """drives initialisation, batch order and trace noise."""
     steps: int = 3000
@@ -120,6 +123,29 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def reference_base(path: str, out: Path) -> dict:
+    """Check a hub-format model folder (config, tokenizer with chat template, weights) and write ``out/reference.json``
+    pointing at it; the train stage loads ``train.model`` (the same folder)."""
+    folder = Path(path)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"pretrain.base_model: {folder}/config.json not found (download the model first, e.g. "
+                                f"`huggingface-cli download Qwen/Qwen2.5-Math-7B --local-dir {folder}`)")
+    config = json.loads(cfg_file.read_text())
+    weights = sorted(p.name for p in folder.glob("*.safetensors")) or sorted(p.name for p in folder.glob("*.bin"))
+    if not weights:
+        raise FileNotFoundError(f"pretrain.base_model: {folder} holds no weight files")
+    if not (folder / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"pretrain.base_model: {folder}/tokenizer_config.json not found")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"base_model": str(folder.resolve()), "model_type": config.get("model_type"),
+               "architectures": config.get("architectures"), "weights": weights,
+               "config_sha256": hashlib.sha256(cfg_file.read_bytes()).hexdigest()}
+    (out / "reference.json").write_text(json.dumps(summary, indent=2))
+    summary.update({"seconds": 0.0, "parameters": 0, "final_loss": float("nan")})
+    return summary
+
+
 def run_pretrain(data_cfg: SyntheticConfig, model_cfg: ModelConfig, cfg: PretrainConfig, out: str | Path,
                  log_every: int = 50, progress: bool = True) -> dict:
     """Train the base model and write it to ``out`` (atomically). Returns the summary written to pretrain.json."""
@@ -127,6 +153,8 @@ def run_pretrain(data_cfg: SyntheticConfig, model_cfg: ModelConfig, cfg: Pretrai
 
     t_start = time.perf_counter()
     out = Path(out)
+    if cfg.base_model:
+        return reference_base(cfg.base_model, out)
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     train = build_splits(data_cfg)["train"]

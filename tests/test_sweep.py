@@ -1,0 +1,136 @@
+"""Optuna sweeps for real on the tiny study: two workers share sqlite or PostgreSQL storage; pruning; nested MLflow
+runs; a crashing trial; `sweep best`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import nft_cli
+
+SPACE = {
+    "algo": "nft",
+    "metric": "val/mean/avg@2",
+    "direction": "maximize",
+    "pruner": {"type": "none"},
+    "sampler_seed": 0,
+    "base": {"train.steps": 2, "train.val_every": 1},
+    "params": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
+               "train.loss.nft.omega": {"type": "categorical", "choices": ["one", "one_minus_r", "sqrt"]}},
+}
+
+
+def _space(tmp_path, **changes) -> Path:
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump({**SPACE, **changes}))
+    return p
+
+
+def _two_workers(params, space, storage, study, tmp_path, extra=()):
+    cmd = [sys.executable, "-m", "nft.cli", "sweep", "--config", str(params), "--space", str(space), "--trials", "4",
+           "--study-name", study, "--storage", storage, "--out-dir", str(tmp_path / "sweeps"), "--quiet", *extra]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    return outs
+
+
+def _check_trials(storage, study):
+    import optuna
+
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    assert len(trials) == 4 and sorted(t.number for t in trials) == [0, 1, 2, 3]  # none lost, none duplicated
+    assert all(t.state.is_finished() for t in trials)
+    return trials
+
+
+def test_sqlite_two_workers_and_nested_mlflow(tiny_study, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    params, _, _ = tiny_study
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    _two_workers(params, _space(tmp_path), storage, "s1", tmp_path,
+                 ["--set", "train.tracking=true", "--set", f"train.tracking_uri={uri}", "--set",
+                  "train.experiment=sweeps"])
+    trials = _check_trials(storage, "s1")
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("sweeps")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mlflow.runName") == "sweep-s1"]
+    import optuna
+
+    parent_id = optuna.load_study(study_name="s1", storage=storage).user_attrs["mlflow_parent_run_id"]
+    assert parent_id in {r.info.run_id for r in parents}
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert sorted(int(r.data.params["trial"]) for r in nested) == [0, 1, 2, 3]
+    for r in nested:
+        assert r.data.params["seeds"] == "0" and "train.lr" in r.data.params
+        assert "objective" in r.data.metrics and "seed0/val/mean/avg_at_2" in r.data.metrics
+
+    best = tmp_path / "best.yaml"
+    nft_cli("sweep", "best", "--study-name", "s1", "--storage", storage, "--config", params, "--out", best)
+    chosen = yaml.safe_load(best.read_text())
+    study = optuna.load_study(study_name="s1", storage=storage)
+    assert chosen["train"]["lr"] == pytest.approx(study.best_params["train.lr"])
+    assert chosen["train"]["loss"]["nft"]["omega"] == study.best_params["train.loss.nft.omega"]
+    nft_cli("check", "--config", best, check=False)  # the written file is a valid params file
+    assert nft_cli("train", "--config", best, "--algo", "nft", "--seed", "0", "--out", tmp_path / "from-best",
+                   "--quiet", "--set", "train.steps=1").returncode == 0
+
+
+def _pg_url():
+    return os.environ.get("NFT_TEST_PG_URL")
+
+
+@pytest.mark.skipif(not _pg_url(), reason="no PostgreSQL server (.ci/run starts one and sets NFT_TEST_PG_URL)")
+def test_postgres_two_workers(tiny_study, tmp_path):
+    params, _, _ = tiny_study
+    study = f"pg{os.getpid()}"
+    _two_workers(params, _space(tmp_path), _pg_url(), study, tmp_path)
+    _check_trials(_pg_url(), study)
+
+
+def test_pruning_and_a_crashing_trial(tiny_study, tmp_path):
+    """Two good trials set the median; a trial with a destructive learning rate falls below it after its first
+    update and is pruned; a trial whose sampler cannot start fails with its error, and the sweep goes on."""
+    import optuna
+
+    from nft.sweep import run_sweep
+
+    params, _, _ = tiny_study
+    storage = f"sqlite:///{tmp_path}/prune.db"
+    space = _space(tmp_path, pruner={"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+                   base={"train.steps": 3, "train.val_every": 1},
+                   params={"train.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True},
+                           "train.sampler": {"type": "categorical", "choices": ["torch", "vllm"]}})
+    study = optuna.create_study(study_name="p", storage=storage, direction="maximize")
+    for lr, sampler in [(1e-4, "torch"), (1e-4, "torch"), (10.0, "torch"), (1e-4, "vllm")]:
+        study.enqueue_trial({"train.lr": lr, "train.sampler": sampler})
+    study.set_user_attr("enqueued", 4)
+    summary = run_sweep(str(params), str(space), 4, "p", storage, [0], ["train.tracking=false"],
+                        str(tmp_path / "sweeps"))
+    trials = optuna.load_study(study_name="p", storage=storage).get_trials()
+    states = [t.state.name for t in trials]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "FAIL"], states
+    assert "vllm" in trials[3].user_attrs["error"].lower()
+    assert summary["pruned"] == 1 and summary["failed"] == 1
+
+
+def test_bad_space_fails_before_work(tiny_study, tmp_path):
+    params, _, _ = tiny_study
+    bad = _space(tmp_path, params={"train.lrr": {"type": "float", "low": 1e-4, "high": 1e-3}})
+    r = nft_cli("sweep", "--config", params, "--space", bad, "--study-name", "b", "--storage",
+                f"sqlite:///{tmp_path}/b.db", check=False)
+    assert r.returncode == 2 and "train.lrr" in r.stderr
+    bad = _space(tmp_path, params={"train.lr": {"type": "float", "low": 1e-3, "high": 1e-4}})
+    r = nft_cli("sweep", "--config", params, "--space", bad, "--study-name", "b", "--storage",
+                f"sqlite:///{tmp_path}/b.db", check=False)
+    assert r.returncode == 2 and "low" in r.stderr
