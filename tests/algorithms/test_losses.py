@@ -19,7 +19,15 @@ from nft.algorithms import (
     policy_loss,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Everything here in float64; restored afterwards so that other test modules are not affected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
