@@ -35,7 +35,9 @@ def build_model(path: str | None):
     from nft.pretrain import PretrainConfig, run_pretrain
 
     out = Path(tempfile.mkdtemp()) / "bench-model"
-    run_pretrain(SyntheticConfig(train_size=2000, eval_size=30), ModelConfig(),
+    # the workload model: hidden 128, 4 layers (~1.07M parameters, as the TRL measurement it compares to)
+    arch = ModelConfig(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=512)
+    run_pretrain(SyntheticConfig(train_size=2000, eval_size=30), arch,
                  PretrainConfig(steps=1, batch_size=2, warmup=1, tokenizer_corpus=1000), out, progress=False)
     return load_policy(str(out))
 

@@ -98,18 +98,56 @@ def pack(prompt_ids: list[list[int]], response: torch.Tensor, response_mask: tor
     return ids, attn, pos, Lp
 
 
+def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: int):
+    """Logits ``[B, T, V]`` predicting each response token, running every distinct prompt once.
+
+    The K answers to a question share its prompt: the prompts are run once (with gradient), their KV cache is
+    gathered to the answers' rows, and only the answers run per row. Gradients flow through the cache into the prompt
+    computation, so this equals one forward over the packed sequences (tested), at a fraction of the cost when
+    prompts are long compared with answers."""
+    keys = [tuple(p) for p in prompt_ids]
+    first: dict[tuple, int] = {}
+    for k in keys:
+        first.setdefault(k, len(first))
+    uniq = list(first)
+    inv = torch.tensor([first[k] for k in keys], dtype=torch.long)
+    Lp = max(len(p) for p in uniq)
+    ids = torch.full((len(uniq), Lp), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(uniq), Lp), dtype=torch.long)
+    for i, p in enumerate(uniq):
+        ids[i, Lp - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[i, Lp - len(p):] = 1
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_select_indices(inv)
+    B, T = response.shape
+    resp_attn = (response_mask > 0).long()
+    full_attn = torch.cat([attn[inv], resp_attn], dim=-1)
+    resp_pos = pos[inv, -1:] + 1 + torch.arange(T)[None, :]
+    resp_ids = torch.where(response_mask > 0, response, torch.full_like(response, pad_id))
+    out2 = model(input_ids=resp_ids, attention_mask=full_attn, position_ids=resp_pos, past_key_values=cache,
+                 use_cache=True)
+    return torch.cat([out.logits[inv, -1:, :], out2.logits[:, :-1, :]], dim=1)
+
+
 def response_logprobs(
-    model, prompt_ids, response, response_mask, pad_id: int, temperature: float = 1.0, with_entropy: bool = False
+    model, prompt_ids, response, response_mask, pad_id: int, temperature: float = 1.0, with_entropy: bool = False,
+    shared_prefix: bool = True,
 ):
     """Log-probs ``[B, T]`` of the response tokens under ``model`` (and the per-token entropy ``[B, T]``).
 
     Gradients flow when called outside ``torch.no_grad``. Logits are divided by ``temperature`` (as verl does) so that
-    old and new log-probs refer to the sampling distribution.
+    old and new log-probs refer to the sampling distribution. ``shared_prefix`` runs each distinct prompt once
+    (:func:`_shared_prefix_logits`); False packs prompt + answer per row (the reference path).
     """
-    ids, attn, pos, Lp = pack(prompt_ids, response, response_mask, pad_id)
     T = response.shape[1]
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
-    logits = out.logits[:, Lp - 1: Lp + T - 1, :].float()
+    if shared_prefix:
+        logits = _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id).float()
+    else:
+        ids, attn, pos, Lp = pack(prompt_ids, response, response_mask, pad_id)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+        logits = out.logits[:, Lp - 1: Lp + T - 1, :].float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)

@@ -39,8 +39,15 @@ class TorchSampler:
     def update_weights(self, model) -> None:
         self.model = model
 
-    @torch.inference_mode()
     def sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
+        ro = self._sample(prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        # inference-mode tensors cannot enter autograd later (the trainer indexes with them): return normal copies
+        ro.response, ro.mask, ro.logprobs, ro.finished = (ro.response.clone(), ro.mask.clone(), ro.logprobs.clone(),
+                                                          ro.finished.clone())
+        return ro
+
+    @torch.inference_mode()
+    def _sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
         if temperature <= 0:
             raise ValueError(f"temperature: must be > 0 for sampling, got {temperature}")
         model = self.model
