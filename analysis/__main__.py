@@ -40,7 +40,9 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
     figs = standard_figures(history, val_k[-1] if val_k else kval)
     fig_files = {name: save(fig, tmp / "figures", name) for name, fig in figs.items()}
 
-    benchmarks = sorted(final.benchmark.unique())
+    order = {"synth-easy": 0, "synth-medium": 1, "synth-hard": 2, "aime24": 3, "aime25": 4, "amc23": 5, "math500": 6,
+             "minerva": 7, "olympiadbench": 8}
+    benchmarks = sorted(final.benchmark.unique(), key=lambda b: (order.get(b, 99), b))
     variants = sorted(final.variant.unique())
     table = results_table(final, metric, benchmarks) if len(final) else None
     numbers: dict = {"metric": metric, "variants": {}}

@@ -36,7 +36,7 @@ def _style(variant: str, seen: dict) -> dict:
 
 def curve_figure(history: pd.DataFrame, metric: str, ylabel: str, title: str, variants: list[str] | None = None,
                  scale: float = 1.0):
-    """One panel: ``metric`` vs gradient step, mean ± std band per variant. Returns the Figure."""
+    """One panel: ``metric`` vs training step (rollout step), mean ± std band per variant. Returns the Figure."""
     fig, ax = plt.subplots(figsize=(3.4, 2.6), dpi=150)
     c = curve(history, metric)
     seen: dict = {}
@@ -48,12 +48,12 @@ def curve_figure(history: pd.DataFrame, metric: str, ylabel: str, title: str, va
         ax.plot(d.step, d["mean"] * scale, lw=1.4, **st)
         ax.fill_between(d.step, (d["mean"] - d["std"]) * scale, (d["mean"] + d["std"]) * scale,
                         color=st["color"], alpha=0.18, lw=0)
-    ax.set_xlabel("gradient step")
+    ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(fontsize=7, frameon=False, loc="best")
     fig.tight_layout()
     return fig
 

@@ -66,6 +66,18 @@ def _final_rows(ident: dict, eval_json: dict | None, last_val: dict) -> list[tup
     return out
 
 
+def _add_run(ident: dict, rows: list[dict], evals_dir, hist: list, final: list) -> None:
+    """Append one run's history rows and its final-evaluation rows (``evals/<run>.json`` or the last validation)."""
+    hist += _history_rows(ident, rows)
+    ev = None
+    if evals_dir is not None and (Path(evals_dir) / f"{ident['run']}.json").is_file():
+        ev = json.loads((Path(evals_dir) / f"{ident['run']}.json").read_text())
+    last_val = {}
+    for r in rows:
+        last_val.update({k: v for k, v in r.items() if k.startswith("val/")})
+    final += _final_rows(ident, ev, last_val)
+
+
 def load_runs(runs_dir: str | Path, evals_dir: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """Read every run folder under ``runs_dir``. Returns ``(history, final, problems)``; ``problems`` lists what was
     odd (unfinished runs, missing files) for the summary, without failing."""
@@ -77,17 +89,10 @@ def load_runs(runs_dir: str | Path, evals_dir: str | Path | None = None) -> tupl
             continue
         ident = _run_identity(run_dir)
         rows = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines() if x.strip()]
-        hist += _history_rows(ident, rows)
         if not (run_dir / "metrics.json").is_file():
             problems.append(f"{run_dir.name}: unfinished (no metrics.json); its curve is included up to step "
                             f"{rows[-1]['step'] if rows else 0}")
-        ev = None
-        if evals_dir is not None and (Path(evals_dir) / f"{run_dir.name}.json").is_file():
-            ev = json.loads((Path(evals_dir) / f"{run_dir.name}.json").read_text())
-        last_val = {}
-        for r in rows:
-            last_val.update({k: v for k, v in r.items() if k.startswith("val/")})
-        final += _final_rows(ident, ev, last_val)
+        _add_run(ident, rows, evals_dir, hist, final)
     return (pd.DataFrame(hist, columns=HISTORY_COLUMNS), pd.DataFrame(final, columns=FINAL_COLUMNS), problems)
 
 
@@ -122,16 +127,9 @@ def load_mlflow(experiment: str, tracking_uri: str = "", evals_dir: str | Path |
             for m in client.get_metric_history(run.info.run_id, key):
                 by_step.setdefault(int(m.step), {})[from_mlflow_key(key)] = m.value  # last value per step wins
         rows = [{"step": s, **v} for s, v in sorted(by_step.items())]
-        hist += _history_rows(ident, rows)
         if run.info.status != "FINISHED":
             problems.append(f"{name}: MLflow status {run.info.status}")
-        ev = None
-        if evals_dir is not None and (Path(evals_dir) / f"{name}.json").is_file():
-            ev = json.loads((Path(evals_dir) / f"{name}.json").read_text())
-        last_val = {}
-        for r in rows:
-            last_val.update({k: v for k, v in r.items() if k.startswith("val/")})
-        final += _final_rows(ident, ev, last_val)
+        _add_run(ident, rows, evals_dir, hist, final)
     return (pd.DataFrame(hist, columns=HISTORY_COLUMNS), pd.DataFrame(final, columns=FINAL_COLUMNS), problems)
 
 

@@ -84,7 +84,7 @@ def test_report_files_and_figures(tmp_path):
     history, _, _ = load_runs(runs)
     figs = standard_figures(history, 4)
     ax = figs["entropy"].axes[0]
-    assert ax.get_xlabel() == "gradient step" and "entropy" in ax.get_ylabel()
+    assert ax.get_xlabel() == "training step" and "entropy" in ax.get_ylabel()
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"NFT", "GRPO"}
     colors = {line.get_label(): line.get_color() for line in figs["val_accuracy"].axes[0].lines}
     assert colors == {line.get_label(): line.get_color() for line in ax.lines}  # one colour per algorithm
