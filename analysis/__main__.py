@@ -46,7 +46,7 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
     variants = sorted(final.variant.unique())
     table = results_table(final, metric, benchmarks) if len(final) else None
     numbers: dict = {"metric": metric, "variants": {}}
-    lines = [f"# Study summary\n", f"Source: {source}. Headline metric: **{metric}** of the final evaluation, in "
+    lines = ["# Study summary\n", f"Source: {source}. Headline metric: **{metric}** of the final evaluation, in "
              f"percent, mean ± std over seeds (entries within 1 point of the best in bold).\n"]
     runs = history.groupby(["variant", "seed"]).step.max().reset_index() if len(history) else None
     if runs is not None and len(runs):

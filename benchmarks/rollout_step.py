@@ -106,7 +106,6 @@ def main() -> int:
             cursor = Cursor(P, 0)
             t0 = time.perf_counter()
             batch, m = collect_rollout(sampler, tok, problems[:P], cursor, pool, cfg, "all", 0, 0)
-            t1 = time.perf_counter()
             u = update(engine, batch, "dapo", {}, cfg, tok.pad_token_id, 0, 0)
             t2 = time.perf_counter()
             splits.append((m["time/sample"], m["time/grade"], u["time/old_logprob"], u["time/update"], t2 - t0))

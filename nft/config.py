@@ -1,7 +1,7 @@
 """Typed configuration: params.yaml -> nested dataclasses, with errors that name the key.
 
-Each entry point has its documented dataclass (one per section); :class:`StudyConfig` gathers the sections of
-params.yaml. ``--set section.key=value`` overrides any key (values parsed as YAML); unknown keys are an error that
+Each entry point has its documented dataclass (one per section of params.yaml); :func:`load_study` validates the
+whole file against them. ``--set section.key=value`` overrides any key (values parsed as YAML); unknown keys are an error that
 names them, raised before any work starts.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -204,4 +203,4 @@ def load_study(path: str | Path, sets: list[str] | None = None, extra_sections: 
     return out
 
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "flatten", "apply_overrides", "load_yaml", "load_study", "field"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "flatten", "apply_overrides", "load_yaml", "load_study"]

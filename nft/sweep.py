@@ -300,20 +300,9 @@ def write_best(study_name: str, storage: str, config: str, out: str) -> dict:
         best = study.best_trial
     except ValueError:
         raise ValueError(f"study {study_name!r}: no completed trial yet") from None
+    load_study(config, _sets(best.params))  # the result must be a valid params file
     raw = apply_overrides(load_yaml(config), _sets(best.params))
-    load_study_from_raw_check(raw, config)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     header = f"# best trial {best.number} of sweep {study_name!r}: value {best.value:.6g}\n"
     Path(out).write_text(header + yaml.safe_dump(raw, sort_keys=False))
     return {"trial": best.number, "value": best.value, "params": best.params}
-
-
-def load_study_from_raw_check(raw: dict, where: str) -> None:
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(raw, f)
-    try:
-        load_study(f.name)
-    finally:
-        Path(f.name).unlink(missing_ok=True)

@@ -12,12 +12,8 @@ answer normalisation the set needs and the paper's default k. Loading never touc
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .synthetic import EVAL_SETS, read_jsonl
 

@@ -49,12 +49,3 @@ class Sampler(Protocol):
     def update_weights(self, model: torch.nn.Module) -> None:
         """Make the sampler use the trainer's current weights."""
         ...
-
-
-def pad_rows(rows: list[list], fill, dtype) -> torch.Tensor:
-    T = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), max(T, 1)), fill, dtype=dtype)
-    for i, r in enumerate(rows):
-        if r:
-            out[i, : len(r)] = torch.tensor(r, dtype=dtype)
-    return out

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..modeling import stop_token_ids
-from .base import Rollout, pad_rows
+from .base import Rollout
 
 
 def _top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -114,5 +114,3 @@ class TorchSampler:
             texts=texts,
         )
 
-
-__all__ = ["TorchSampler", "pad_rows"]

@@ -181,30 +181,6 @@ def fingerprint(resolved: dict, train_set, val_sets: dict, model_dir: str) -> st
     return h.hexdigest()[:20]
 
 
-CURVE_METRICS = ["rollout/accuracy", "train/entropy", "response/length_mean", "rollout/groups_kept_frac"]
-
-
-def write_curves(run_dir: Path) -> None:
-    """CSV views of history.jsonl for ``dvc plots``: ``curves_val.csv`` (validation steps) and
-    ``curves_train.csv`` (every rollout step); slashes and '@' become '_' in column names."""
-    import csv
-
-    rows = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines() if x.strip()]
-
-    def col(k: str) -> str:
-        return k.replace("/", "_").replace("@", "_at_")
-
-    val_keys = sorted({k for r in rows for k in r if k.startswith("val/") and "avg@" in k})
-    for name, keys, keep in [("curves_val.csv", val_keys, lambda r: any(k in r for k in val_keys)),
-                             ("curves_train.csv", CURVE_METRICS, lambda r: "rollout/accuracy" in r)]:
-        with (run_dir / name).open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step"] + [col(k) for k in keys])
-            for r in rows:
-                if keep(r):
-                    w.writerow([r["step"]] + [r.get(k, "") for k in keys])
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Rollout
 # ----------------------------------------------------------------------------------------------------------------------
@@ -582,7 +558,6 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
         if not last:  # resumed at the end
             lines = (run_dir / "history.jsonl").read_text().splitlines()
             last = json.loads(lines[-1]) if lines else {}
-        write_curves(run_dir)
         final = {k: v for k, v in last.items() if k.startswith("val/")}
         final.update({"steps": cfg.steps, "algo": algo, "seed": seed})
         tmpm = run_dir / "metrics.json.tmp"

@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
