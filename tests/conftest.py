@@ -27,7 +27,7 @@ TINY = {
                  "wrong_frac": 0.0, "truncate_frac": 0.0},
     "train": {"steps": 2, "prompts_per_step": 4, "answers_per_prompt": 4, "mini_batch_prompts": 2,
               "micro_batch_size": 6, "max_new_tokens": 24, "val_every": 0, "val_k": 2, "val_limit": 8,
-              "val_benchmarks": ["synth-easy"], "checkpoint_every": 1, "grader_workers": 1, "lr": 1e-3,
+              "val_benchmarks": ["synth-easy"], "checkpoint_every": 1, "grader_workers": 1, "lr": 1e-4,
               "tracking": False, "max_num_gen_batches": 4},
 }
 

@@ -108,7 +108,8 @@ def test_pruning_and_a_crashing_trial(tiny_study, tmp_path):
     params, _, _ = tiny_study
     storage = f"sqlite:///{tmp_path}/prune.db"
     space = _space(tmp_path, pruner={"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
-                   base={"train.steps": 3, "train.val_every": 1},
+                   metric="val/mean/avg@4",
+                   base={"train.steps": 3, "train.val_every": 1, "train.val_limit": 24, "train.val_k": 4},
                    params={"train.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True},
                            "train.sampler": {"type": "categorical", "choices": ["torch", "vllm"]}})
     study = optuna.create_study(study_name="p", storage=storage, direction="maximize")

@@ -76,22 +76,29 @@ class TorchSampler:
             logps = torch.zeros((B, max_new_tokens))
             lengths = torch.zeros(B, dtype=torch.long)
             finished = torch.zeros(B, dtype=torch.bool)
-            alive = torch.arange(B)  # rows still generating, in cache order
+            alive = torch.arange(B)  # rows in the batch, in cache order
+            live = torch.ones(B, dtype=torch.bool)  # rows of the batch still generating
             for t in range(max_new_tokens):
                 logp = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
                 draw = _top_p_filter(logp, top_p) if top_p < 1.0 else logp
-                tok = torch.multinomial(draw.exp(), 1, generator=gen).squeeze(-1)
-                tokens[alive, t] = tok
-                logps[alive, t] = draw.gather(-1, tok[:, None]).squeeze(-1)
-                lengths[alive] = t + 1
-                stop = torch.isin(tok, self.stop_ids)
+                # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p (cheaper than multinomial on CPU)
+                noise = -torch.log(-torch.log(torch.rand(draw.shape, generator=gen).clamp_(min=1e-20)))
+                tok = (draw + noise).argmax(-1)
+                rows = alive[live]
+                tokens[rows, t] = tok[live]
+                logps[rows, t] = draw.gather(-1, tok[:, None]).squeeze(-1)[live]
+                lengths[rows] = t + 1
+                stop = torch.isin(tok, self.stop_ids) & live
                 finished[alive[stop]] = True
-                if t + 1 == max_new_tokens or bool(stop.all()):
+                live &= ~stop
+                if t + 1 == max_new_tokens or not bool(live.any()):
                     break
-                if bool(stop.any()):  # drop finished rows from the batch and its cache
-                    keep = (~stop).nonzero().squeeze(-1)
+                # drop finished rows from the batch and its cache once they are a quarter of it (each compaction
+                # copies the whole cache; in between they ride along and their tokens are ignored)
+                if int((~live).sum()) * 4 >= len(live):
+                    keep = live.nonzero().squeeze(-1)
                     cache.batch_select_indices(keep)
-                    alive, tok, attn, next_pos = alive[keep], tok[keep], attn[keep], next_pos[keep]
+                    alive, tok, attn, next_pos, live = alive[keep], tok[keep], attn[keep], next_pos[keep], live[keep]
                 attn = torch.cat([attn, torch.ones((attn.shape[0], 1), dtype=attn.dtype)], dim=-1)
                 out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
                             past_key_values=cache, use_cache=True)
