@@ -300,7 +300,10 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
     groups = batch["group_ids"].unique().tolist()
     random.Random(derive_seed(seed, "minibatch", step)).shuffle(groups)
     n_mini = max(1, math.ceil(len(groups) / cfg.mini_batch_prompts))
-    minis = [[i for i in range(B) if int(batch["group_ids"][i]) in set(groups[m::n_mini])] for m in range(n_mini)]
+    mini_of = {g: m for m in range(n_mini) for g in groups[m::n_mini]}
+    minis = [[] for _ in range(n_mini)]
+    for i, g in enumerate(batch["group_ids"].tolist()):
+        minis[mini_of[g]].append(i)
     minis = [m for m in minis if m]
 
     # old log-probs: the first mini-batch's come from its own (pre-update) forward; the others need a no-grad pass
