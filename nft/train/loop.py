@@ -502,6 +502,8 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
         tracker.set_tags(tags)
 
     sampler = make_sampler(cfg, model, tokenizer, seed)
+    # DAPO's overlong penalty shapes the reward; losses that need 0/1 rewards (NFT, RFT) never get it
+    shaped_rewards = not getattr(make_params(algo, **overrides), "binary_rewards", False)
     history = (run_dir / "history.jsonl").open("a")
     status = "FAILED"
     pool = GraderPool(cfg.grader_workers, cfg.grader)
@@ -522,7 +524,7 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
         for step in steps:
             t0 = time.perf_counter()
             batch, metrics = collect_rollout(sampler, tokenizer, train_set, cursor, pool, cfg, rule, seed, step)
-            if batch is not None and cfg.overlong_buffer and not spec.params().__dict__.get("binary_rewards", False):
+            if batch is not None and cfg.overlong_buffer and shaped_rewards:
                 batch["rewards"] = batch["rewards"] + overlong_penalty(
                     batch["lengths"], cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty).double()
             if batch is not None and len(batch["prompt_ids"]):
