@@ -206,12 +206,18 @@ def batch_context(name: str, *, mask, rewards, group_ids, **overrides) -> dict:
     before any clipping), its group's reward std (population or unbiased per the loss's ``std`` option) and the
     reduction's normaliser for the whole mini-batch. Pass the row slices and the normaliser to :func:`policy_loss`.
     """
+    p = make_params(name, **overrides)
+    rate, sd = group_stats(rewards, group_ids, std=getattr(p, "std", "population"))
+    return {"group_rate": rate, "group_std": sd, "normalizer": loss_normalizer(name, mask=mask, rewards=rewards,
+                                                                               **overrides)}
+
+
+def loss_normalizer(name: str, *, mask, rewards, **overrides) -> float:
+    """The reduction's normaliser of loss ``name`` for a whole (mini-)batch (RFT counts positive rows only)."""
     spec = get_spec(name)
     p = make_params(name, **overrides)
-    std = getattr(p, "std", "population")
-    rate, sd = group_stats(rewards, group_ids, std=std)
     eff_mask = mask * (rewards > 0.5).to(mask.dtype)[:, None] if spec.positives_only else mask
-    return {"group_rate": rate, "group_std": sd, "normalizer": agg_normalizer(eff_mask, p.agg, p.agg_const)}
+    return agg_normalizer(eff_mask, p.agg, p.agg_const)
 
 
 def policy_loss(

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..algorithms import batch_context, get_spec, make_params, overlong_penalty, policy_loss
+from ..algorithms import batch_context, get_spec, loss_normalizer, make_params, overlong_penalty, policy_loss
 from ..config import flatten
 from ..data.benchmarks import load_benchmark
 from ..data.prompts import render_prompt
@@ -328,8 +328,8 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
     t1 = time.perf_counter()
     for m_i, rows in enumerate(minis):
         mini = _rows(batch, rows)
-        ctx = batch_context(algo, mask=mini["mask"], rewards=mini["rewards"], group_ids=mini["group_ids"],
-                            **overrides)
+        # the mini-batch's normaliser; group statistics come from the whole rollout batch (ctx_all)
+        normalizer = loss_normalizer(algo, mask=mini["mask"], rewards=mini["rewards"], **overrides)
         rate_all, std_all = ctx_all["group_rate"][torch.tensor(rows)], ctx_all["group_std"][torch.tensor(rows)]
         for s in range(0, len(rows), mb):
             sl = slice(s, s + mb)
@@ -341,7 +341,7 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
                 old[idx] = logp.detach()
             loss, met = policy_loss(algo, logp=logp, old_logp=old[idx], mask=micro["mask"],
                                     rewards=micro["rewards"], group_ids=micro["group_ids"], group_rate=rate_all[sl],
-                                    group_std=std_all[sl], normalizer=ctx["normalizer"], **overrides)
+                                    group_std=std_all[sl], normalizer=normalizer, **overrides)
             engine.backward(loss)
             n_tok = float(micro["mask"].sum())
             tok_total += n_tok
