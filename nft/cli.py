@@ -100,8 +100,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         else "nft-study"
     final = run_training(cfg["train"], algo, args.seed, args.out, study=study, full_config=full,
                          progress=not args.quiet, variant=name)
-    accs = {k: round(v, 4) for k, v in final.items() if k.startswith("val/") and "avg@" in k}
-    print(f"train: {args.algo} seed {args.seed} done -> {args.out} {accs}")
+    if final:  # rank 0 (the other ranks of a launcher return nothing)
+        accs = {k: round(v, 4) for k, v in final.items() if k.startswith("val/") and "avg@" in k}
+        print(f"train: {args.algo} seed {args.seed} done -> {args.out} {accs}")
     return 0
 
 
@@ -202,6 +203,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nft", description=__doc__.splitlines()[0])
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("losses", help="list the registered losses and their default hyperparameters")
     p.set_defaults(func=_cmd_losses)

@@ -46,6 +46,7 @@ class Sampler(Protocol):
         seed: int = 0,
     ) -> Rollout: ...
 
-    def update_weights(self, model: torch.nn.Module) -> None:
-        """Make the sampler use the trainer's current weights."""
+    def update_weights(self, weights) -> None:
+        """Make the sampler use the trainer's current weights: a module, a state dict, or a zero-argument callable
+        returning a state dict (a gather that every rank runs)."""
         ...

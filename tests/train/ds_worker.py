@@ -1,0 +1,70 @@
+"""Run under a launcher (``deepspeed --num_gpus 2 tests/train/ds_worker.py ...``): one rollout step's update on a
+fixed batch with the DeepSpeed engine (3 mini-batches = 3 optimizer steps); rank 0 writes the losses and the model.
+
+:func:`fixed_batch` and :data:`CFG` are shared with the one-process reference in ``test_deepspeed.py``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from nft.train.config import TrainConfig  # noqa: E402
+
+#: 6 questions x 4 answers, 2 questions per optimizer step -> 3 optimizer steps; micro-batches of 3 answers (a rank's
+#: 4 answers of a mini-batch take 2 micro-batches, one process's 8 take 3)
+CFG = TrainConfig(prompts_per_step=6, answers_per_prompt=4, mini_batch_prompts=2, micro_batch_size=3,
+                  max_new_tokens=12, lr=3e-3, warmup_steps=2, tracking=False, threads=1)
+REWARDS = [[1, 0, 0, 1], [0, 1, 1, 1], [1, 0, 0, 0], [0, 0, 1, 1], [1, 1, 0, 1], [0, 1, 0, 0]]
+
+
+def fixed_batch(model, tokenizer) -> dict:
+    """A rollout batch sampled with a fixed seed, rewards from a fixed pattern (every group mixed)."""
+    from nft.data.prompts import render_prompt
+    from nft.rollout.torch_sampler import TorchSampler
+
+    prompts = [render_prompt(tokenizer, f"What is {a} + {b}?") for a, b in
+               [(3, 4), (12, 7), (25, 31), (8, 9), (40, 2), (6, 66)]]
+    ro = TorchSampler(model, tokenizer).sample(prompts, CFG.answers_per_prompt, max_new_tokens=CFG.max_new_tokens,
+                                               seed=1234)
+    return {"prompt_ids": ro.prompt_ids, "response": ro.response, "mask": ro.mask, "sampler_logprobs": ro.logprobs,
+            "rewards": torch.tensor(REWARDS, dtype=torch.float64).flatten(), "lengths": ro.lengths,
+            "group_ids": torch.arange(6).repeat_interleave(4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--ds-config", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--algo", default="nft")
+    ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher (LOCAL_RANK is read)")
+    args = ap.parse_args()
+    from nft.modeling import load_policy
+    from nft.train.engines import DeepSpeedEngine, init_distributed, resolve_deepspeed_config
+    from nft.train.loop import update
+
+    torch.set_num_threads(1)
+    dist = init_distributed("deepspeed")
+    torch.manual_seed(0)
+    model, tok = load_policy(args.model)
+    batch = dist.broadcast(fixed_batch(model, tok) if dist.is_main else None)
+    ds = resolve_deepspeed_config(args.ds_config, CFG, dist.world)
+    engine = DeepSpeedEngine(model, CFG, ds)
+    trace: list[float] = []
+    metrics = update(engine, batch, args.algo, {}, CFG, tok.pad_token_id, seed=0, step=0, trace=trace)
+    out = Path(args.out)
+    engine.save_model(out / "model", tok)
+    if dist.is_main:
+        (out / "result.json").write_text(json.dumps({"losses": trace, "metrics": metrics, "world": dist.world,
+                                                     "stage": engine.stage}))
+
+
+if __name__ == "__main__":
+    main()
