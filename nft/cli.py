@@ -52,6 +52,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     missing = [k for k in ("algorithms", "seeds") if k not in cfg["_raw"]]
     if missing:
         raise ConfigError(f"{args.config}: missing key(s) {missing} (the study's train x seed matrix)")
+    from nft.train.loop import check_backends
+
+    check_backends(cfg["train"], world=args.processes)  # vLLM / DeepSpeed present, devices, batch sizes
     print(f"check: {args.config} is valid: algorithms {cfg['_raw']['algorithms']}, seeds {cfg['_raw']['seeds']}")
     return 0
 
@@ -211,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", required=True, help="output folder (save_pretrained format)")
     p.set_defaults(func=_cmd_pretrain)
-    p = sub.add_parser("check", help="validate a study params file (every section and key)")
+    p = sub.add_parser("check", help="validate a study params file (every section and key) and its backends")
     _common(p)
+    p.add_argument("--processes", type=int, default=1,
+                   help="training processes the run will be launched with (DeepSpeed batch-size checks)")
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("prepare", help="write the synthetic training pool and held-out sets")
     _common(p)

