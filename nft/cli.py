@@ -137,6 +137,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.model}: model folder not found")
     torch.set_num_threads(args.threads)
     model, tok = load_policy(args.model)
+    if torch.cuda.is_available():
+        model = model.cuda()
     sampler = TorchSampler(model, tok)
     result = {"model": str(args.model), "config": dataclasses.asdict(cfg), "benchmarks": {}}
     records = []

@@ -80,6 +80,12 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def model_device(model) -> torch.device:
+    """Where a model's (or a DeepSpeed engine's) parameters live: inputs are moved there."""
+    d = getattr(model, "device", None)
+    return torch.device(d) if d is not None else next(model.parameters()).device
+
+
 def pack(prompt_ids: list[list[int]], response: torch.Tensor, response_mask: torch.Tensor, pad_id: int):
     """Left-pad prompts and append the (right-padded) responses: ``(input_ids, attention_mask, position_ids, Lp)``.
 
@@ -118,13 +124,16 @@ def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: in
         ids[i, Lp - len(p):] = torch.tensor(p, dtype=torch.long)
         attn[i, Lp - len(p):] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    dev = model_device(model)
+    ids, attn, pos, inv = ids.to(dev), attn.to(dev), pos.to(dev), inv.to(dev)
+    response, response_mask = response.to(dev), response_mask.to(dev)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.batch_select_indices(inv)
     B, T = response.shape
     resp_attn = (response_mask > 0).long()
     full_attn = torch.cat([attn[inv], resp_attn], dim=-1)
-    resp_pos = pos[inv, -1:] + 1 + torch.arange(T)[None, :]
+    resp_pos = pos[inv, -1:] + 1 + torch.arange(T, device=dev)[None, :]
     resp_ids = torch.where(response_mask > 0, response, torch.full_like(response, pad_id))
     out2 = model(input_ids=resp_ids, attention_mask=full_attn, position_ids=resp_pos, past_key_values=cache,
                  use_cache=True)
@@ -137,7 +146,8 @@ def response_logprobs(
 ):
     """Log-probs ``[B, T]`` of the response tokens under ``model`` (and the per-token entropy ``[B, T]``).
 
-    Gradients flow when called outside ``torch.no_grad``. Logits are divided by ``temperature`` (as verl does) so that
+    Gradients flow when called outside ``torch.no_grad``. Inputs may live on the CPU; outputs are on the model's
+    device. Logits are divided by ``temperature`` (as verl does) so that
     old and new log-probs refer to the sampling distribution. ``shared_prefix`` runs each distinct prompt once
     (:func:`_shared_prefix_logits`); False packs prompt + answer per row (the reference path).
     """
@@ -146,12 +156,13 @@ def response_logprobs(
         logits = _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id).float()
     else:
         ids, attn, pos, Lp = pack(prompt_ids, response, response_mask, pad_id)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False)
+        dev = model_device(model)
+        out = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), use_cache=False)
         logits = out.logits[:, Lp - 1: Lp + T - 1, :].float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, response.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logp = logp_all.gather(-1, response.to(logits.device).clamp(min=0).unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
         return logp, None
     with torch.no_grad():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..modeling import stop_token_ids
+from ..modeling import model_device, stop_token_ids
 from .base import Rollout
 
 
@@ -66,11 +66,13 @@ class TorchSampler:
             enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
             P, B = len(enc), len(enc) * n
             Lp = max(len(e) for e in enc)
+            dev = model_device(model)
             ids = torch.full((P, Lp), self.pad_id, dtype=torch.long)
             attn = torch.zeros((P, Lp), dtype=torch.long)
             for i, e in enumerate(enc):
                 ids[i, Lp - len(e):] = torch.tensor(e)
                 attn[i, Lp - len(e):] = 1
+            ids, attn = ids.to(dev), attn.to(dev)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
             out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
@@ -80,24 +82,25 @@ class TorchSampler:
             attn = attn.repeat_interleave(n, dim=0)
             next_pos = pos[:, -1:].repeat_interleave(n, dim=0) + 1
 
-            gen = torch.Generator().manual_seed(int(seed))
-            tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long)
-            logps = torch.zeros((B, max_new_tokens))
-            lengths = torch.zeros(B, dtype=torch.long)
-            finished = torch.zeros(B, dtype=torch.bool)
-            alive = torch.arange(B)  # rows in the batch, in cache order
-            live = torch.ones(B, dtype=torch.bool)  # rows of the batch still generating
+            gen = torch.Generator(device=dev).manual_seed(int(seed))
+            stop_ids = self.stop_ids.to(dev)
+            tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+            logps = torch.zeros((B, max_new_tokens), device=dev)
+            lengths = torch.zeros(B, dtype=torch.long, device=dev)
+            finished = torch.zeros(B, dtype=torch.bool, device=dev)
+            alive = torch.arange(B, device=dev)  # rows in the batch, in cache order
+            live = torch.ones(B, dtype=torch.bool, device=dev)  # rows of the batch still generating
             for t in range(max_new_tokens):
                 logp = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
                 draw = _top_p_filter(logp, top_p) if top_p < 1.0 else logp
                 # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p (cheaper than multinomial on CPU)
-                noise = -torch.log(-torch.log(torch.rand(draw.shape, generator=gen).clamp_(min=1e-20)))
+                noise = -torch.log(-torch.log(torch.rand(draw.shape, generator=gen, device=dev).clamp_(min=1e-20)))
                 tok = (draw + noise).argmax(-1)
                 rows = alive[live]
                 tokens[rows, t] = tok[live]
                 logps[rows, t] = draw.gather(-1, tok[:, None]).squeeze(-1)[live]
                 lengths[rows] = t + 1
-                stop = torch.isin(tok, self.stop_ids) & live
+                stop = torch.isin(tok, stop_ids) & live
                 finished[alive[stop]] = True
                 live &= ~stop
                 if t + 1 == max_new_tokens or not bool(live.any()):
@@ -108,13 +111,14 @@ class TorchSampler:
                     keep = live.nonzero().squeeze(-1)
                     cache.batch_select_indices(keep)
                     alive, tok, attn, next_pos, live = alive[keep], tok[keep], attn[keep], next_pos[keep], live[keep]
-                attn = torch.cat([attn, torch.ones((attn.shape[0], 1), dtype=attn.dtype)], dim=-1)
+                attn = torch.cat([attn, torch.ones((attn.shape[0], 1), dtype=attn.dtype, device=dev)], dim=-1)
                 out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
                             past_key_values=cache, use_cache=True)
                 logits = out.logits[:, -1, :].float()
                 next_pos = next_pos + 1
         finally:
             model.train(was_training)
+        tokens, logps, lengths, finished = tokens.cpu(), logps.float().cpu(), lengths.cpu(), finished.cpu()
         T = max(int(lengths.max()), 1)
         mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
         response = tokens[:, :T].masked_fill(mask == 0, self.pad_id)

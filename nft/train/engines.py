@@ -245,6 +245,7 @@ class DeepSpeedEngine:
         self.model = self.ds
         self.module = self.ds.module
         self.stage = self.ds.zero_optimization_stage()
+        self.dtype = torch.bfloat16 if self.ds.bfloat16_enabled() else torch.float32
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         # ``last``: the mini-batch's last micro-batch (DeepSpeed's accumulation boundary). DeepSpeed averages

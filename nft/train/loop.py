@@ -39,7 +39,7 @@ from ..config import flatten
 from ..data.benchmarks import load_benchmark
 from ..data.prompts import render_prompt
 from ..evaluate import EvalConfig, evaluate_problems
-from ..modeling import load_policy, response_logprobs
+from ..modeling import load_policy, model_device, response_logprobs
 from ..reward import GraderPool
 from ..tracking import MLflowTracker, NullTracker
 from .config import TrainConfig
@@ -338,7 +338,7 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
                 lp, _ = response_logprobs(model, sub["prompt_ids"], sub["response"], sub["mask"], pad_id,
                                           cfg.temperature)
                 if idx:
-                    old[torch.tensor(idx)] = lp.float()
+                    old[torch.tensor(idx)] = lp.float().cpu()
     t_old = time.perf_counter() - t0
 
     # group statistics of the whole rollout batch (full groups; RFT's rows are positives only)
@@ -360,12 +360,13 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
             logp, ent = response_logprobs(model, micro["prompt_ids"], micro["response"], micro["mask"], pad_id,
                                           cfg.temperature, with_entropy=True)
             logp = logp.float()
+            dev = logp.device  # the loss is computed where the model is (inputs stay on the CPU)
             if m_i == 0 and idx:
-                old[at] = logp.detach()
-            loss, met = policy_loss(algo, logp=logp, old_logp=old[at], mask=micro["mask"],
-                                    rewards=micro["rewards"], group_ids=micro["group_ids"],
-                                    group_rate=ctx_all["group_rate"][at], group_std=ctx_all["group_std"][at],
-                                    normalizer=normalizer, **overrides)
+                old[at] = logp.detach().cpu()
+            loss, met = policy_loss(algo, logp=logp, old_logp=old[at].to(dev), mask=micro["mask"].to(dev),
+                                    rewards=micro["rewards"].to(dev), group_ids=micro["group_ids"].to(dev),
+                                    group_rate=ctx_all["group_rate"][at].to(dev),
+                                    group_std=ctx_all["group_std"][at].to(dev), normalizer=normalizer, **overrides)
             engine.backward(loss, last=j == len(micros) - 1)
             if not idx:
                 continue
@@ -379,7 +380,7 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
                     sums[k] = max(sums.get(k, 0.0), v)
                 elif k != "tokens":
                     sums[k] = sums.get(k, 0.0) + v * n_tok
-            ent_sum += float((ent.float() * micro["mask"]).sum())
+            ent_sum += float((ent.float().cpu() * micro["mask"]).sum())
             ent_tok += n_tok
         grad_norms.append(engine.step())
         step_losses.append(mini_loss)
@@ -473,8 +474,9 @@ def make_sampler(cfg: TrainConfig, engine, tokenizer, seed: int, model_dir: str)
 
         if isinstance(weights, torch.nn.Module):  # the trainer's own module
             return TorchSampler(weights, tokenizer)
-        copy, _ = load_policy(model_dir)  # ZeRO-3 shards the trainer's parameters: sample from a full copy
-        sampler = TorchSampler(copy, tokenizer)
+        # ZeRO-3 shards the trainer's parameters: sample from a full copy, in the trainer's dtype and device
+        copy, _ = load_policy(model_dir, dtype=getattr(engine, "dtype", torch.float32))
+        sampler = TorchSampler(copy.to(model_device(engine.model)), tokenizer)
     else:
         from ..rollout.vllm_sampler import VLLMSampler
 
@@ -526,6 +528,8 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
     ckpt = run_dir / "checkpoint"
     resume = (ckpt / "state.pt").is_file()
     model, tokenizer = load_policy(str(ckpt / "model") if resume else cfg.model)
+    if ds_config is None and torch.cuda.is_available():
+        model = model.cuda()  # DeepSpeed places its own
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine = TorchEngine(model, cfg) if ds_config is None else DeepSpeedEngine(model, cfg, ds_config)
