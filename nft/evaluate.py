@@ -15,6 +15,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Literal
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,10 @@ class EvalConfig:
     """the first grader gives the headline metrics; the others are reported beside it with the disagreement rate."""
     workers: int = 2
     """grader worker processes."""
+    sampler: Literal["torch", "vllm"] = "torch"
+    """sampling backend (``vllm``: one offline engine; see ``nft.rollout.vllm_sampler``)."""
+    vllm: dict[str, Any] = field(default_factory=dict)
+    """vLLM engine options (as ``train.vllm``)."""
 
     def __post_init__(self):
         if self.k < 1 or any(v < 1 for v in self.k_per_benchmark.values()):

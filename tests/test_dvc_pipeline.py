@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import REPO, TINY
 
 SMOKE = {
-    "study": {"name": "smoke"},
+    "study": {"name": "smoke", "launcher": "nft"},
     "algorithms": ["nft", "grpo"],
     "seeds": [0],
     **{k: v for k, v in TINY.items() if k != "train"},

@@ -64,7 +64,10 @@ class TrainConfig:
     vllm: dict[str, Any] = field(default_factory=dict)
     """vLLM engine options (tensor_parallel_size, gpu_memory_utilization, max_model_len, enforce_eager, sleep)."""
     engine: Literal["torch", "deepspeed"] = "torch"
-    """training engine."""
+    """training engine (``deepspeed``: ZeRO per ``deepspeed_config``, across the processes of a launcher)."""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (7B/32B with long answers); the trainer pass then packs each
+    prompt with its answer instead of sharing the prompt's KV cache."""
     deepspeed_config: str = ""
     """DeepSpeed JSON config (engine=deepspeed)."""
     experiment: str = "nft-study"

@@ -319,6 +319,7 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
         minis[mini_of[g]].append(i)
     minis = [m for m in minis if m]
     plan = [_micro_batches(rows, dist, mb) for rows in minis]
+    shared = not cfg.gradient_checkpointing  # checkpointed layers keep no KV cache to share
 
     def micro_rows(rows: list[int], first: int) -> dict:
         """The rows, or (a rank with nothing left) one row of the mini-batch with an empty mask: it runs forward and
@@ -336,7 +337,7 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
             for idx in micros:
                 sub = micro_rows(idx, rows[0])
                 lp, _ = response_logprobs(model, sub["prompt_ids"], sub["response"], sub["mask"], pad_id,
-                                          cfg.temperature)
+                                          cfg.temperature, shared_prefix=shared)
                 if idx:
                     old[torch.tensor(idx)] = lp.float().cpu()
     t_old = time.perf_counter() - t0
@@ -358,7 +359,7 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
             micro = micro_rows(idx, rows[0])
             at = torch.tensor(idx or [rows[0]])
             logp, ent = response_logprobs(model, micro["prompt_ids"], micro["response"], micro["mask"], pad_id,
-                                          cfg.temperature, with_entropy=True)
+                                          cfg.temperature, with_entropy=True, shared_prefix=shared)
             logp = logp.float()
             dev = logp.device  # the loss is computed where the model is (inputs stay on the CPU)
             if m_i == 0 and idx:
@@ -530,6 +531,8 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
     model, tokenizer = load_policy(str(ckpt / "model") if resume else cfg.model)
     if ds_config is None and torch.cuda.is_available():
         model = model.cuda()  # DeepSpeed places its own
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine = TorchEngine(model, cfg) if ds_config is None else DeepSpeedEngine(model, cfg, ds_config)

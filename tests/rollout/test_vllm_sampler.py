@@ -84,3 +84,15 @@ def test_two_step_train_with_vllm(tiny_study_vllm, tmp_path):
         # the trainer's old log-probs vs the engine's at sampling time: equal only if step 1's weights were pushed
         assert r["logprob/mismatch_max"] < 1e-3, r["logprob/mismatch_max"]
     assert (out / "metrics.json").is_file()
+
+
+def test_evaluate_with_vllm(tiny_study_vllm, tmp_path):
+    params, data, base = tiny_study_vllm
+    out, samples = tmp_path / "eval.json", tmp_path / "answers.jsonl"
+    nft_cli("evaluate", "--config", params, "--model", base, "--data", data, "--out", out, "--samples", samples,
+            "--benchmarks", "synth-easy", "--k", "2", "--limit", "8", "--set", "eval.sampler=vllm")
+    res = json.loads(out.read_text())
+    assert res["config"]["sampler"] == "vllm"
+    assert 0.0 <= res["benchmarks"]["synth-easy"]["avg@2"] <= 1.0
+    rows = [json.loads(ln) for ln in samples.read_text().splitlines()]
+    assert len(rows) == 16 and any("boxed" in r["answer_text"] for r in rows)

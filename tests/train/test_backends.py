@@ -143,3 +143,30 @@ def test_presets_are_valid_for_8_processes(preset):
     if t.engine == "deepspeed":
         ds = resolve_deepspeed_config(str(REPO / t.deepspeed_config), t, world=8, hidden_size=3584)
         assert ds["train_batch_size"] >= t.mini_batch_prompts * t.answers_per_prompt
+
+
+def test_gradient_checkpointing_takes_the_same_step(tiny_study):
+    """The checkpointed (packed) trainer pass gives the loss and update of the shared-prefix pass."""
+    import torch
+
+    from nft.modeling import load_policy
+    from nft.train.engines import TorchEngine
+    from nft.train.loop import update
+    from tests.train.ds_worker import CFG, fixed_batch
+
+    _, _, base = tiny_study
+    results = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        model, tok = load_policy(str(base))
+        batch = fixed_batch(model, tok)
+        cfg = dataclasses.replace(CFG, gradient_checkpointing=gc)
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        trace: list[float] = []
+        update(TorchEngine(model, cfg), batch, "grpo", {}, cfg, tok.pad_token_id, seed=0, step=0, trace=trace)
+        results.append((trace, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (t0, w0), (t1, w1) = results
+    assert max(abs(a - b) for a, b in zip(t0, t1)) < 1e-5
+    assert float((w0 - w1).abs().max()) < 1e-4
