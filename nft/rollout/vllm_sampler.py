@@ -71,14 +71,20 @@ class VLLMOptions:
             raise ValueError(f"{section}: {e}") from None
 
 
-def _world() -> tuple[int, int, int]:
-    """(rank, world size, processes on this node) of the launcher's group; (0, 1, 1) without one."""
+def _local_processes(world: int) -> int:
+    """Processes on this node: ``LOCAL_SIZE`` (deepspeed launcher) or ``LOCAL_WORLD_SIZE`` (torchrun). The deepspeed
+    launcher's first, because vLLM's CPU platform overwrites ``LOCAL_WORLD_SIZE`` in its own process (and children
+    inherit it)."""
+    return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the launcher's group; (0, 1) without one."""
     import torch.distributed as td
 
     if td.is_available() and td.is_initialized():
-        world = td.get_world_size()
-        return td.get_rank(), world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return 0, 1, 1
+        return td.get_rank(), td.get_world_size()
+    return 0, 1
 
 
 def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train", world: int | None = None) -> None:
@@ -102,7 +108,7 @@ def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train", world:
             raise ValueError(f"{section}.vllm.tensor_parallel_size ({tp}) exceeds the devices available to one "
                              f"process ({have}; this machine has {where})")
     else:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        local = _local_processes(world)
         if world % tp or tp > local:
             raise ValueError(f"{section}.vllm.tensor_parallel_size ({tp}) exceeds the devices available: each engine "
                              f"spans that many of the {local} processes (one device each) on a node, and must "
@@ -124,7 +130,7 @@ class VLLMSampler:
 
     def __init__(self, model_dir: str, tokenizer, *, seed: int = 0, options: VLLMOptions | dict | None = None):
         opts = options if isinstance(options, VLLMOptions) else VLLMOptions.from_dict(options)
-        rank, world, _ = _world()
+        rank, world = _world()
         check_vllm(opts, model_dir, world=world)
         tp = opts.tensor_parallel_size
         #: the rollout shard this process samples: the processes of one engine (TP group) share prompts and seeds

@@ -24,8 +24,9 @@ CFG = TrainConfig(prompts_per_step=6, answers_per_prompt=4, mini_batch_prompts=2
 REWARDS = [[1, 0, 0, 1], [0, 1, 1, 1], [1, 0, 0, 0], [0, 0, 1, 1], [1, 1, 0, 1], [0, 1, 0, 0]]
 
 
-def fixed_batch(model, tokenizer) -> dict:
-    """A rollout batch sampled with a fixed seed, rewards from a fixed pattern (every group mixed)."""
+def fixed_batch(model, tokenizer, drop: tuple[int, ...] = ()) -> dict:
+    """A rollout batch sampled with a fixed seed, rewards from a fixed pattern (every group mixed); ``drop`` removes
+    rows (uneven groups: ranks then get different numbers of micro-batches, as with RFT's positives)."""
     from nft.data.prompts import render_prompt
     from nft.rollout.torch_sampler import TorchSampler
 
@@ -33,9 +34,11 @@ def fixed_batch(model, tokenizer) -> dict:
                [(3, 4), (12, 7), (25, 31), (8, 9), (40, 2), (6, 66)]]
     ro = TorchSampler(model, tokenizer).sample(prompts, CFG.answers_per_prompt, max_new_tokens=CFG.max_new_tokens,
                                                seed=1234)
-    return {"prompt_ids": ro.prompt_ids, "response": ro.response, "mask": ro.mask, "sampler_logprobs": ro.logprobs,
-            "rewards": torch.tensor(REWARDS, dtype=torch.float64).flatten(), "lengths": ro.lengths,
-            "group_ids": torch.arange(6).repeat_interleave(4)}
+    batch = {"prompt_ids": ro.prompt_ids, "response": ro.response, "mask": ro.mask, "sampler_logprobs": ro.logprobs,
+             "rewards": torch.tensor(REWARDS, dtype=torch.float64).flatten(), "lengths": ro.lengths,
+             "group_ids": torch.arange(6).repeat_interleave(4)}
+    keep = [i for i in range(24) if i not in drop]
+    return {k: [v[i] for i in keep] if isinstance(v, list) else v[keep] for k, v in batch.items()}
 
 
 def main() -> None:
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--ds-config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--algo", default="nft")
+    ap.add_argument("--drop", default="", help="comma-separated rows to remove from the batch")
     ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher (LOCAL_RANK is read)")
     args = ap.parse_args()
     from nft.modeling import load_policy
@@ -54,7 +58,8 @@ def main() -> None:
     dist = init_distributed("deepspeed")
     torch.manual_seed(0)
     model, tok = load_policy(args.model)
-    batch = dist.broadcast(fixed_batch(model, tok) if dist.is_main else None)
+    drop = tuple(int(x) for x in args.drop.split(",") if x)
+    batch = dist.broadcast(fixed_batch(model, tok, drop) if dist.is_main else None)
     ds = resolve_deepspeed_config(args.ds_config, CFG, dist.world)
     engine = DeepSpeedEngine(model, CFG, ds)
     trace: list[float] = []
