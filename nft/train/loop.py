@@ -14,7 +14,11 @@ One rollout step:
    (``metrics.json`` present) is not redone.
 
 Seeding: one run seed; every other seed is derived from it and logged (``seed/*`` params): data order, sampling
-seed per step and generation batch, validation sampling.
+seed per step and generation batch (and rollout shard, under several processes), validation sampling.
+
+Several processes (``train.engine: deepspeed`` under a launcher, see ``nft.train.engines``): each samples and grades
+its share of the questions, the kept groups are gathered so every rank holds the whole batch, and each rank trains
+on its rows of every mini-batch; rank 0 alone writes the run folder, logs and validates.
 """
 
 from __future__ import annotations
@@ -518,8 +522,10 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
         shutil.rmtree(run_dir)
     dist.barrier()
     if final_path.is_file() and fp_file.is_file():
+        if not dist.is_main:
+            return {}
         print(f"train: {run_dir} is finished (metrics.json present); nothing to do")
-        return json.loads(final_path.read_text()) if dist.is_main else {}
+        return json.loads(final_path.read_text())
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         fp_file.write_text(fp)
