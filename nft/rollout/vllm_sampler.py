@@ -156,7 +156,7 @@ class VLLMSampler:
             kwargs["max_model_len"] = opts.max_model_len
         kwargs.update(opts.engine_kwargs or {})
         self.llm = LLM(**kwargs)
-        self.asleep = False
+        self.asleep: set[str] = set()  # what sleep released: "weights", "kv_cache"
 
     # -- weights --------------------------------------------------------------------------------------------------
     def update_weights(self, weights) -> None:
@@ -165,20 +165,22 @@ class VLLMSampler:
         if callable(weights) and not isinstance(weights, torch.nn.Module):
             weights = weights()
         sd = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-        if self.asleep:
+        if "weights" in self.asleep:  # the weights' memory first; the KV cache stays free until sampling
             self.llm.wake_up(tags=["weights"])
+            self.asleep.discard("weights")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(sd.items())})
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
+        """Free the GPU for the trainer (``vllm.sleep``; level 1: weights to host memory, KV cache dropped)."""
         if self.opts.sleep and not self.asleep:
             self.llm.sleep(level=1)
-            self.asleep = True
+            self.asleep = {"weights", "kv_cache"}
 
     def wake(self) -> None:
         if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+            self.llm.wake_up(tags=sorted(self.asleep))
+            self.asleep = set()
 
     # -- sampling -------------------------------------------------------------------------------------------------
     def sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:

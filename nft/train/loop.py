@@ -620,6 +620,8 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
                 batch["rewards"] = batch["rewards"] + overlong_penalty(
                     batch["lengths"], cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty).double()
             if batch is not None and len(batch["prompt_ids"]):
+                if hasattr(sampler, "sleep"):
+                    sampler.sleep()  # vllm.sleep: the GPU's memory to the trainer (woken by the push / sampling)
                 metrics.update(update(engine, batch, algo, overrides, cfg, pad_id, seed, step))
                 t_push = time.perf_counter()
                 sampler.update_weights(engine.rollout_weights())

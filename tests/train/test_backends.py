@@ -7,6 +7,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from nft.train.config import TrainConfig
 from nft.train.engines import resolve_deepspeed_config
@@ -170,3 +171,39 @@ def test_gradient_checkpointing_takes_the_same_step(tiny_study):
     (t0, w0), (t1, w1) = results
     assert max(abs(a - b) for a, b in zip(t0, t1)) < 1e-5
     assert float((w0 - w1).abs().max()) < 1e-4
+
+
+def test_vllm_sleep_bookkeeping():
+    """Colocated on a GPU: sleep before the update, wake the weights for the push, the KV cache for sampling
+    (the engine call order is what is checked here; the engine itself needs a GPU)."""
+    from nft.rollout.vllm_sampler import VLLMOptions, VLLMSampler
+
+    calls = []
+
+    class FakeLLM:
+        def sleep(self, level):
+            calls.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            calls.append(("wake_up", tuple(tags or ())))
+
+        def collective_rpc(self, name, kwargs):
+            calls.append((name, len(kwargs["weights_iterator"])))
+
+        def reset_prefix_cache(self):
+            calls.append(("reset_prefix_cache",))
+
+    s = object.__new__(VLLMSampler)
+    s.opts, s.llm, s.asleep = VLLMOptions(sleep=True), FakeLLM(), set()
+    s.sleep()
+    s.sleep()  # already asleep: nothing
+    s.update_weights({"w": torch.zeros(1)})
+    s.wake()
+    s.wake()  # awake: nothing
+    assert calls == [("sleep", 1), ("wake_up", ("weights",)), ("reload_weights", 1), ("reset_prefix_cache",),
+                     ("wake_up", ("kv_cache",))]
+    calls.clear()
+    s.opts = VLLMOptions(sleep=False)
+    s.sleep()
+    s.update_weights(lambda: {"w": torch.zeros(1), "v": torch.ones(1)})  # a gather callable
+    assert calls == [("reload_weights", 2), ("reset_prefix_cache",)]
