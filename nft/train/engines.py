@@ -1,7 +1,7 @@
 """Training engines (model + optimizer + schedule) and the loop's view of the process group.
 
-Both engines implement the same small interface the loop calls:
-``model`` (what forward passes call), ``backward(loss, last)``, ``step() -> grad norm``, ``lr``, ``rollout_weights()`` (what the sampler loads),
+Both engines implement the same small interface the loop calls: ``model`` (what forward passes call),
+``backward(loss, last)``, ``step() -> grad norm``, ``lr``, ``rollout_weights()`` (what the sampler loads),
 ``save_model(dir, tokenizer)``, ``save_state(dir) -> dict``, ``load_state(dir, state)``.
 
 - :class:`TorchEngine`: one process, AdamW, linear warmup then constant lr, gradient-norm clipping.

@@ -63,8 +63,9 @@ def torch_reference(base, algo, drop=()):
 ])
 def test_two_ranks_take_the_torch_engines_steps(tiny_study, tmp_path, stage, algo, drop):
     _, _, base = tiny_study
-    launch(REPO / "tests/train/ds_worker.py", "--model", base, "--ds-config", REPO / f"experiments/deepspeed/{stage}.json",
-           "--out", tmp_path, "--algo", algo, "--drop", ",".join(map(str, drop)))
+    launch(REPO / "tests/train/ds_worker.py", "--model", base, "--ds-config",
+           REPO / f"experiments/deepspeed/{stage}.json", "--out", tmp_path, "--algo", algo,
+           "--drop", ",".join(map(str, drop)))
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["world"] == 2 and res["stage"] == int(stage[-1])
     ref_losses, ref_metrics, ref_model = torch_reference(base, algo, drop)
