@@ -135,7 +135,6 @@ class VLLMSampler:
         tp = opts.tensor_parallel_size
         #: the rollout shard this process samples: the processes of one engine (TP group) share prompts and seeds
         self.dp_rank, self.dp_size, self.leader = rank // tp, world // tp, rank % tp == 0
-        self.group_size = tp
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process (starts ~7x faster)
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(int(opts.cpu_kv_cache_gb), 1)))
