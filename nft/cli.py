@@ -135,18 +135,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     sets = {name: load_benchmark(name, args.data) for name in cfg.benchmarks}
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"{args.model}: model folder not found")
-    if cfg.sampler == "vllm":
-        from nft.rollout.vllm_sampler import VLLMOptions, check_vllm
-
-        check_vllm(VLLMOptions.from_dict(cfg.vllm, "eval.vllm"), args.model, section="eval")
     torch.set_num_threads(args.threads)
-    if cfg.sampler == "vllm":
+    if cfg.sampler == "vllm":  # VLLMSampler checks its options and the devices before loading anything
         from transformers import AutoTokenizer
 
         from nft.rollout.vllm_sampler import VLLMSampler
 
         tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-        sampler = VLLMSampler(args.model, tok, seed=cfg.seed, options=cfg.vllm)
+        sampler = VLLMSampler(args.model, tok, seed=cfg.seed, options=cfg.vllm, section="eval")
     else:
         model, tok = load_policy(args.model)
         if torch.cuda.is_available():

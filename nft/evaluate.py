@@ -15,8 +15,8 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 

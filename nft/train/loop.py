@@ -42,13 +42,13 @@ from ..algorithms import batch_context, get_spec, loss_normalizer, make_params, 
 from ..config import flatten
 from ..data.benchmarks import load_benchmark
 from ..data.prompts import render_prompt
+from ..dist import Dist, launched_world_size
 from ..evaluate import EvalConfig, evaluate_problems
 from ..modeling import load_policy, model_device, response_logprobs
 from ..reward import GraderPool
 from ..tracking import MLflowTracker, NullTracker
 from .config import TrainConfig
-from .engines import (DeepSpeedEngine, Dist, TorchEngine, init_distributed, launched_world_size, model_hidden_size,
-                      resolve_deepspeed_config)
+from .engines import DeepSpeedEngine, TorchEngine, init_distributed, model_hidden_size, resolve_deepspeed_config
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -294,6 +294,11 @@ def _rows(batch: dict, idx: list[int]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # Update
 # ----------------------------------------------------------------------------------------------------------------------
+def _accumulate(sums: dict[str, float], key: str, value: float) -> None:
+    """Add ``value`` into ``sums[key]`` (``ratio_max``: keep the larger)."""
+    sums[key] = max(sums.get(key, 0.0), value) if key == "ratio_max" else sums.get(key, 0.0) + value
+
+
 def _micro_batches(rows: list[int], dist: Dist, mb: int) -> list[list[int]]:
     """This rank's micro-batches of a mini-batch: rows ``rank::world`` in chunks of ``mb``. Every rank gets the same
     number (empty lists where it ran out), so the collectives of a sharded model line up."""
@@ -309,8 +314,7 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
     Every rank holds the whole batch and trains on its share of each mini-batch (see ``nft.train.engines``); the
     normaliser is the whole mini-batch's, so the shares' losses add up to the one-process loss. ``trace``, if given,
     receives each optimizer step's loss."""
-    model = engine.model
-    dist = getattr(engine, "dist", None) or Dist()
+    model, dist = engine.model, engine.dist
     B = len(batch["prompt_ids"])
     mb = cfg.micro_batch_size
     # mini-batches of whole questions, in a seeded order
@@ -355,9 +359,10 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
     step_losses = []
     t1 = time.perf_counter()
     for m_i, (rows, micros) in enumerate(zip(minis, plan)):
-        mini = _rows(batch, rows)
         # the mini-batch's normaliser; group statistics come from the whole rollout batch (ctx_all)
-        normalizer = loss_normalizer(algo, mask=mini["mask"], rewards=mini["rewards"], **overrides)
+        at_mini = torch.tensor(rows)
+        normalizer = loss_normalizer(algo, mask=batch["mask"][at_mini], rewards=batch["rewards"][at_mini],
+                                     **overrides)
         mini_loss = 0.0
         for j, idx in enumerate(micros):
             micro = micro_rows(idx, rows[0])
@@ -379,12 +384,8 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
             tok_total += n_tok
             mini_loss += met["loss"]
             for k, v in met.items():
-                if k in ("loss", "loss_pos", "loss_neg"):
-                    sums[k] = sums.get(k, 0.0) + v  # micro-batch losses add up to the mini-batch loss
-                elif k == "ratio_max":
-                    sums[k] = max(sums.get(k, 0.0), v)
-                elif k != "tokens":
-                    sums[k] = sums.get(k, 0.0) + v * n_tok
+                if k != "tokens":  # losses add up over micro-batches; the other means are weighted by tokens
+                    _accumulate(sums, k, v if k in ("loss", "loss_pos", "loss_neg", "ratio_max") else v * n_tok)
             ent_sum += float((ent.float().cpu() * micro["mask"]).sum())
             ent_tok += n_tok
         grad_norms.append(engine.step())
@@ -399,7 +400,7 @@ def update(engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pa
         sums = {}
         for part in parts:
             for k, v in part[0].items():
-                sums[k] = max(sums.get(k, 0.0), v) if k == "ratio_max" else sums.get(k, 0.0) + v
+                _accumulate(sums, k, v)
         tok_total, ent_sum, ent_tok = (sum(part[i] for part in parts) for i in (1, 2, 3))
         mism = (sum(p[4][0] for p in parts), sum(p[4][1] for p in parts), max(p[4][2] for p in parts))
         step_losses = [sum(x) for x in zip(*(part[5] for part in parts))]
@@ -502,7 +503,7 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
     exception it raises stops the run with its checkpoint intact)."""
     spec = get_spec(algo)  # unknown algorithm: error before any work
     overrides = dict(cfg.loss.get(algo, {}) or {})
-    make_params(algo, **overrides)
+    params = make_params(algo, **overrides)
     rule = spec.batch_rule if cfg.batch_rule == "auto" else cfg.batch_rule
     run_dir = Path(out)
     final_path = run_dir / "metrics.json"
@@ -511,7 +512,7 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
     if not Path(cfg.model).is_dir():
         raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
     ds_config = check_backends(cfg)
-    resolved = {"algo": algo, "seed": seed, "batch_rule": rule, "loss": asdict(make_params(algo, **overrides)),
+    resolved = {"algo": algo, "seed": seed, "batch_rule": rule, "loss": asdict(params),
                 "train": asdict(cfg)}
     fp = fingerprint(resolved, train_set, val_sets, cfg.model)
     dist = init_distributed(cfg.engine)
@@ -534,7 +535,8 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
 
     ckpt = run_dir / "checkpoint"
     resume = (ckpt / "state.pt").is_file()
-    model, tokenizer = load_policy(str(ckpt / "model") if resume else cfg.model)
+    source = str(ckpt / "model") if resume else cfg.model  # the weights this process starts from
+    model, tokenizer = load_policy(source)
     if ds_config is None and torch.cuda.is_available():
         model = model.cuda()  # DeepSpeed places its own
     if cfg.gradient_checkpointing:
@@ -542,7 +544,6 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
     model.train()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine = TorchEngine(model, cfg) if ds_config is None else DeepSpeedEngine(model, cfg, ds_config)
-    model = engine.model
     cursor = Cursor(len(train_set), seeds["seed/data_order"])
     start_step = 0
     if resume:
@@ -581,9 +582,9 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
         tracker.log_params({**flatten(resolved), **seeds})
         tracker.set_tags(tags)
 
-    sampler = make_sampler(cfg, engine, tokenizer, seed, str(ckpt / "model") if resume else cfg.model)
+    sampler = make_sampler(cfg, engine, tokenizer, seed, source)
     # DAPO's overlong penalty shapes the reward; losses that need 0/1 rewards (NFT, RFT) never get it
-    shaped_rewards = not getattr(make_params(algo, **overrides), "binary_rewards", False)
+    shaped_rewards = not getattr(params, "binary_rewards", False)
     history = (run_dir / "history.jsonl").open("a") if dist.is_main else None
     status = "FAILED"
     pool = GraderPool(cfg.grader_workers, cfg.grader)
