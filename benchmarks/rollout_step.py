@@ -66,7 +66,10 @@ def main() -> int:
     from nft.reward import GraderPool
     from nft.rollout.torch_sampler import TorchSampler
     from nft.train.config import TrainConfig
-    from nft.train.loop import Cursor, TorchEngine, collect_rollout, update
+    from nft.train.engines import TorchEngine
+    from nft.train.rollout import collect_rollout
+    from nft.train.seeds import Cursor
+    from nft.train.update import update
 
     model, tok = build_model(args.model)
     n_params = sum(p.numel() for p in model.parameters())

@@ -52,7 +52,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     missing = [k for k in ("algorithms", "seeds") if k not in cfg["_raw"]]
     if missing:
         raise ConfigError(f"{args.config}: missing key(s) {missing} (the study's train x seed matrix)")
-    from nft.train.loop import check_backends
+    from nft.train.run import check_backends
 
     check_backends(cfg["train"], world=args.processes)  # vLLM / DeepSpeed present, devices, batch sizes
     print(f"check: {args.config} is valid: algorithms {cfg['_raw']['algorithms']}, seeds {cfg['_raw']['seeds']}")
@@ -61,32 +61,27 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import json
-    import shutil
-    from pathlib import Path
 
     from nft.config import load_study
     from nft.data.synthetic import build_splits, data_hash, write_jsonl
+    from nft.io import replace_dir, staging_dir
 
     cfg = load_study(args.config, args.set)
     splits = build_splits(cfg["data"])
-    out = Path(args.out)
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(args.out)
     manifest = {}
     for name, items in splits.items():
         write_jsonl(tmp / f"{name}.jsonl", items)
         manifest[name] = {"count": len(items), "hash": data_hash(items)}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    print("prepare: " + ", ".join(f"{k} {v['count']}" for k, v in manifest.items()) + f" -> {out}")
+    replace_dir(tmp, args.out)
+    print("prepare: " + ", ".join(f"{k} {v['count']}" for k, v in manifest.items()) + f" -> {args.out}")
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from nft.config import load_study, to_dict
-    from nft.train.loop import run_training
+    from nft.train.run import run_training
 
     import dataclasses
 
@@ -110,19 +105,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-    import time
-    from pathlib import Path
-
-    import torch
-
     from nft.config import load_study
-    from nft.data.benchmarks import load_benchmark
-    from nft.evaluate import EvalConfig, evaluate_problems, k_for, write_json_atomic
-    from nft.modeling import load_policy
-    from nft.reward import GraderPool
-    from nft.rollout.torch_sampler import TorchSampler
+    from nft.evaluate import EvalConfig, run_evaluate
 
     base = load_study(args.config, args.set)["eval"] if args.config else EvalConfig()
     changes = {k: v for k, v in {"k": args.k, "limit": args.limit, "seed": args.seed,
@@ -130,51 +114,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                                  "max_new_tokens": args.max_new_tokens}.items() if v is not None}
     if args.benchmarks:
         changes["benchmarks"] = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
-    cfg = dataclasses.replace(base, **changes)
-    # resolve every benchmark and the model before sampling anything
-    sets = {name: load_benchmark(name, args.data) for name in cfg.benchmarks}
-    if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"{args.model}: model folder not found")
-    torch.set_num_threads(args.threads)
-    if cfg.sampler == "vllm":  # VLLMSampler checks its options and the devices before loading anything
-        from transformers import AutoTokenizer
-
-        from nft.rollout.vllm_sampler import VLLMSampler
-
-        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-        sampler = VLLMSampler(args.model, tok, seed=cfg.seed, options=cfg.vllm, section="eval")
-    else:
-        model, tok = load_policy(args.model)
-        if torch.cuda.is_available():
-            model = model.cuda()
-        sampler = TorchSampler(model, tok)
-    result = {"model": str(args.model), "config": dataclasses.asdict(cfg), "benchmarks": {}}
-    records = []
-    pools = {g: GraderPool(cfg.workers, g) for g in cfg.graders}
-    try:
-        for name, problems in sets.items():
-            t0 = time.perf_counter()
-            bcfg = dataclasses.replace(cfg, k=k_for(cfg, name))
-            metrics, recs = evaluate_problems(sampler, tok, problems, bcfg, pools[cfg.graders[0]],
-                                              {g: pools[g] for g in cfg.graders[1:]})
-            metrics["skipped_rows"] = problems.skipped
-            metrics["seconds"] = round(time.perf_counter() - t0, 2)
-            result["benchmarks"][name] = metrics
-            records += [{"benchmark": name, "question": problems[r["problem"]].question, **r} for r in recs]
-            k = bcfg.k
-            print(f"evaluate: {name}: avg@{k} {metrics[f'avg@{k}']:.4f} pass@{k} "
-                  f"{metrics[f'pass@{k}']:.4f} ({metrics['problems']} problems, {metrics['seconds']} s)")
-    finally:
-        for p in pools.values():
-            p.close()
-    accs = [m[f"avg@{k_for(cfg, b)}"] for b, m in result["benchmarks"].items()]
-    result["mean"] = {"avg": sum(accs) / len(accs) if accs else float("nan")}
-    write_json_atomic(args.out, result)
-    if args.samples:
-        tmp = Path(args.samples + ".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(args.samples)
+    run_evaluate(dataclasses.replace(base, **changes), args.model, args.out, data=args.data, samples=args.samples,
+                 threads=args.threads)
     return 0
 
 

@@ -11,6 +11,7 @@ Definitions (per benchmark, over its problems):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -148,9 +149,48 @@ def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: Grade
     return metrics, records
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+def run_evaluate(cfg: EvalConfig, model: str, out: str | Path, *, data: str | Path = "data",
+                 samples: str | Path | None = None, threads: int = 2) -> dict:
+    """``nft evaluate``: every benchmark of ``cfg`` on the model folder ``model``; writes the metrics JSON ``out``
+    (and the per-answer JSONL ``samples``) atomically and returns the result. Benchmarks and the model are resolved
+    before anything is sampled."""
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from .data.benchmarks import load_benchmark
+    from .io import atomic_write, atomic_write_json
+    from .rollout import make_sampler
+
+    sets = {name: load_benchmark(name, data) for name in cfg.benchmarks}
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"{model}: model folder not found")
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    sampler = make_sampler(cfg.sampler, str(model), tok, seed=cfg.seed, vllm=cfg.vllm, section="eval")
+    result: dict[str, Any] = {"model": str(model), "config": dataclasses.asdict(cfg), "benchmarks": {}}
+    records = []
+    pools = {g: GraderPool(cfg.workers, g) for g in cfg.graders}
+    try:
+        for name, problems in sets.items():
+            t0 = time.perf_counter()
+            bcfg = dataclasses.replace(cfg, k=k_for(cfg, name))
+            metrics, recs = evaluate_problems(sampler, tok, problems, bcfg, pools[cfg.graders[0]],
+                                              {g: pools[g] for g in cfg.graders[1:]})
+            metrics["skipped_rows"] = problems.skipped
+            metrics["seconds"] = round(time.perf_counter() - t0, 2)
+            result["benchmarks"][name] = metrics
+            records += [{"benchmark": name, "question": problems[r["problem"]].question, **r} for r in recs]
+            k = bcfg.k
+            print(f"evaluate: {name}: avg@{k} {metrics[f'avg@{k}']:.4f} pass@{k} "
+                  f"{metrics[f'pass@{k}']:.4f} ({metrics['problems']} problems, {metrics['seconds']} s)")
+    finally:
+        for p in pools.values():
+            p.close()
+    accs = [m[f"avg@{k_for(cfg, b)}"] for b, m in result["benchmarks"].items()]
+    result["mean"] = {"avg": sum(accs) / len(accs) if accs else float("nan")}
+    atomic_write_json(out, result)
+    if samples:
+        atomic_write(samples, "".join(json.dumps(r) + "\n" for r in records))
+    return result

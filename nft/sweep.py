@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, apply_overrides, from_dict, load_study, load_yaml
+from .tracking import NullTracker
 
 
 @dataclass
@@ -177,7 +178,7 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
     from optuna.trial import TrialState
 
     from .tracking import MLflowTracker
-    from .train.loop import run_training
+    from .train.run import run_training
 
     space = load_space(space_path)
     seeds = seeds or [0]
@@ -226,7 +227,7 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
 
                 out = Path(out_dir) / study_name / f"trial{trial.number}-s{seed}"
                 final = run_training(cfg["train"], space.algo, seed, out, study=study_name, full_config=full,
-                                     progress=progress, tracker=_NoTrack(), on_validate=report)
+                                     progress=progress, tracker=NullTracker(), on_validate=report)
                 if space.metric not in final:
                     raise ValueError(f"metric {space.metric!r} not in the run's final metrics {sorted(final)}")
                 finals.append(final[space.metric])
@@ -275,20 +276,6 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
         pass
     return summary
 
-
-class _NoTrack:
-    """Per-seed training runs are not tracked separately: the trial's nested MLflow run carries their results."""
-
-    run_id = None
-    offline = False
-
-    def log_params(self, *a, **k): ...
-
-    def log_metrics(self, *a, **k): ...
-
-    def set_tags(self, *a, **k): ...
-
-    def finish(self, *a, **k): ...
 
 
 def write_best(study_name: str, storage: str, config: str, out: str) -> dict:

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -24,8 +24,27 @@ def resolve_uri(uri: str = "") -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI", "") or DEFAULT_URI
 
 
+class Tracker(Protocol):
+    """What the loop and the sweep use of an experiment tracker."""
+
+    run_id: str | None
+    offline: bool
+    """True once the store could not be reached (the run folder keeps everything for ``nft replay``)."""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def flush(self) -> None:
+        """Write what is buffered (at each checkpoint)."""
+
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
 class NullTracker:
-    """Records nothing (tests, dry runs)."""
+    """Records nothing (tests, dry runs, a sweep's per-seed runs whose trial run carries the results)."""
 
     run_id: str | None = None
     offline = False
@@ -35,6 +54,8 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def flush(self) -> None: ...
 
     def finish(self, status: str = "FINISHED") -> None: ...
 

@@ -189,7 +189,7 @@ def main() -> int:
     ap.add_argument("--bench-micro", type=int, default=16)
     args = ap.parse_args()
     from nft.train.config import TrainConfig
-    from nft.train.loop import run_training
+    from nft.train.run import run_training
 
     out = Path(args.out)
     gpu = torch.cuda.is_available()

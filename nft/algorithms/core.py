@@ -99,11 +99,30 @@ def group_stats(
     return mean, (sq / denom).sqrt()[inv]
 
 
-def dynamic_sampling_keep(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """DAPO's dynamic-sampling filter: a ``[B]`` bool mask keeping rows whose group has 0 < mean reward < 1.
+BATCH_RULES = ("all", "dynamic", "positives")
+"""Which sampled answers an algorithm trains on (its registered ``batch_rule``; ``train.batch_rule`` may override it):
 
-    (Yu et al. 2025, DAPO, Sec. 3.2; the official NFT code applies the same filter.)
-    """
+- ``all``: every answer;
+- ``dynamic``: DAPO's dynamic sampling (Yu et al. 2025, Sec. 3.2; the official NFT code too): answers of groups
+  whose mean reward is strictly between 0 and 1 (a uniform group carries no signal);
+- ``positives``: RFT's rejection-sampling rule: the correct answers only (they alone enter its loss and its
+  normaliser)."""
+
+
+def keep_rows(rule: str, rewards: torch.Tensor, group_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch rule ``rule`` (:data:`BATCH_RULES`) as a ``[B]`` bool mask of the answers to train on.
+
+    The one implementation of the rules: the loop selects its training rows with it and :func:`policy_loss` masks
+    the rows of a ``positives`` loss with it. A group is trained on when any of its rows is kept. ``group_ids`` is
+    needed by ``dynamic`` only."""
+    if rule not in BATCH_RULES:
+        raise ValueError(f"batch_rule: expected one of {BATCH_RULES}, got {rule!r}")
+    if rule == "all":
+        return torch.ones(rewards.shape, dtype=torch.bool)
+    if rule == "positives":
+        return rewards > 0.5
+    if group_ids is None:
+        raise ValueError("batch_rule dynamic: group_ids are needed to find each answer's group")
     mean, _ = group_stats(rewards, group_ids)
     return (mean > 0) & (mean < 1)
 
@@ -130,29 +149,26 @@ class LossSpec:
     name: str
     fn: Callable
     params: type
-    positives_only: bool = False  # RFT: only positive rows enter the loss and its normaliser
-    batch_rule: str = "all"  # which rollout groups the loop trains on: all | dynamic (0 < r < 1) | positives
+    batch_rule: str = "all"
+    """the answers it trains on (:data:`BATCH_RULES`); ``positives`` also restricts its loss and normaliser."""
     doc: str = ""
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-BATCH_RULES = ("all", "dynamic", "positives")
-
-
-def register_loss(name: str, params: type, *, positives_only: bool = False, batch_rule: str = "all"):
+def register_loss(name: str, params: type, *, batch_rule: str = "all"):
     """Decorator: register ``fn(log_ratio, mask, rewards, group_rate, group_std, p) -> (per_token, parts)``.
 
-    ``batch_rule`` is the algorithm's default rule for which rollout groups it trains on (the official code's):
-    ``all``, ``dynamic`` (DAPO's dynamic sampling: groups with 0 < r-hat < 1) or ``positives`` (RFT)."""
+    ``batch_rule`` is the algorithm's rule for which sampled answers it trains on (the official code's), applied by
+    :func:`keep_rows`: ``all``, ``dynamic`` (DAPO's dynamic sampling) or ``positives`` (RFT)."""
     if batch_rule not in BATCH_RULES:
         raise ValueError(f"batch_rule: expected one of {BATCH_RULES}, got {batch_rule!r}")
 
     def deco(fn):
         if name in LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
-        LOSSES[name] = LossSpec(name, fn, params, positives_only, batch_rule, (fn.__doc__ or "").strip())
+        LOSSES[name] = LossSpec(name, fn, params, batch_rule, (fn.__doc__ or "").strip())
         return fn
 
     return deco
@@ -212,11 +228,19 @@ def batch_context(name: str, *, mask, rewards, group_ids, **overrides) -> dict:
                                                                                **overrides)}
 
 
+def _rule_mask(spec: LossSpec, mask: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """The response mask restricted to the rows a ``positives`` loss counts (its batch rule); other losses count
+    every row given to them (the loop has already applied their group rule)."""
+    if spec.batch_rule != "positives":
+        return mask
+    return mask * keep_rows("positives", rewards).to(mask.dtype)[:, None]
+
+
 def loss_normalizer(name: str, *, mask, rewards, **overrides) -> float:
     """The reduction's normaliser of loss ``name`` for a whole (mini-)batch (RFT counts positive rows only)."""
     spec = get_spec(name)
     p = make_params(name, **overrides)
-    eff_mask = mask * (rewards > 0.5).to(mask.dtype)[:, None] if spec.positives_only else mask
+    eff_mask = _rule_mask(spec, mask, rewards)
     return agg_normalizer(eff_mask, p.agg, p.agg_const)
 
 
@@ -257,8 +281,7 @@ def policy_loss(
         group_std = sd if group_std is None else group_std
     dtype = logp.dtype
     mask = mask.to(dtype)
-    if spec.positives_only:
-        mask = mask * (rewards > 0.5).to(dtype)[:, None]
+    mask = _rule_mask(spec, mask, rewards)
     on = mask > 0
     # Padded positions can hold garbage (even NaN); zero them so that nothing leaks into values or gradients.
     zero = torch.zeros((), dtype=dtype)

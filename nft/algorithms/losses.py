@@ -122,7 +122,7 @@ def nft_loss(log_ratio, mask, rewards, group_rate, group_std, p: NFTParams):
     return per_token, {"neg_eps_clip_frac": ((x < p.eps) & negative, negative)}
 
 
-@register_loss("rft", RFTParams, positives_only=True, batch_rule="positives")
+@register_loss("rft", RFTParams, batch_rule="positives")
 def rft_loss(log_ratio, mask, rewards, group_rate, group_std, p: RFTParams):
     """Rejection-sampling fine-tuning: L_t = -log R_t on the positive answers only (negatives are masked out of the
     loss and of its normaliser). With R = 1 its gradient is the SFT gradient -grad log pi on the positives.
@@ -171,7 +171,7 @@ class DrGRPOParams(GRPOParams):
 @dataclass(frozen=True)
 class DAPOParams(GRPOParams):
     """DAPO (Yu et al. 2025): clip-higher (0.2 / 0.28) and token-level mean; dynamic sampling and the overlong
-    penalty are batch rules applied by the loop (``dynamic_sampling_keep``, ``overlong_penalty``)."""
+    penalty are batch rules applied by the loop (``keep_rows``, ``overlong_penalty``)."""
 
     clip_high: float = 0.28
     agg: str = "token-mean"

@@ -41,6 +41,8 @@ class Rollout:
 
 
 class Sampler(Protocol):
+    """What the loop and ``nft evaluate`` use of a rollout backend."""
+
     def sample(
         self, prompts: list[str], n: int, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
         seed: int = 0,
@@ -49,4 +51,14 @@ class Sampler(Protocol):
     def update_weights(self, weights) -> None:
         """Make the sampler use the trainer's current weights: a module, a state dict, or a zero-argument callable
         returning a state dict (a gather that every rank runs)."""
+        ...
+
+    def shard(self, dist) -> tuple[int, int, bool]:
+        """``(index, count, leader)`` of this process's share of the questions: one share per process, except an
+        engine spanning several processes (vLLM tensor parallel), whose processes sample one share together and
+        whose first process (the leader) reports it."""
+        ...
+
+    def sleep(self) -> None:
+        """Free the device memory the sampler holds while the trainer works (vLLM sleep mode; else nothing)."""
         ...

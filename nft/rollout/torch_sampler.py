@@ -48,6 +48,13 @@ class TorchSampler:
         if unexpected or missing:
             raise ValueError(f"sampler weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+    def shard(self, dist) -> tuple[int, int, bool]:
+        """One share of the questions per process."""
+        return dist.rank, dist.world, True
+
+    def sleep(self) -> None:
+        """Nothing to free: the sampler is the trainer's module (or a copy beside it)."""
+
     def sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
         ro = self._sample(prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         # inference-mode tensors cannot enter autograd later (the trainer indexes with them): return normal copies

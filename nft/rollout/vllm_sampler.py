@@ -151,6 +151,10 @@ class VLLMSampler:
         self.llm = LLM(**kwargs)
         self.asleep: set[str] = set()  # what sleep released: "weights", "kv_cache"
 
+    def shard(self, dist) -> tuple[int, int, bool]:
+        """The processes of one engine (a tensor-parallel group) sample one share together; its first reports it."""
+        return self.dp_rank, self.dp_size, self.leader
+
     # -- weights --------------------------------------------------------------------------------------------------
     def update_weights(self, weights) -> None:
         """Push new weights in place: ``weights`` is a module, a state dict or a zero-argument callable returning one

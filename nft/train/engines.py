@@ -23,11 +23,40 @@ import math
 import os
 import socket
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 
 from ..dist import Dist
 from .config import TrainConfig
+
+
+class Engine(Protocol):
+    """What the loop uses of a training engine (model + optimizer + schedule)."""
+
+    model: Any
+    """what forward passes call (the module, or DeepSpeed's engine wrapping it)."""
+    dist: Dist
+    dtype: torch.dtype
+    """the trainer's weights' dtype (a sampler's full copy is loaded in it)."""
+
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """Accumulate the gradient of ``loss``; ``last``: the mini-batch's last micro-batch."""
+
+    def step(self) -> float:
+        """Clip, apply the optimizer and the schedule, zero the gradients; returns the gradient norm."""
+
+    @property
+    def lr(self) -> float: ...
+
+    def rollout_weights(self) -> "torch.nn.Module | Callable[[], dict[str, torch.Tensor]]":
+        """What the sampler loads: the trainer's own module, or a gather of the full weights (a collective)."""
+
+    def save_model(self, path: Path, tokenizer) -> None: ...
+
+    def save_state(self, path: Path) -> dict: ...
+
+    def load_state(self, path: Path, state: dict) -> None: ...
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -36,7 +65,7 @@ from .config import TrainConfig
 def init_distributed(engine: str) -> Dist:
     """Join the launcher's process group (DeepSpeed engine: NCCL on GPUs, gloo on CPU); a lone process gets a group
     of one so DeepSpeed can start without a launcher."""
-    if engine != "deepspeed":  # one process (nft.train.loop.check_backends refuses a launcher's several)
+    if engine != "deepspeed":  # one process (nft.train.run.check_backends refuses a launcher's several)
         return Dist()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -81,6 +110,7 @@ class TorchEngine:
     def __init__(self, model, cfg: TrainConfig):
         self.model, self.cfg = model, cfg
         self.dist = Dist()
+        self.dtype = next(model.parameters()).dtype
         self.opt = make_optimizer(model, cfg)
         self.sched = make_schedule(self.opt, cfg)
 

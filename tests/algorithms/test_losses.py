@@ -13,7 +13,7 @@ from nft.algorithms import (
     LOSSES,
     agg_loss,
     batch_context,
-    dynamic_sampling_keep,
+    keep_rows,
     group_stats,
     overlong_penalty,
     policy_loss,
@@ -438,11 +438,31 @@ def test_group_stats_by_hand():
     assert torch.allclose(unb, torch.tensor([math.sqrt(1 / 3)] * 4 + [0.0, 0.0]))
 
 
-def test_dynamic_sampling_and_overlong_penalty():
+def test_batch_rules_and_overlong_penalty():
     rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
     gids = torch.tensor([0, 0, 1, 1, 2, 2])
-    assert dynamic_sampling_keep(rewards, gids).tolist() == [False, False, False, False, True, True]
+    assert keep_rows("dynamic", rewards, gids).tolist() == [False, False, False, False, True, True]
+    assert keep_rows("positives", rewards, gids).tolist() == [True, True, False, False, True, False]
+    assert keep_rows("all", rewards, gids).all()
+    with pytest.raises(ValueError, match="batch_rule"):
+        keep_rows("some", rewards, gids)
     pen = overlong_penalty(torch.tensor([10, 12, 16, 20, 25]), max_len=20, buffer=8, penalty=1.0)
     assert torch.allclose(pen.double(), torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
     with pytest.raises(ValueError, match="buffer"):
         overlong_penalty(torch.tensor([1]), max_len=4, buffer=0)
+
+
+def test_positives_rule_restricts_the_rft_loss_and_normaliser():
+    """RFT's loss on a batch with negatives equals its loss on the positive rows alone (one rule, keep_rows)."""
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(6, 5, generator=g)
+    mask = torch.ones(6, 5)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    gids = torch.tensor([0, 0, 0, 1, 1, 1])
+    # a token mean: the normaliser counts the positives' tokens only (with token-sum it would not matter)
+    full, _ = policy_loss("rft", logp=logp, old_logp=logp.detach(), mask=mask, rewards=rewards, group_ids=gids,
+                          agg="token-mean")
+    pos = keep_rows("positives", rewards, gids)
+    only, _ = policy_loss("rft", logp=logp[pos], old_logp=logp[pos].detach(), mask=mask[pos], rewards=rewards[pos],
+                          group_ids=gids[pos], agg="token-mean")
+    assert torch.allclose(full, only)

@@ -52,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     from nft.modeling import load_policy
     from nft.train.engines import DeepSpeedEngine, init_distributed, resolve_deepspeed_config
-    from nft.train.loop import update
+    from nft.train.update import update
 
     torch.set_num_threads(1)
     dist = init_distributed("deepspeed")

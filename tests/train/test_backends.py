@@ -11,7 +11,7 @@ import torch
 
 from nft.train.config import TrainConfig
 from nft.train.engines import resolve_deepspeed_config
-from nft.train.loop import check_backends
+from nft.train.run import check_backends
 from tests.conftest import REPO, nft_cli
 
 CFG = TrainConfig(prompts_per_step=8, answers_per_prompt=4, mini_batch_prompts=2, micro_batch_size=3, grad_clip=0.5)
@@ -152,7 +152,7 @@ def test_gradient_checkpointing_takes_the_same_step(tiny_study):
 
     from nft.modeling import load_policy
     from nft.train.engines import TorchEngine
-    from nft.train.loop import update
+    from nft.train.update import update
     from tests.train.ds_worker import CFG, fixed_batch
 
     _, _, base = tiny_study

@@ -45,7 +45,7 @@ def launch(*args, cwd=None):
 def torch_reference(base, algo, drop=()):
     from nft.modeling import load_policy
     from nft.train.engines import TorchEngine
-    from nft.train.loop import update
+    from nft.train.update import update
     from tests.train.ds_worker import CFG, fixed_batch
 
     torch.manual_seed(0)

@@ -1,0 +1,167 @@
+"""Step 1 of a rollout step: draw P questions, sample K answers each, grade them, keep what the batch rule trains on.
+
+The batch rule is the algorithm's (``nft.algorithms.keep_rows``): ``dynamic`` samples more generation batches until
+P groups with mixed answers are kept (or ``train.max_num_gen_batches`` is spent), ``positives`` keeps the correct
+answers only, ``all`` everything. Under several processes every rank draws the same P questions, samples and grades
+its share (``Sampler.shard``), and the ranks exchange :class:`RolloutShard` records so that every rank returns the
+same whole batch, ordered as one process would have kept it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..algorithms import keep_rows
+from ..data.prompts import render_prompt
+from ..dist import Dist
+from ..reward import GraderPool
+from ..rollout.base import Sampler
+from .config import TrainConfig
+from .seeds import Cursor, derive_seed
+
+
+@dataclass
+class RolloutShard:
+    """What one share of the questions produced in a rollout step (one record per rank, exchanged by name)."""
+
+    kept: list[tuple[int, int, dict]] = field(default_factory=list)
+    """kept groups as (generation batch, question position, rows): the rows the rule keeps, with their tensors."""
+    rewards: list[torch.Tensor] = field(default_factory=list)
+    """per generation batch, the rewards of every sampled answer (before the rule)."""
+    lengths: list[torch.Tensor] = field(default_factory=list)
+    finished: list[torch.Tensor] = field(default_factory=list)
+    tokens: int = 0
+    t_sample: float = 0.0
+    t_grade: float = 0.0
+    grader_timeouts: int = 0
+    grader_errors: int = 0
+
+    @staticmethod
+    def merge(parts: list["RolloutShard"]) -> "RolloutShard":
+        """The shards of all ranks as one (times: the slowest rank's)."""
+        out = RolloutShard()
+        for p in parts:
+            out.kept += p.kept
+            out.rewards += p.rewards
+            out.lengths += p.lengths
+            out.finished += p.finished
+            out.tokens += p.tokens
+            out.grader_timeouts += p.grader_timeouts
+            out.grader_errors += p.grader_errors
+        out.t_sample = max(p.t_sample for p in parts)
+        out.t_grade = max(p.t_grade for p in parts)
+        return out
+
+
+def collect_rollout(sampler: Sampler, tokenizer, problems, cursor: Cursor, pool: GraderPool, cfg: TrainConfig,
+                    rule: str, seed: int, step: int, dist: Dist | None = None):
+    """Sample and grade generation batches until the batch rule has P groups (or the generation budget is spent).
+
+    Returns ``(batch, metrics)``: ``batch`` (``None`` if nothing was kept) holds the kept rows: prompt_ids,
+    response, mask, sampler logprobs, rewards, lengths, group ids."""
+    dist = dist or Dist()
+    P = cfg.prompts_per_step
+    shard, shards, leader = sampler.shard(dist)
+    mine = list(range(shard, P, shards))
+    out = RolloutShard()
+    n_kept = gen_batches = 0
+    max_batches = cfg.max_num_gen_batches if rule == "dynamic" else 1
+    while gen_batches < max_batches and n_kept < P:
+        idx = cursor.take(P)
+        # one process keeps the seeds of the first version; ranks get their own streams
+        sseed = (derive_seed(seed, "sample", step, gen_batches) if dist.world == 1
+                 else derive_seed(seed, "sample", step, gen_batches, "rank", shard))
+        local = _generation_batch(sampler, tokenizer, [problems[idx[j]] for j in mine], mine, pool, cfg, rule,
+                                  sseed, step, gen_batches, out)
+        n_kept += int(dist.sum(local if leader else 0))  # every rank takes the same decision
+        gen_batches += 1
+    if dist.world > 1:
+        out = RolloutShard.merge([p for p in dist.gather(out if leader else None) if p is not None])
+    out.kept.sort(key=lambda k: k[:2])
+    groups = [k[2] for k in out.kept[:P]]
+    return stack_groups(groups), rollout_metrics(out, groups, gen_batches, cfg.answers_per_prompt)
+
+
+def _generation_batch(sampler, tokenizer, questions, positions, pool, cfg, rule, sseed, step, gen_batch,
+                      out: RolloutShard) -> int:
+    """Sample K answers to each question, grade them, record them in ``out``; returns the groups kept."""
+    K = cfg.answers_per_prompt
+    t0 = time.perf_counter()
+    ro = sampler.sample([render_prompt(tokenizer, q.question) for q in questions], K,
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=sseed)
+    t1 = time.perf_counter()
+    verdicts, gstats = pool.grade_many(ro.texts, [q.answer for q in questions for _ in range(K)],
+                                       only=ro.finished.tolist())
+    for err in gstats.errors[:3]:
+        print(f"grader: step {step}: {err} (counted as wrong)", file=sys.stderr)
+    out.grader_timeouts += gstats.timeouts
+    out.grader_errors += len(gstats.errors)
+    out.t_sample += t1 - t0
+    out.t_grade += time.perf_counter() - t1
+    out.tokens += int(ro.mask.sum())
+    rewards = (torch.tensor(verdicts, dtype=torch.bool) & ro.finished).double()  # cut at the length limit: wrong
+    out.rewards.append(rewards)
+    out.lengths.append(ro.lengths)
+    out.finished.append(ro.finished)
+    keep = keep_rows(rule, rewards, torch.arange(len(questions)).repeat_interleave(K))
+    kept = 0
+    for g, pos in enumerate(positions):
+        rows = [i for i in range(g * K, (g + 1) * K) if keep[i]]
+        if not rows:
+            continue
+        at = torch.tensor(rows)
+        out.kept.append((gen_batch, pos, {
+            "prompt_ids": [ro.prompt_ids[i] for i in rows], "response": ro.response[at], "mask": ro.mask[at],
+            "logprobs": ro.logprobs[at], "rewards": rewards[at], "lengths": ro.lengths[at]}))
+        kept += 1
+    return kept
+
+
+def rollout_metrics(shard: RolloutShard, groups: list[dict], gen_batches: int, K: int) -> dict[str, float]:
+    """The step's ``rollout/``, ``response/``, ``grader/`` metrics over every sampled answer (before the rule)."""
+    rewards = torch.cat(shard.rewards)
+    lengths = torch.cat(shard.lengths).double()
+    finished = torch.cat(shard.finished)
+    rates = [float(r.mean()) for r in rewards.split(K)]
+    return {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/accuracy": float(rewards.mean()),
+        "rollout/groups_kept_frac": len(groups) / max(len(rates), 1),
+        "rollout/groups_kept": float(len(groups)),
+        "rollout/gen_batches": float(gen_batches),
+        "rollout/all_correct_frac": float(np.mean([r == 1.0 for r in rates])),
+        "rollout/all_wrong_frac": float(np.mean([r == 0.0 for r in rates])),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/clipped_frac": float((~finished).double().mean()),
+        "grader/timeouts": float(shard.grader_timeouts),
+        "grader/errors": float(shard.grader_errors),
+        "time/sample": shard.t_sample,
+        "time/grade": shard.t_grade,
+        "perf/sample_tokens_per_s": shard.tokens / max(shard.t_sample, 1e-9),
+    }
+
+
+def stack_groups(groups: list[dict]) -> dict | None:
+    """One batch of the kept groups' rows (responses right-padded to the longest; group ids 0, 1, ... in order)."""
+    if not groups:
+        return None
+    T = max(g["response"].shape[1] for g in groups)
+
+    def pad(t, fill=0):
+        return torch.nn.functional.pad(t, (0, T - t.shape[1]), value=fill)
+
+    return {
+        "prompt_ids": [p for g in groups for p in g["prompt_ids"]],
+        "response": torch.cat([pad(g["response"]) for g in groups]),
+        "mask": torch.cat([pad(g["mask"]) for g in groups]).float(),
+        "sampler_logprobs": torch.cat([pad(g["logprobs"]) for g in groups]).float(),
+        "rewards": torch.cat([g["rewards"] for g in groups]),
+        "lengths": torch.cat([g["lengths"] for g in groups]),
+        "group_ids": torch.cat([torch.full((len(g["rewards"]),), i, dtype=torch.long) for i, g in enumerate(groups)]),
+    }

@@ -1,0 +1,329 @@
+"""One training run: set up (run folder, engine, resume, tracker, sampler), the step loop, validation, the final save.
+
+Usage: ``nft train --config params.yaml --algo nft --seed 0 --out runs/nft-s0 [--set train.steps=5 ...]``
+
+One rollout step:
+1. draw P questions from a seeded cursor, sample K answers each, grade them, keep what the algorithm's batch rule
+   trains on (``nft.train.rollout``);
+2. recompute old log-probs with the trainer (as verl) and log their mismatch with the sampler's;
+3. split the kept questions into mini-batches (one optimizer step each) and each mini-batch into micro-batches
+   (gradient accumulation, exact) (``nft.train.update``);
+4. log namespaced metrics to ``history.jsonl`` and MLflow; validate every ``val_every`` steps; checkpoint every
+   ``checkpoint_every`` steps (``nft.train.checkpoint``). Re-running on the same folder resumes from the last
+   checkpoint; a finished run (``metrics.json`` present) is not redone.
+
+Seeding (``nft.train.seeds``): one run seed; every other seed is derived from it and logged (``seed/*`` params):
+data order, sampling seed per step and generation batch (and rollout shard, under several processes), validation.
+
+Several processes (``train.engine: deepspeed`` under a launcher, see ``nft.train.engines``): each samples and grades
+its share of the questions, the kept groups are gathered so every rank holds the whole batch, and each rank trains
+on its rows of every mini-batch; rank 0 alone writes the run folder, logs and validates.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from ..algorithms import get_spec, make_params, overlong_penalty
+from ..config import flatten
+from ..data.benchmarks import load_benchmark
+from ..dist import Dist, launched_world_size
+from ..evaluate import EvalConfig, evaluate_problems
+from ..io import atomic_write_json, replace_dir, staging_dir, staging_path
+from ..modeling import load_policy
+from ..reward import GraderPool
+from ..rollout import Sampler, make_sampler
+from ..tracking import MLflowTracker, NullTracker, Tracker
+from .checkpoint import fingerprint, has_checkpoint, restore_checkpoint, save_checkpoint, truncate_history
+from .config import TrainConfig
+from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed, model_hidden_size, resolve_deepspeed_config
+from .rollout import collect_rollout
+from .seeds import Cursor, derive_seed, seed_block
+from .update import update
+
+
+def check_backends(cfg: TrainConfig, world: int | None = None) -> dict | None:
+    """Misconfigured engines fail here, before any model loads: vLLM missing or asking for more devices than a
+    process has, DeepSpeed missing, a DeepSpeed config that contradicts the batch sizes. Returns the resolved
+    DeepSpeed config (``None`` for the torch engine)."""
+    world = world or launched_world_size()
+    if cfg.sampler == "vllm":
+        from ..rollout.vllm_sampler import VLLMOptions, check_vllm
+
+        check_vllm(VLLMOptions.from_dict(cfg.vllm), cfg.model, world=world)
+    if cfg.engine == "torch":
+        if world > 1:
+            raise ValueError(f"train.engine: torch trains in one process, but the launcher started {world}; "
+                             f"set train.engine: deepspeed")
+        return None
+    ds = resolve_deepspeed_config(cfg.deepspeed_config, cfg, world, model_hidden_size(cfg.model))
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("train.engine: deepspeed is not installed here (pip install -e '.[deepspeed]'), "
+                         "or set train.engine: torch")
+    return ds
+
+
+def validate(sampler: Sampler, tokenizer, val_sets: dict, pool: GraderPool, cfg: TrainConfig, seed: int) -> dict:
+    """avg@k, pass@k and mean length on each validation set (the evaluation code path), and their mean."""
+    ecfg = EvalConfig(benchmarks=list(val_sets), k=cfg.val_k, temperature=cfg.val_temperature, top_p=cfg.val_top_p,
+                      max_new_tokens=cfg.max_new_tokens, limit=cfg.val_limit, graders=[cfg.grader])
+    out, accs = {}, []
+    t0 = time.perf_counter()
+    for name, problems in val_sets.items():
+        m, _ = evaluate_problems(sampler, tokenizer, problems, ecfg, pool, seed=derive_seed(seed, "val", name))
+        out[f"val/{name}/avg@{cfg.val_k}"] = m[f"avg@{cfg.val_k}"]
+        out[f"val/{name}/pass@{cfg.val_k}"] = m[f"pass@{cfg.val_k}"]
+        out[f"val/{name}/length_mean"] = m["mean_length"]
+        accs.append(m[f"avg@{cfg.val_k}"])
+    out[f"val/mean/avg@{cfg.val_k}"] = float(np.mean(accs))
+    out["time/validate"] = time.perf_counter() - t0
+    return out
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+@dataclass
+class Run:
+    """Everything a run's steps share, set up by :func:`_setup`."""
+
+    cfg: TrainConfig
+    algo: str
+    variant: str
+    seed: int
+    run_dir: Path
+    dist: Dist
+    engine: Engine
+    tokenizer: Any
+    sampler: Sampler
+    tracker: Tracker
+    pool: GraderPool
+    cursor: Cursor
+    train_set: Any
+    val_sets: dict
+    rule: str
+    overrides: dict
+    shaped_rewards: bool
+    pad_id: int
+    start_step: int
+
+    def record(self, row: dict, history) -> None:
+        if self.dist.is_main:
+            history.write(json.dumps(row) + "\n")
+            history.flush()
+            self.tracker.log_metrics(row, row["step"])
+
+    def validate(self) -> dict:
+        """Rank 0 validates (with the other processes of its vLLM engine, if it spans several); the others wait and
+        receive its metrics."""
+        lead = self.sampler.shard(self.dist)[0] == 0
+        out = validate(self.sampler, self.tokenizer, self.val_sets, self.pool, self.cfg, self.seed) if lead else None
+        return self.dist.broadcast(out)
+
+
+def _prepare_folder(run_dir: Path, fp: str, dist: Dist) -> dict | None:
+    """Start afresh on a folder of another configuration; return the final metrics of a finished run (``{}`` on
+    ranks other than 0), else ``None``."""
+    fp_file, final_path = run_dir / "fingerprint", run_dir / "metrics.json"
+    if dist.is_main and run_dir.is_dir() and fp_file.is_file() and fp_file.read_text().strip() != fp:
+        print(f"train: {run_dir} holds a run with another configuration, base model or data; starting afresh",
+              file=sys.stderr)
+        shutil.rmtree(run_dir)
+    dist.barrier()
+    if final_path.is_file() and fp_file.is_file():
+        if not dist.is_main:
+            return {}
+        print(f"train: {run_dir} is finished (metrics.json present); nothing to do")
+        return json.loads(final_path.read_text())
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fp_file.write_text(fp)
+    return None
+
+
+def _make_tracker(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dist: Dist,
+                  tracker: Tracker | None) -> Tracker:
+    if not dist.is_main:
+        return NullTracker()
+    if tracker is not None:
+        return tracker
+    if not cfg.tracking:
+        return NullTracker()
+    run_id_file = run_dir / "mlflow_run_id"
+    run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
+    tracker = MLflowTracker(cfg.tracking_uri, cfg.experiment, name, run_id=run_id, flush_every=5)
+    if tracker.run_id and not tracker.offline:
+        run_id_file.write_text(tracker.run_id)
+    return tracker
+
+
+def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str, full_config: dict | None,
+           tracker: Tracker | None, variant: str) -> Run | dict:
+    """Validate, then set up the run (or return the final metrics of a finished one)."""
+    params = make_params(algo, **dict(cfg.loss.get(algo, {}) or {}))  # unknown algorithm: error before any work
+    rule = get_spec(algo).batch_rule if cfg.batch_rule == "auto" else cfg.batch_rule
+    train_set = load_benchmark(cfg.train_set, cfg.data)
+    val_sets = {name: load_benchmark(name, cfg.data) for name in cfg.val_benchmarks}
+    if not Path(cfg.model).is_dir():
+        raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
+    ds_config = check_backends(cfg)
+    resolved = {"algo": algo, "seed": seed, "batch_rule": rule, "loss": asdict(params), "train": asdict(cfg)}
+    dist = init_distributed(cfg.engine)
+    done = _prepare_folder(run_dir, fingerprint(resolved, train_set, val_sets, cfg.model), dist)
+    if done is not None:
+        return done
+    torch.set_num_threads(cfg.threads)
+    seeds = seed_block(seed)
+    resume = has_checkpoint(run_dir)
+    source = str(run_dir / "checkpoint" / "model") if resume else cfg.model  # the weights this process starts from
+    model, tokenizer = load_policy(source)
+    if ds_config is None and torch.cuda.is_available():
+        model = model.cuda()  # DeepSpeed places its own
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    engine = TorchEngine(model, cfg) if ds_config is None else DeepSpeedEngine(model, cfg, ds_config)
+    cursor, start_step = Cursor(len(train_set), seeds["seed/data_order"]), 0
+    if resume:
+        cursor, start_step = restore_checkpoint(run_dir, engine, len(train_set), seeds["seed/data_order"])
+        if dist.is_main:
+            truncate_history(run_dir / "history.jsonl", start_step)
+    elif dist.is_main:
+        (run_dir / "history.jsonl").unlink(missing_ok=True)
+    tags = {"algo": algo, "variant": variant, "seed": str(seed), "study": study, "git_commit": _git_commit(),
+            "data_hash": train_set.hash, "batch_rule": rule, "engine": cfg.engine, "sampler": cfg.sampler,
+            "processes": str(dist.world)}
+    if dist.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({**(full_config or {}), "resolved": resolved},
+                                                             sort_keys=False))
+        (run_dir / "tags.json").write_text(json.dumps(tags, indent=2))
+    tracker = _make_tracker(cfg, run_dir, f"{variant}-s{seed}", resume, dist, tracker)
+    if not resume:
+        tracker.log_params({**flatten(resolved), **seeds})
+        tracker.set_tags(tags)
+    sampler = make_sampler(cfg.sampler, source, tokenizer, seed=seed, vllm=cfg.vllm,
+                           weights=engine.rollout_weights(), dtype=engine.dtype)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # DAPO's overlong penalty shapes the reward; losses that need 0/1 rewards (NFT, RFT) never get it
+    return Run(cfg, algo, variant, seed, run_dir, dist, engine, tokenizer, sampler, tracker,
+               GraderPool(cfg.grader_workers, cfg.grader), cursor, train_set, val_sets, rule,
+               dict(cfg.loss.get(algo, {}) or {}), not getattr(params, "binary_rewards", False), pad_id, start_step)
+
+
+def _rollout_step(run: Run, step: int) -> dict:
+    """Sample, grade, update, push the new weights to the sampler; returns the step's metrics."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    batch, metrics = collect_rollout(run.sampler, run.tokenizer, run.train_set, run.cursor, run.pool, cfg, run.rule,
+                                     run.seed, step, run.dist)
+    if batch is not None and cfg.overlong_buffer and run.shaped_rewards:
+        batch["rewards"] = batch["rewards"] + overlong_penalty(
+            batch["lengths"], cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty).double()
+    if batch is not None and len(batch["prompt_ids"]):
+        run.sampler.sleep()  # vllm.sleep: the GPU's memory to the trainer (woken by the push / sampling)
+        metrics.update(update(run.engine, batch, run.algo, run.overrides, cfg, run.pad_id, run.seed, step))
+        t_push = time.perf_counter()
+        run.sampler.update_weights(run.engine.rollout_weights())
+        metrics["time/weight_push"] = time.perf_counter() - t_push
+    else:
+        metrics["train/skipped"] = 1.0
+    metrics["time/step"] = time.perf_counter() - t0
+    return metrics
+
+
+def _finish(run: Run, last: dict) -> dict:
+    """Save the final model; rank 0 writes ``metrics.json`` (the run is finished once it exists) and returns it."""
+    final_model = run.run_dir / "model"
+    tmp = staging_dir(final_model) if run.dist.is_main else staging_path(final_model)
+    run.dist.barrier()
+    run.engine.save_model(tmp, run.tokenizer)
+    if not run.dist.is_main:
+        return {}
+    replace_dir(tmp, final_model)
+    if not last:  # resumed at the end
+        lines = (run.run_dir / "history.jsonl").read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+    final = {k: v for k, v in last.items() if k.startswith("val/")}
+    final.update({"steps": run.cfg.steps, "algo": run.algo, "seed": run.seed})
+    atomic_write_json(run.run_dir / "metrics.json", final)
+    return final
+
+
+def _steps(run: Run, history, progress: bool, on_validate: Callable | None) -> dict:
+    """The step loop (validation, progress, checkpoints); returns the last row."""
+    cfg, dist = run.cfg, run.dist
+    steps = range(run.start_step, cfg.steps)
+    if progress and dist.is_main:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=f"{run.variant}-s{run.seed}", initial=run.start_step, total=cfg.steps,
+                     mininterval=1.0)
+    if run.start_step == 0:
+        row = {"step": 0, **run.validate()}
+        run.record(row, history)
+        if on_validate and dist.is_main:
+            on_validate(0, row)
+    last: dict = {}
+    for step in steps:
+        metrics = _rollout_step(run, step)
+        done = step + 1
+        if (cfg.val_every and done % cfg.val_every == 0) or done == cfg.steps:
+            metrics.update(run.validate())
+        last = {"step": done, **metrics}
+        run.record(last, history)
+        if progress and dist.is_main:
+            steps.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}",
+                              ent=f"{metrics.get('train/entropy', float('nan')):.2f}")
+        if on_validate and dist.is_main and any(k.startswith("val/") for k in metrics):
+            on_validate(done, last)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if dist.is_main:
+                history.flush()
+                os.fsync(history.fileno())
+            save_checkpoint(run.run_dir, run.tokenizer, run.engine, run.cursor, done)
+            run.tracker.flush()
+    return last
+
+
+def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, study: str = "nft-study",
+                 full_config: dict | None = None, progress: bool = True, tracker: Tracker | None = None,
+                 on_validate: Callable | None = None, variant: str | None = None) -> dict:
+    """Train ``algo`` with ``seed`` into run folder ``out``; resumes from its checkpoint; returns final metrics.
+
+    Under a launcher (``deepspeed``/``torchrun`` with ``train.engine: deepspeed``) every process calls this; rank 0
+    alone writes the run folder, logs and validates, and returns the metrics (the other ranks return ``{}``).
+
+    ``on_validate(step, metrics)`` is called after every validation (Optuna reports and prunes from there; an
+    exception it raises stops the run with its checkpoint intact)."""
+    run = _setup(cfg, algo, seed, Path(out), study=study, full_config=full_config, tracker=tracker,
+                 variant=variant or algo)
+    if not isinstance(run, Run):
+        return run
+    history = (run.run_dir / "history.jsonl").open("a") if run.dist.is_main else None
+    status = "FAILED"
+    try:
+        final = _finish(run, _steps(run, history, progress, on_validate))
+        status = "FINISHED"
+        return final
+    finally:
+        if history is not None:
+            history.close()
+        run.pool.close()
+        run.tracker.finish(status)
