@@ -2,6 +2,7 @@
 
     nft losses                                          the loss registry and its hyperparameters
     nft check    --config params.yaml                  validate a study file (make study runs it first)
+    nft compose  experiments/ablation-eps.yaml --out params.yaml   a preset over the defaults, every key explicit
     nft prepare  --config params.yaml --out data
     nft pretrain --config params.yaml --out models/base [--set pretrain.steps=100 ...]
     nft train    --config params.yaml --algo nft --seed 0 --out runs/nft-s0 [--set train.steps=5 ...]
@@ -50,12 +51,30 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     cfg = load_study(args.config, args.set)
     missing = [k for k in ("algorithms", "seeds") if k not in cfg["_raw"]]
-    if missing:
-        raise ConfigError(f"{args.config}: missing key(s) {missing} (the study's train x seed matrix)")
+    if missing:  # dvc.yaml's train x seed matrix reads them from the file itself
+        raise ConfigError(f"{args.config}: missing key(s) {missing} (the study's train x seed matrix, read by dvc.yaml)")
     from nft.train.run import check_backends
 
     check_backends(cfg["train"], world=args.processes)  # vLLM / DeepSpeed present, devices, batch sizes
-    print(f"check: {args.config} is valid: algorithms {cfg['_raw']['algorithms']}, seeds {cfg['_raw']['seeds']}")
+    plan = cfg["plan"]
+    print(f"check: {args.config} is valid: algorithms {plan.algorithms}, seeds {plan.seeds}")
+    return 0
+
+
+def _cmd_compose(args: argparse.Namespace) -> int:
+    import yaml
+
+    from nft.config import compose_study
+    from nft.io import atomic_write
+
+    text = (f"# Composed by `nft compose {args.config}`: that preset over the defaults of nft/*/config.py, every key\n"
+            f"# explicit so that DVC tracks it and `dvc exp run -S key=value` can set it. Edit the preset, not this.\n"
+            + yaml.safe_dump(compose_study(args.config, args.set), sort_keys=False))
+    if args.out:
+        atomic_write(args.out, text)
+        print(f"compose: {args.config} -> {args.out}")
+    else:
+        print(text, end="")
     return 0
 
 
@@ -83,21 +102,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from nft.config import load_study, to_dict
     from nft.train.run import run_training
 
-    import dataclasses
-
     cfg = load_study(args.config, args.set)
-    algo, name = args.algo, args.algo
-    variants = cfg["_raw"].get("variants") or {}
-    if name in variants:  # a named variant: an algorithm with its own loss hyperparameters (ablations)
-        algo = variants[name]["algo"]
-        loss = dict(cfg["train"].loss)
-        loss[algo] = {**(loss.get(algo) or {}), **(variants[name].get("loss") or {})}
-        cfg["train"] = dataclasses.replace(cfg["train"], loss=loss)
-    full = {k: to_dict(v) for k, v in cfg.items() if not k.startswith("_")}
-    study = (cfg["_raw"].get("study") or {}).get("name", "nft-study") if isinstance(cfg["_raw"].get("study"), dict) \
-        else "nft-study"
-    final = run_training(cfg["train"], algo, args.seed, args.out, study=study, full_config=full,
-                         progress=not args.quiet, variant=name)
+    plan = cfg["plan"]
+    algo, train = plan.arm(args.algo, cfg["train"])  # a variant: an algorithm with its own loss hyperparameters
+    full = {**to_dict(plan), **{k: to_dict(v) for k, v in cfg.items() if k not in ("_raw", "plan")}}
+    final = run_training(train, algo, args.seed, args.out, study=plan.study.name, full_config=full,
+                         progress=not args.quiet, variant=args.algo)
     if final:  # rank 0 (the other ranks of a launcher return nothing)
         accs = {k: round(v, 4) for k, v in final.items() if k.startswith("val/") and "avg@" in k}
         print(f"train: {args.algo} seed {args.seed} done -> {args.out} {accs}")
@@ -170,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1,
                    help="training processes the run will be launched with (DeepSpeed batch-size checks)")
     p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("compose", help="a preset over the defaults, every key explicit (the params.yaml DVC reads)")
+    p.add_argument("config", help="study file or preset (experiments/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="file to write (default: print)")
+    p.set_defaults(func=_cmd_compose)
     p = sub.add_parser("prepare", help="write the synthetic training pool and held-out sets")
     _common(p)
     p.add_argument("--out", required=True, help="data folder")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -49,6 +50,9 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        inner = (get_args(tp) + (Any, Any))[1]
+        if dataclasses.is_dataclass(inner):
+            return {k: from_dict(inner, v, f"{where}.{k}") for k, v in value.items()}
         return dict(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
@@ -145,6 +149,72 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+@dataclass
+class StudySection:
+    """The ``study`` section: what the study is called and how its training runs are launched."""
+
+    name: str = "nft-study"
+    """the MLflow experiment and the reports' title."""
+    launcher: str = "nft"
+    """the command DVC's train stage runs: ``nft``, or a launcher such as ``deepspeed --num_gpus 8 --module nft.cli``
+    (README, Scale-out)."""
+
+
+@dataclass
+class Variant:
+    """A named arm of a study: a registered algorithm with its own loss hyperparameters (ablations)."""
+
+    algo: str
+    loss: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .algorithms import LOSSES, make_params
+
+        if self.algo not in LOSSES:
+            raise ValueError(f"algo: unknown {self.algo!r}; registered: {sorted(LOSSES)}")
+        try:
+            make_params(self.algo, **self.loss)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"loss: {e}") from None
+
+
+@dataclass
+class StudyConfig:
+    """The top-level keys of a study file: the study, its train x seed matrix (``dvc.yaml``) and named variants."""
+
+    study: StudySection = field(default_factory=StudySection)
+    algorithms: list[str] = field(default_factory=lambda: ["nft", "rft", "grpo", "dapo"])
+    """the arms: registered losses or names of ``variants``."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .algorithms import LOSSES
+
+        if not self.algorithms:
+            raise ValueError(f"algorithms: expected a non-empty list of registered losses {sorted(LOSSES)}")
+        bad = [a for a in self.algorithms if a not in LOSSES and a not in self.variants]
+        if bad:
+            raise ValueError(f"algorithms: unknown {bad}; registered: {sorted(LOSSES)}, variants: "
+                             f"{sorted(self.variants)}")
+        if not self.seeds:
+            raise ValueError("seeds: expected a non-empty list of integers")
+
+    def arm(self, name: str, train) -> tuple[str, Any]:
+        """``(algorithm, train config)`` of the arm ``name``: a variant's loss overrides merged into ``train.loss``
+        (on top of any the train section sets for its algorithm)."""
+        if name not in self.variants:
+            return name, train
+        v = self.variants[name]
+        loss = dict(train.loss)
+        loss[v.algo] = {**(loss.get(v.algo) or {}), **v.loss}
+        return v.algo, dataclasses.replace(train, loss=loss)
+
+
+#: the top-level keys :class:`StudyConfig` reads (the rest of a study file are sections)
+STUDY_KEYS = tuple(f.name for f in dataclasses.fields(StudyConfig))
+
+
 def _sections():
     from .data.synthetic import SyntheticConfig
     from .modeling import ModelConfig
@@ -157,51 +227,33 @@ def _sections():
 
 
 def load_study(path: str | Path, sets: list[str] | None = None, extra_sections: dict[str, type] | None = None):
-    """Load and validate params.yaml (plus overrides). Returns ``{section: dataclass instance}`` for every known
-    section and the raw mapping under ``"_raw"``. Unknown sections or keys raise :class:`ConfigError` naming the
-    file and the key."""
+    """Load and validate a study file (plus ``--set`` overrides) in one pass. Returns ``{section: dataclass}`` for
+    every section, the top-level keys as a :class:`StudyConfig` under ``"plan"`` and the raw mapping under
+    ``"_raw"``. Anything unset takes its dataclass default (the one source of defaults). A bad key or value raises
+    :class:`ConfigError` naming the file and the key."""
     raw = apply_overrides(load_yaml(path), sets)
     sections = dict(_sections())
     sections.update(extra_sections or {})
-    passthrough = {"study", "algorithms", "seeds", "variants"}  # plain values consumed by dvc.yaml and `nft train`
-    unknown = sorted(set(raw) - set(sections) - passthrough)
+    unknown = sorted(set(raw) - set(sections) - set(STUDY_KEYS))
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(set(sections) | passthrough)}")
-    from .algorithms import LOSSES, make_params
-
-    variants = raw.get("variants") or {}
-    if not isinstance(variants, dict):
-        raise ConfigError(f"{path}: variants: expected a mapping name -> {{algo: NAME, loss: {{...}}}}")
-    for name, v in variants.items():
-        if not isinstance(v, dict) or v.get("algo") not in LOSSES or set(v) - {"algo", "loss"}:
-            raise ConfigError(f"{path}: variants.{name}: expected {{algo: one of {sorted(LOSSES)}, loss: {{...}}}}")
-        try:
-            make_params(v["algo"], **(v.get("loss") or {}))
-        except ValueError as e:
-            raise ConfigError(f"{path}: variants.{name}.loss: {e}") from None
-    if "algorithms" in raw:
-        algos = raw["algorithms"]
-        if not isinstance(algos, list) or not algos:
-            raise ConfigError(f"{path}: algorithms: expected a non-empty list of registered losses {sorted(LOSSES)}")
-        bad = [a for a in algos if a not in LOSSES and a not in variants]
-        if bad:
-            raise ConfigError(f"{path}: algorithms: unknown {bad}; registered: {sorted(LOSSES)}, variants: "
-                              f"{sorted(variants)}")
-    if "seeds" in raw:
-        seeds = raw["seeds"]
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                               for x in seeds):
-            raise ConfigError(f"{path}: seeds: expected a non-empty list of integers, got {seeds!r}")
-    if "study" in raw and not (isinstance(raw["study"], dict) and set(raw["study"]) <= {"name", "launcher"}):
-        raise ConfigError(f"{path}: study: expected a mapping with keys name and launcher (the command that runs "
-                          f"`train`, e.g. nft or deepspeed --num_gpus 8 --module nft.cli)")
+        raise ConfigError(f"{path}: unknown section(s) {unknown}; known: {sorted(set(sections) | set(STUDY_KEYS))}")
     out: dict[str, Any] = {"_raw": raw}
-    for name, cls in sections.items():
-        try:
+    try:
+        out["plan"] = from_dict(StudyConfig, {k: raw[k] for k in STUDY_KEYS if k in raw})
+        for name, cls in sections.items():
             out[name] = from_dict(cls, raw.get(name), name)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return out
 
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "flatten", "apply_overrides", "load_yaml", "load_study"]
+def compose_study(path: str | Path, sets: list[str] | None = None) -> dict:
+    """The study file ``path`` with every default filled in: what ``nft compose`` writes as ``params.yaml``, so that
+    DVC tracks (and ``dvc exp run -S`` can set) every key. A preset states only what differs from the defaults."""
+    cfg = load_study(path, sets)
+    out = to_dict(cfg["plan"])
+    out.update({name: to_dict(v) for name, v in cfg.items() if name not in ("_raw", "plan")})
+    return out
+
+
+__all__ = ["ConfigError", "compose_study", "StudyConfig", "StudySection", "Variant", "STUDY_KEYS", "from_dict", "to_dict", "flatten", "apply_overrides", "load_yaml", "load_study"]

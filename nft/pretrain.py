@@ -41,8 +41,8 @@ class PretrainConfig:
     instead of training one; the stage then only checks it and writes a reference to it."""
     seed: int = 0
     """drives initialisation, batch order and trace noise."""
-    steps: int = 3000
-    """optimizer steps: the capacity budget that keeps the base model mediocre."""
+    steps: int = 2700
+    """optimizer steps: the capacity budget that keeps the base model mediocre (the embedded default's)."""
     batch_size: int = 32
     lr: float = 3e-3
     """peak AdamW learning rate (linear warmup, cosine decay to 10%)."""

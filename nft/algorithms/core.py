@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum"]
-AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
+AGG_MODES: tuple[str, ...] = get_args(AggMode)
 #: default constant of ``token-sum`` (the official NFT code divides the token sum by 1000).
 TOKEN_SUM_CONST = 1000.0
 
@@ -215,17 +215,27 @@ def _check_inputs(name, logp, old_logp, mask, rewards, group_ids, binary: bool) 
         raise ValueError(f"rewards: loss {name!r} needs rewards in {{0, 1}}, got {sorted(set(rewards.tolist()))[:5]}")
 
 
-def batch_context(name: str, *, mask, rewards, group_ids, **overrides) -> dict:
+def _resolve(name: str, params, overrides: dict):
+    """The loss's hyperparameters: ``params`` made once by the caller (:func:`make_params`), else from
+    ``overrides``."""
+    if params is None:
+        return make_params(name, **overrides)
+    if overrides:
+        raise ValueError(f"loss {name!r}: pass either params or hyperparameter overrides, not both")
+    return params
+
+
+def batch_context(name: str, *, mask, rewards, group_ids, params=None, **overrides) -> dict:
     """What the loop computes once per mini-batch and slices for its micro-batches.
 
     Returns ``{"group_rate": [B], "group_std": [B], "normalizer": float}``: the group mean reward of each row (r-hat,
     before any clipping), its group's reward std (population or unbiased per the loss's ``std`` option) and the
     reduction's normaliser for the whole mini-batch. Pass the row slices and the normaliser to :func:`policy_loss`.
     """
-    p = make_params(name, **overrides)
+    p = _resolve(name, params, overrides)
     rate, sd = group_stats(rewards, group_ids, std=getattr(p, "std", "population"))
     return {"group_rate": rate, "group_std": sd, "normalizer": loss_normalizer(name, mask=mask, rewards=rewards,
-                                                                               **overrides)}
+                                                                               params=p)}
 
 
 def _rule_mask(spec: LossSpec, mask: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
@@ -236,10 +246,10 @@ def _rule_mask(spec: LossSpec, mask: torch.Tensor, rewards: torch.Tensor) -> tor
     return mask * keep_rows("positives", rewards).to(mask.dtype)[:, None]
 
 
-def loss_normalizer(name: str, *, mask, rewards, **overrides) -> float:
+def loss_normalizer(name: str, *, mask, rewards, params=None, **overrides) -> float:
     """The reduction's normaliser of loss ``name`` for a whole (mini-)batch (RFT counts positive rows only)."""
     spec = get_spec(name)
-    p = make_params(name, **overrides)
+    p = _resolve(name, params, overrides)
     eff_mask = _rule_mask(spec, mask, rewards)
     return agg_normalizer(eff_mask, p.agg, p.agg_const)
 
@@ -255,6 +265,7 @@ def policy_loss(
     group_rate: torch.Tensor | None = None,
     group_std: torch.Tensor | None = None,
     normalizer: float | None = None,
+    params=None,
     **overrides,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss ``name`` of a (micro-)batch and its metrics.
@@ -266,6 +277,7 @@ def policy_loss(
         group_ids: ``[B]`` ints; answers to the same question share an id.
         group_rate, group_std, normalizer: optional whole-mini-batch values from :func:`batch_context` (row slices
             and the scalar). When omitted they are computed from the rows given, i.e. this batch is the whole batch.
+        params: the loss's hyperparameters made once with :func:`make_params` (the loop), or
         **overrides: the loss's hyperparameters by name (see ``LOSSES[name].params``).
 
     Returns:
@@ -273,7 +285,7 @@ def policy_loss(
         negative parts of the loss that add up to it, ...).
     """
     spec = get_spec(name)
-    p = make_params(name, **overrides)
+    p = _resolve(name, params, overrides)
     _check_inputs(name, logp, old_logp, mask, rewards, group_ids, binary=getattr(p, "binary_rewards", False))
     if group_rate is None or group_std is None:
         rate, sd = group_stats(rewards, group_ids, std=getattr(p, "std", "population"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..algorithms import batch_context, loss_normalizer, policy_loss
+from ..algorithms import batch_context, loss_normalizer, make_params, policy_loss
 from ..dist import Dist
 from ..modeling import response_logprobs
 from .config import TrainConfig
@@ -135,11 +135,11 @@ def old_logprobs(model, batch: dict, minis, plan, cfg: TrainConfig, pad_id: int)
     return old
 
 
-def _train_minibatch(engine: Engine, batch, rows, micros, old, ctx_all, algo, overrides, cfg, pad_id, first: bool,
+def _train_minibatch(engine: Engine, batch, rows, micros, old, ctx_all, algo, params, cfg, pad_id, first: bool,
                      stats: UpdateStats) -> float:
     """Forward/backward of the mini-batch's micro-batches and one optimizer step; returns the grad norm."""
     at_mini = torch.tensor(rows)
-    normalizer = loss_normalizer(algo, mask=batch["mask"][at_mini], rewards=batch["rewards"][at_mini], **overrides)
+    normalizer = loss_normalizer(algo, mask=batch["mask"][at_mini], rewards=batch["rewards"][at_mini], params=params)
     mini_loss = 0.0
     for j, idx in enumerate(micros):
         micro = _micro(batch, idx, rows[0])
@@ -154,7 +154,7 @@ def _train_minibatch(engine: Engine, batch, rows, micros, old, ctx_all, algo, ov
         loss, met = policy_loss(algo, logp=logp, old_logp=old[at].to(dev), mask=micro["mask"].to(dev),
                                 rewards=micro["rewards"].to(dev), group_ids=micro["group_ids"].to(dev),
                                 group_rate=ctx_all["group_rate"][at].to(dev),
-                                group_std=ctx_all["group_std"][at].to(dev), normalizer=normalizer, **overrides)
+                                group_std=ctx_all["group_std"][at].to(dev), normalizer=normalizer, params=params)
         engine.backward(loss, last=j == len(micros) - 1)
         if not idx:
             continue
@@ -169,16 +169,17 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
     """Old log-probs, then one optimizer step per mini-batch of questions. Returns the step's metrics; ``trace``, if
     given, receives each optimizer step's loss."""
     dist = engine.dist
+    params = make_params(algo, **overrides)  # validated once per step, not per micro-batch
     minis, plan = plan_minibatches(batch, cfg, seed, step, dist)
     t0 = time.perf_counter()
     old = old_logprobs(engine.model, batch, minis, plan, cfg, pad_id)
     t_old = time.perf_counter() - t0
     # group statistics of the whole rollout batch (full groups; RFT's rows are positives only)
     ctx_all = batch_context(algo, mask=batch["mask"], rewards=batch["rewards"], group_ids=batch["group_ids"],
-                            **overrides)
+                            params=params)
     stats = UpdateStats()
     t1 = time.perf_counter()
-    grad_norms = [_train_minibatch(engine, batch, rows, micros, old, ctx_all, algo, overrides, cfg, pad_id, m == 0,
+    grad_norms = [_train_minibatch(engine, batch, rows, micros, old, ctx_all, algo, params, cfg, pad_id, m == 0,
                                    stats) for m, (rows, micros) in enumerate(zip(minis, plan))]
     t_update = time.perf_counter() - t1
     mine = [i for micros in plan for idx in micros for i in idx]

@@ -1,0 +1,77 @@
+"""The typed study file: one source of defaults (the dataclasses), presets by composition, one validation pass with
+errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nft.config import STUDY_KEYS, ConfigError, StudyConfig, _sections, compose_study, load_study
+from tests.conftest import REPO, nft_cli
+
+PRESETS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def test_params_yaml_sets_nothing_the_defaults_do_not_say():
+    """params.yaml lists every key DVC tracks, each equal to its dataclass default: the defaults live in one place."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    differ = []
+    for name, cls in _sections().items():
+        defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
+        differ += [f"{name}.{k}: {v!r} != {defaults[k]!r}" for k, v in (raw.get(name) or {}).items()
+                   if defaults.get(k) != v]
+    plan = {f.name: _default(f) for f in dataclasses.fields(StudyConfig)}
+    differ += [f"{k}: {raw[k]!r}" for k in ("algorithms", "seeds") if raw[k] != plan[k]]
+    assert not differ, "params.yaml differs from the dataclass defaults: " + "; ".join(differ)
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_presets_compose_and_round_trip(preset, tmp_path):
+    composed = compose_study(preset)
+    assert set(STUDY_KEYS) <= set(composed) and set(_sections()) <= set(composed)
+    out = tmp_path / "params.yaml"
+    nft_cli("compose", preset, "--out", out)
+    assert compose_study(out) == composed  # the written file is the preset, every key explicit
+
+
+def test_ablation_presets_state_only_what_differs():
+    for name in ("ablation-eps", "ablation-omega"):
+        raw = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())
+        assert set(raw) <= set(STUDY_KEYS) | {"train"}, raw.keys()
+
+
+def _study(tmp_path: Path, **top) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(top))
+    return p
+
+
+@pytest.mark.parametrize("top, key", [
+    ({"algorithms": ["nft", "ppo"]}, "algorithms: unknown ['ppo']"),
+    ({"algorithms": []}, "algorithms: expected a non-empty list"),
+    ({"seeds": [0, "one"]}, "seeds[1]: expected an integer"),
+    ({"variants": {"v": {"algo": "nft", "loss": {"epsilon": 1}}}}, "variants.v.loss: "),
+    ({"variants": {"v": {"algo": "ppo"}}}, "variants.v.algo: unknown 'ppo'"),
+    ({"variants": {"v": {"algo": "nft", "lr": 1}}}, "unknown key(s) variants.v.lr"),
+    ({"study": {"name": "x", "owner": "me"}}, "unknown key(s) study.owner"),
+    ({"sweep": {}}, "unknown section(s) ['sweep']"),
+])
+def test_bad_top_level_keys_name_the_key(tmp_path, top, key):
+    with pytest.raises(ConfigError) as e:
+        load_study(_study(tmp_path, **top))
+    assert key in str(e.value) and "params.yaml" in str(e.value)
+
+
+def test_variant_arm_merges_its_loss_into_train(tmp_path):
+    cfg = load_study(_study(tmp_path, algorithms=["x"], train={"loss": {"nft": {"eps": 0.5, "omega": "one"}}},
+                            variants={"x": {"algo": "nft", "loss": {"eps": 0.25}}}))
+    algo, train = cfg["plan"].arm("x", cfg["train"])
+    assert algo == "nft" and train.loss["nft"] == {"eps": 0.25, "omega": "one"}
+    assert cfg["plan"].arm("grpo", cfg["train"]) == ("grpo", cfg["train"])
