@@ -17,7 +17,7 @@ import numpy as np
 from .figures import save, standard_figures
 from .load import load_mlflow, load_runs, seed_matrix
 from .stats import iqm, mean_std, poi_ci, stratified_bootstrap_ci
-from .tables import paper_comparison, results_table, to_latex, to_markdown
+from .tables import paper_comparison, results_table, seed_gaps, to_latex, to_markdown
 
 
 def headline_metric(final, k: int | None) -> str:
@@ -45,6 +45,8 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
     benchmarks = sorted(final.benchmark.unique(), key=lambda b: (order.get(b, 99), b))
     variants = sorted(final.variant.unique())
     table = results_table(final, metric, benchmarks) if len(final) else None
+    if len(final):  # seeds without every benchmark are left out of the average: say which
+        problems = problems + seed_gaps(final, metric, benchmarks)
     numbers: dict = {"metric": metric, "variants": {}}
     lines = ["# Study summary\n", f"Source: {source}. Headline metric: **{metric}** of the final evaluation, in "
              f"percent, mean ± std over seeds (entries within 1 point of the best in bold).\n"]

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 
 from .figures import LABELS
-from .load import seed_matrix
 from .stats import mean_std
 
 #: Table 1 of the paper (Qwen2.5-Math-7B), average over the six benchmarks, in percent (as quoted in the issue
@@ -17,32 +16,62 @@ PAPER_7B_AVERAGE = {"nft": 51.7, "dapo": 51.2, "grpo": 49.5, "dr_grpo": 49.8, "r
 PAPER_BENCHMARKS = ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"]
 
 
+def _metric(metric_for: dict[str, str] | str, benchmark: str) -> str:
+    return metric_for if isinstance(metric_for, str) else metric_for.get(benchmark, "")
+
+
+def seed_frame(final: pd.DataFrame, variant: str, metric_for: dict[str, str] | str, benchmarks: list[str]
+               ) -> pd.DataFrame:
+    """``seed x benchmark`` values of one variant, in percent, indexed by seed id (every seed the variant has in
+    ``final``; NaN where a seed lacks a benchmark's metric).
+
+    Each benchmark's column is read with its own metric and the columns are joined on the seed: stacking them by
+    row position would pair one seed's value with another's as soon as a seed lacks one benchmark."""
+    mine = final[final.variant == variant]
+    cols = {}
+    for b in benchmarks:
+        sub = mine[(mine.benchmark == b) & (mine.metric == _metric(metric_for, b))]
+        cols[b] = sub.groupby("seed")["value"].mean() * 100
+    seeds = pd.Index(sorted(mine.seed.unique()), name="seed")
+    return pd.DataFrame(cols, index=seeds, columns=benchmarks, dtype=float)
+
+
+def seed_gaps(final: pd.DataFrame, metric_for: dict[str, str] | str, benchmarks: list[str]) -> list[str]:
+    """One line per variant whose seeds lack some benchmark: which seed lacks which, and that the average column
+    leaves those seeds out (for the summary's problems)."""
+    lines = []
+    for variant in sorted(final.variant.unique()):
+        frame = seed_frame(final, variant, metric_for, benchmarks)
+        missing = [f"seed {s} has no {', '.join(f'{b} {_metric(metric_for, b)}' for b in frame.columns[row.isna()])}"
+                   for s, row in frame.iterrows() if row.isna().any()]
+        if missing:
+            complete = int((~frame.isna().any(axis=1)).sum())
+            lines.append(f"{variant}: {'; '.join(missing)}; left out of the average column (mean over the {complete} "
+                         f"seed(s) with every benchmark)")
+    return lines
+
+
 def results_table(final: pd.DataFrame, metric_for: dict[str, str] | str, benchmarks: list[str] | None = None
                   ) -> pd.DataFrame:
     """``variant x (benchmarks + average)`` with columns ``mean``/``std``/``n`` per cell, in percent.
 
-    ``metric_for``: one metric name for all benchmarks, or a per-benchmark mapping (avg@32 vs avg@1)."""
+    ``metric_for``: one metric name for all benchmarks, or a per-benchmark mapping (avg@32 vs avg@1). A benchmark's
+    cell uses every seed that has it; the average uses only the seeds that have every benchmark (a seed's average
+    over fewer benchmarks is another quantity), matched by seed id; :func:`seed_gaps` names the seeds left out."""
     benchmarks = benchmarks or sorted(final.benchmark.unique())
     rows = []
     for variant in sorted(final.variant.unique()):
         row = {"variant": variant}
-        per_seed_avg = []
-        mats = []
+        frame = seed_frame(final, variant, metric_for, benchmarks)
         for b in benchmarks:
-            m = metric_for if isinstance(metric_for, str) else metric_for.get(b, "")
-            mat = seed_matrix(final, variant, m, [b]) * 100
-            mats.append(mat)
-            mu, sd = mean_std(mat)
-            row[(b, "mean")], row[(b, "std")], row[(b, "n")] = mu, sd, int(np.sum(~np.isnan(mat)))
-        if mats:
-            seeds = max(len(m) for m in mats)
-            full = np.full((seeds, len(mats)), np.nan)
-            for j, m in enumerate(mats):
-                full[: len(m), j] = m[:, 0] if m.size else np.nan
-            per_seed_avg = full
-            mu, sd = mean_std(per_seed_avg)
+            col = frame[b].to_numpy()
+            mu, sd = mean_std(col)
+            row[(b, "mean")], row[(b, "std")], row[(b, "n")] = mu, sd, int(np.sum(~np.isnan(col)))
+        if benchmarks:
+            complete = frame.dropna().to_numpy()
+            mu, sd = mean_std(complete)
             row[("average", "mean")], row[("average", "std")] = mu, sd
-            row[("average", "n")] = int(np.sum(~np.isnan(per_seed_avg).any(axis=1)))
+            row[("average", "n")] = len(complete)
         rows.append(row)
     df = pd.DataFrame(rows).set_index("variant")
     df.columns = pd.MultiIndex.from_tuples(df.columns)

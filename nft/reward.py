@@ -10,6 +10,9 @@ timeouts hold in a process's main thread only, and big-integer arithmetic in C c
 :class:`GraderPool` grades in worker processes and *kills* a worker that passes the hard bound; such an answer, and
 any grader crash, counts as wrong and is recorded. Two exact shortcuts skip the pool: identical answer strings and
 plain integer literals (where math-verify's verdict is the integer comparison).
+
+Graders are the entries of :data:`GRADERS`; each :class:`Grader` says how it runs (its exact shortcut, whether it
+needs a killable worker, whether it takes a timeout), so a new grader is one registry entry.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
+from typing import Callable
 
 MAX_ANSWER_CHARS = 2000  # longer text is cut to its tail before parsing
 MAX_BOXED_CHARS = 300  # a boxed answer longer than this is wrong without parsing
@@ -130,27 +134,55 @@ def grade_dapo(response: str, gold: str) -> bool:
     return boxed is not None and normalize_dapo(boxed) == normalize_dapo(gold)
 
 
-GRADERS = {"math_verify": grade_math_verify, "dapo": grade_dapo}
+@dataclass(frozen=True)
+class Grader:
+    """A registered grader: ``fn(response, gold) -> bool`` and how it must be run.
+
+    Everything that differs between graders lives here, so :func:`grade` and :class:`GraderPool` never branch on a
+    grader's name (registering an entry in :data:`GRADERS` is all a new grader needs)."""
+
+    fn: Callable[[str, str], bool]
+    fast: Callable[[str, str], bool | None] | None = None
+    """exact decisions taken in the calling process before ``fn`` (None: defer to ``fn``); see :func:`fast_verdict`."""
+    isolated: bool = True
+    """``fn`` parses untrusted output and may not stop (signal-based timeouts, C big-integer arithmetic): the pool
+    runs it in a worker process it can kill, and :func:`grade` counts any exception as wrong. False: ``fn`` is
+    bounded string work, decided in the calling process (no worker is started)."""
+    takes_timeout: bool = False
+    """``fn`` accepts ``timeout=`` seconds, its own bound inside the worker (the pool's ``soft_timeout``)."""
+
+    def in_process(self, response: str, gold: str) -> bool | None:
+        """The verdict the calling process decides by itself: the whole grade of a bounded grader, the exact shortcut
+        (or None, for the worker) of an isolated one."""
+        if not self.isolated:
+            return bool(self.fn(response, gold))
+        return self.fast(response, gold) if self.fast is not None else None
 
 
-def _check_grader(grader: str) -> None:
+GRADERS: dict[str, Grader] = {
+    "math_verify": Grader(grade_math_verify, fast=fast_verdict, isolated=True, takes_timeout=True),
+    "dapo": Grader(grade_dapo, isolated=False),
+}
+
+
+def get_grader(grader: str) -> Grader:
+    """The registry entry named ``grader``; an unknown name is an error naming the known ones."""
     if grader not in GRADERS:
         raise ValueError(f"grader: unknown {grader!r}; known: {sorted(GRADERS)}")
+    return GRADERS[grader]
 
 
 def grade(response: str, gold: str, grader: str = "math_verify") -> bool:
     """Grade one answer in this process (main thread). For many answers or untrusted output use
     :class:`GraderPool`, which bounds the time per answer hard."""
-    _check_grader(grader)
-    if grader == "math_verify":
-        fast = fast_verdict(response, gold)
-        if fast is not None:
-            return fast
-        try:
-            return grade_math_verify(response, gold)
-        except BaseException:  # math-verify's TimeoutException derives from BaseException
-            return False
-    return grade_dapo(response, gold)
+    spec = get_grader(grader)
+    verdict = spec.in_process(response, gold)
+    if verdict is not None:
+        return verdict
+    try:  # only isolated graders get here: a crash is a wrong answer, as in the pool
+        return bool(spec.fn(response, gold))
+    except BaseException:  # math-verify's TimeoutException derives from BaseException
+        return False
 
 
 def _worker(conn, fn) -> None:
@@ -176,7 +208,8 @@ def _worker(conn, fn) -> None:
 
 @dataclass
 class GradeStats:
-    """What happened while grading a batch."""
+    """What happened while grading a batch. Each failed answer is counted once: ``timeouts`` (a worker killed at
+    the hard bound) or ``errors`` (any other failure: a grader exception, a dead worker)."""
 
     n: int = 0
     fast: int = 0
@@ -193,14 +226,13 @@ class GraderPool:
                  soft_timeout: float = 2.0, fn=None):
         """``fn``: a picklable ``(response, gold) -> bool`` replacing the named grader (no fast path then)."""
         if fn is None:
-            _check_grader(grader)
-            fn = functools.partial(grade_math_verify, timeout=soft_timeout) if grader == "math_verify" \
-                else GRADERS[grader]
+            spec = get_grader(grader)
+            fn = functools.partial(spec.fn, timeout=soft_timeout) if spec.takes_timeout else spec.fn
         else:
-            grader = "custom"
+            spec, grader = Grader(fn), "custom"
         if workers < 1:
             raise ValueError(f"grader workers: need >= 1, got {workers}")
-        self.grader, self.fn, self.hard_timeout = grader, fn, hard_timeout
+        self.grader, self.spec, self.fn, self.hard_timeout = grader, spec, fn, hard_timeout
         self.startup_timeout = 60.0
         self._ctx = mp.get_context("spawn")
         self._procs: list = [None] * workers
@@ -249,8 +281,7 @@ class GraderPool:
         for i, (r, g) in enumerate(zip(responses, golds)):
             if only is not None and not only[i]:
                 continue
-            fast = fast_verdict(r, g) if self.grader == "math_verify" else \
-                grade_dapo(r, g) if self.grader == "dapo" else None
+            fast = self.spec.in_process(r, g)
             if fast is None:
                 todo.append(i)
             else:
@@ -286,8 +317,7 @@ class GraderPool:
                 elif time.perf_counter() - started > self.hard_timeout:
                     self._kill(k)
                     out[i] = False
-                    stats.timeouts += 1
-                    stats.errors.append(f"timeout after {self.hard_timeout:.1f}s on answer {i}")
+                    stats.timeouts += 1  # counted here only: errors are the other failures
                     del busy[k]
         stats.seconds = time.perf_counter() - t0
         return out, stats

@@ -19,6 +19,7 @@ SMOKE = {
     "study": {"name": "smoke", "launcher": "nft"},
     "algorithms": ["nft", "grpo"],
     "seeds": [0],
+    "variants": {},
     **{k: v for k, v in TINY.items() if k != "train"},
     "train": {**TINY["train"], "model": "models/base", "data": "data", "tracking": False},
     "eval": {"benchmarks": ["synth-easy", "synth-medium"], "k": 2, "limit": 6, "max_new_tokens": 24, "workers": 1},
@@ -95,3 +96,106 @@ def test_bad_params_stop_before_any_stage(repo_copy):
     r = subprocess.run([sys.executable, "-m", "nft.cli", "check", "--config", "params.yaml"], cwd=repo_copy,
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "train.promts_per_step" in r.stderr
+
+
+class _Recording(dict):
+    """A mapping that notes every key read from it (item access, ``get``, ``in``)."""
+
+    def __init__(self, data: dict, seen: set):
+        super().__init__(data)
+        self.seen = seen
+
+    def __getitem__(self, key):
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.seen.add(key)
+        return super().__contains__(key)
+
+
+class _Stop(Exception):
+    """Raised where a command starts its work: everything it reads from the params file is read by then."""
+
+
+def _keys_read(monkeypatch, stage: dict, params: Path, algo: str) -> set[str]:
+    """The top-level params.yaml keys that ``stage``'s command reads, recorded while running that very command line
+    (from dvc.yaml) on ``params``: its training is stubbed out and its evaluation stops where sampling would begin.
+
+    A key counts as read when the command looks it up in :func:`nft.config.load_study`'s result or in its raw
+    mapping. Iterating over all sections to copy them into the run folder's ``config.yaml`` (a record, not an input
+    of the run) does not count, nor does load_study's validation of the whole file."""
+    import shlex
+
+    import nft.config
+    import nft.data.benchmarks
+    import nft.train.loop
+    from nft.cli import main
+
+    seen: set = set()
+    real = nft.config.load_study
+
+    def load_study(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        return _Recording({**cfg, "_raw": _Recording(cfg["_raw"], seen)}, seen)
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(nft.config, "load_study", load_study)
+    monkeypatch.setattr(nft.train.loop, "run_training", lambda *a, **k: {})
+    monkeypatch.setattr(nft.data.benchmarks, "load_benchmark", stop)
+    cmd = stage["cmd"]
+    for var, value in {"${study.launcher}": "nft", "${item.algo}": algo, "${item.seed}": "0"}.items():
+        cmd = cmd.replace(var, value)
+    argv = shlex.split(cmd)
+    assert argv[0] == "nft" and "${" not in cmd, cmd
+    monkeypatch.chdir(params.parent)
+    try:
+        assert main(argv[1:]) == 0
+    except _Stop:
+        pass
+    read = seen - {"_raw"}
+    assert read, f"{cmd}: read nothing from load_study's result (the recording missed the command's reads)"
+    return read
+
+
+def _listed_params(stage: dict) -> set[str]:
+    """Top-level params.yaml keys a dvc.yaml stage lists (``train``, ``train.lr``, ``{params.yaml: [...]}``)."""
+    keys = set()
+    for entry in stage.get("params", []):
+        names = [entry] if isinstance(entry, str) else [k for f, ks in entry.items() if f == "params.yaml" for k in ks]
+        keys |= {n.split(".")[0] for n in names}
+    return keys
+
+
+@pytest.mark.parametrize("preset", ["params.yaml", "experiments/ablation-omega.yaml"])
+@pytest.mark.parametrize("stage_name", ["train", "evaluate"])
+def test_stage_params_list_what_its_command_reads(monkeypatch, tmp_path, stage_name, preset):
+    """dvc repro reruns a stage only when a listed param changes: a key the command reads but the stage does not
+    list (``variants`` for train, once) leaves stale runs in place. The preset with variants runs its first
+    algorithm, a variant name, so the command's variant branch is exercised too."""
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage_name]
+    study = yaml.safe_load((REPO / preset).read_text())
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(study, sort_keys=False))
+    read = _keys_read(monkeypatch, stage, params, study["algorithms"][0])
+    missing = sorted(read - _listed_params(stage))
+    assert not missing, f"dvc.yaml: stage {stage_name}: params does not list {missing}, which `nft {stage_name}` reads"
+
+
+def test_study_files_carry_the_train_params():
+    """dvc repro refuses a stage whose listed param is absent from params.yaml, so every study file (params.yaml
+    and the presets copied over it) carries each key the train stage lists, if only as an empty mapping."""
+    listed = _listed_params(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"])
+    for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*.yaml"))]:
+        study = yaml.safe_load(path.read_text())
+        if "algorithms" not in study:
+            continue  # not a study file (a sweep space)
+        missing = sorted(listed - set(study))
+        assert not missing, f"{path.relative_to(REPO)}: no {missing}, which dvc.yaml's train stage lists as params"
+    assert not sorted(listed - set(SMOKE)), "SMOKE (this file's study) lacks a key dvc.yaml's train stage lists"

@@ -93,5 +93,43 @@ def test_pool_kills_a_hanging_worker():
         verdicts, stats = pool.grade_many(["hang", "ok", "crash", "ok"], ["x", "ok", "x", "no"])
         assert time.perf_counter() - t0 < 10
     assert verdicts == [False, True, False, False]
-    assert stats.timeouts == 1 and any("timeout" in e for e in stats.errors)
-    assert any("RuntimeError" in e for e in stats.errors)
+    # the killed worker is a timeout, counted once; errors are the other failures (the crash)
+    assert stats.timeouts == 1
+    assert len(stats.errors) == 1 and "RuntimeError" in stats.errors[0]
+
+
+def grade_by_length(response: str, gold: str) -> bool:
+    """A made-up grader for the registry tests (module level: the pool's spawned workers import it)."""
+    return len(response) == int(gold)
+
+
+def test_registered_grader_is_used_by_grade_and_the_pool(monkeypatch):
+    from nft.reward import GRADERS, Grader
+
+    monkeypatch.setitem(GRADERS, "length", Grader(grade_by_length))
+    # none of math_verify's shortcuts or dapo's match: "\\boxed{3}" has 9 characters
+    assert grade("abc", "3", grader="length") is True
+    assert grade("\\boxed{3}", "3", grader="length") is False
+    with GraderPool(workers=1, grader="length") as pool:
+        verdicts, stats = pool.grade_many(["abc", "\\boxed{3}", "\\boxed{3}"], ["3", "3", "9"])
+    assert verdicts == [True, False, True] and stats.fast == 0  # isolated: graded in the worker
+
+
+def test_registry_says_where_a_grader_runs(monkeypatch):
+    from nft.reward import GRADERS, Grader
+
+    calls = []
+
+    def in_process(response: str, gold: str) -> bool:  # a closure: it could not reach a spawned worker
+        calls.append(response)
+        return response == gold
+
+    monkeypatch.setitem(GRADERS, "same", Grader(in_process, isolated=False))
+    with GraderPool(workers=1, grader="same") as pool:
+        verdicts, stats = pool.grade_many(["a", "b"], ["a", "a"])
+        assert pool._procs == [None]  # no worker was started
+    assert verdicts == [True, False] and stats.fast == 2 and calls == ["a", "b"]
+    assert grade("a", "a", grader="same") and calls[-1] == "a"
+    # the shipped entries: math-verify parses untrusted text in a killable worker, dapo is string work in-process
+    assert GRADERS["math_verify"].isolated and GRADERS["math_verify"].fast is fast_verdict
+    assert not GRADERS["dapo"].isolated and GRADERS["dapo"].fn is grade_dapo
