@@ -118,48 +118,57 @@ class _Recording(dict):
         return super().__contains__(key)
 
 
-class _Stop(Exception):
-    """Raised where a command starts its work: everything it reads from the params file is read by then."""
-
-
 def _keys_read(monkeypatch, stage: dict, params: Path, algo: str) -> set[str]:
     """The top-level params.yaml keys that ``stage``'s command reads, recorded while running that very command line
-    (from dvc.yaml) on ``params``: its training is stubbed out and its evaluation stops where sampling would begin.
+    (from dvc.yaml) on ``params`` with its work stubbed out (``run_training``, ``run_evaluate``).
 
-    A key counts as read when the command looks it up in :func:`nft.config.load_study`'s result or in its raw
-    mapping. Iterating over all sections to copy them into the run folder's ``config.yaml`` (a record, not an input
-    of the run) does not count, nor does load_study's validation of the whole file."""
+    A key counts as read when the command looks up a section of :func:`nft.config.load_study`'s result, a key of
+    its raw mapping, or a field of its ``plan`` (:class:`nft.config.StudyConfig`, whose fields are top-level keys).
+    Copying everything into the run folder's ``config.yaml`` (``to_dict``: a record, not an input of the run) does
+    not count, nor does load_study's validation of the whole file."""
     import shlex
 
     import nft.config
-    import nft.data.benchmarks
-    import nft.train.loop
+    import nft.evaluate
+    import nft.train.run
     from nft.cli import main
 
     seen: set = set()
-    real = nft.config.load_study
+    on = [True]
+    real_load, real_to_dict = nft.config.load_study, nft.config.to_dict
 
     def load_study(*args, **kwargs):
-        cfg = real(*args, **kwargs)
+        cfg = real_load(*args, **kwargs)
+        plan = cfg["plan"]
+
+        class Plan(type(plan)):
+            def __getattribute__(self, name):
+                if on[0] and name in nft.config.STUDY_KEYS:
+                    seen.add(name)
+                return super().__getattribute__(name)
+
+        object.__setattr__(plan, "__class__", Plan)
         return _Recording({**cfg, "_raw": _Recording(cfg["_raw"], seen)}, seen)
 
-    def stop(*args, **kwargs):
-        raise _Stop
+    def to_dict(obj):
+        on[0] = False
+        try:
+            return real_to_dict(obj)
+        finally:
+            on[0] = True
 
     monkeypatch.setattr(nft.config, "load_study", load_study)
-    monkeypatch.setattr(nft.train.loop, "run_training", lambda *a, **k: {})
-    monkeypatch.setattr(nft.data.benchmarks, "load_benchmark", stop)
+    monkeypatch.setattr(nft.config, "to_dict", to_dict)
+    monkeypatch.setattr(nft.train.run, "run_training", lambda *a, **k: {})
+    monkeypatch.setattr(nft.evaluate, "run_evaluate", lambda *a, **k: {})
     cmd = stage["cmd"]
     for var, value in {"${study.launcher}": "nft", "${item.algo}": algo, "${item.seed}": "0"}.items():
         cmd = cmd.replace(var, value)
     argv = shlex.split(cmd)
     assert argv[0] == "nft" and "${" not in cmd, cmd
     monkeypatch.chdir(params.parent)
-    try:
-        assert main(argv[1:]) == 0
-    except _Stop:
-        pass
-    read = seen - {"_raw"}
+    assert main(argv[1:]) == 0
+    read = seen - {"_raw", "plan"}
     assert read, f"{cmd}: read nothing from load_study's result (the recording missed the command's reads)"
     return read
 
@@ -189,13 +198,17 @@ def test_stage_params_list_what_its_command_reads(monkeypatch, tmp_path, stage_n
 
 
 def test_study_files_carry_the_train_params():
-    """dvc repro refuses a stage whose listed param is absent from params.yaml, so every study file (params.yaml
-    and the presets copied over it) carries each key the train stage lists, if only as an empty mapping."""
+    """dvc repro refuses a stage whose listed param is absent from params.yaml, so params.yaml and every preset as
+    `nft compose` writes it over params.yaml carry each key the train stage lists, if only as an empty mapping."""
+    from nft.config import compose_study
+
     listed = _listed_params(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"])
     for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*.yaml"))]:
         study = yaml.safe_load(path.read_text())
         if "algorithms" not in study:
             continue  # not a study file (a sweep space)
+        if path.parent.name == "experiments":
+            study = compose_study(path)
         missing = sorted(listed - set(study))
         assert not missing, f"{path.relative_to(REPO)}: no {missing}, which dvc.yaml's train stage lists as params"
     assert not sorted(listed - set(SMOKE)), "SMOKE (this file's study) lacks a key dvc.yaml's train stage lists"

@@ -104,5 +104,8 @@ class TrainConfig:
                 make_params(algo, **(overrides or {}))
             except (ValueError, TypeError) as e:
                 raise ValueError(f"train.loss.{algo}: {e}") from None
+        from ..reward import get_grader
+
+        get_grader(self.grader)  # an unknown grader: an error naming the registered ones, before any work
         if self.engine == "deepspeed" and not self.deepspeed_config:
             raise ValueError("train.deepspeed_config: required when train.engine is deepspeed")

@@ -99,6 +99,8 @@ def _generation_batch(sampler, tokenizer, questions, positions, pool, cfg, rule,
                                        only=ro.finished.tolist())
     for err in gstats.errors[:3]:
         print(f"grader: step {step}: {err} (counted as wrong)", file=sys.stderr)
+    if gstats.timeouts:
+        print(f"grader: step {step}: {gstats.timeouts} answer(s) timed out (counted as wrong)", file=sys.stderr)
     out.grader_timeouts += gstats.timeouts
     out.grader_errors += len(gstats.errors)
     out.t_sample += t1 - t0
