@@ -122,6 +122,14 @@ def write_plot_tables(history, out: Path, k: int) -> None:
             wide.reset_index().to_csv(out / f"{name}.csv", index=False)
 
 
+def study_metrics(numbers: dict) -> dict:
+    """The summary as ``dvc exp show`` tabulates it: ``{metric: {arm: {mean, std, ci_low, ci_high, seeds}}}``
+    (percent; numbers only)."""
+    keys = ("mean", "std", "ci_low", "ci_high", "seeds")
+    return {numbers["metric"]: {v: {k: float(m[k]) if k != "seeds" else int(m[k]) for k in keys}
+                                for v, m in numbers["variants"].items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs", help="folder of run folders")
@@ -131,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="reports")
     ap.add_argument("--k", type=int, default=None, help="headline avg@k (default: the largest in the evaluation)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ap.add_argument("--metrics", default=None,
+                    help="also write the study summary as a DVC metrics file (per arm: mean, std, 95%% CI, seeds)")
     args = ap.parse_args(argv)
     evals = Path(args.evals) if Path(args.evals).is_dir() else None
     if args.mlflow_experiment:
@@ -143,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         history, final, problems = load_runs(args.runs, evals)
         source = f"run folders under {args.runs}"
     numbers = analyze(history, final, problems, Path(args.out), source, args.k, args.seed)
+    if args.metrics:
+        from nft.io import atomic_write_json
+
+        atomic_write_json(args.metrics, study_metrics(numbers))
     print(f"analysis: {len(numbers['variants'])} variants -> {args.out}/summary.md")
     return 0
 

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from nft.evaluate import eval_benchmarks
+
 HISTORY_COLUMNS = ["run", "algo", "variant", "seed", "step", "metric", "value"]
 FINAL_COLUMNS = ["run", "algo", "variant", "seed", "benchmark", "metric", "value"]
 
@@ -53,7 +55,7 @@ def _history_rows(ident: dict, rows: list[dict]) -> list[tuple]:
 def _final_rows(ident: dict, eval_json: dict | None, last_val: dict) -> list[tuple]:
     out = []
     if eval_json:
-        for bench, metrics in eval_json.get("benchmarks", {}).items():
+        for bench, metrics in eval_benchmarks(eval_json).items():
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     out.append((ident["run"], ident["algo"], ident["variant"], ident["seed"], bench, k, float(v)))

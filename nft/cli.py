@@ -50,9 +50,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from nft.config import ConfigError, load_study
 
     cfg = load_study(args.config, args.set)
-    missing = [k for k in ("algorithms", "seeds") if k not in cfg["_raw"]]
-    if missing:  # dvc.yaml's train x seed matrix reads them from the file itself
-        raise ConfigError(f"{args.config}: missing key(s) {missing} (the study's train x seed matrix, read by dvc.yaml)")
+    raw = cfg["_raw"]
+    missing = [k for k in ("algorithms", "seeds") if k not in raw]
+    missing += [f"variants.{a}" for a in raw.get("algorithms") or [] if a not in (raw.get("variants") or {})]
+    if missing:  # dvc.yaml reads the train x seed matrix and each arm's variants entry from the file itself
+        raise ConfigError(f"{args.config}: missing key(s) {missing}, which dvc.yaml reads (`nft compose {args.config} "
+                          f"--out params.yaml` writes every key)")
     from nft.train.run import check_backends
 
     check_backends(cfg["train"], world=args.processes)  # vLLM / DeepSpeed present, devices, batch sizes

@@ -199,6 +199,17 @@ class StudyConfig:
                              f"{sorted(self.variants)}")
         if not self.seeds:
             raise ValueError("seeds: expected a non-empty list of integers")
+        for name, v in self.variants.items():
+            if name in LOSSES and v.algo != name:
+                raise ValueError(f"variants.{name}: an arm named after the registered loss {name!r} must be that loss "
+                                 f"(algo: {name}), got algo: {v.algo}")
+
+    def with_every_arm(self) -> "StudyConfig":
+        """The same study with a ``variants`` entry for every arm (a plain algorithm: ``{algo: NAME}``): DVC's train
+        stage reads its arm's entry (``variants.<arm>``), so that changing one arm reruns that arm's runs only."""
+        variants = {a: self.variants.get(a) or Variant(algo=a) for a in self.algorithms}
+        variants.update(self.variants)
+        return dataclasses.replace(self, variants=variants)
 
     def arm(self, name: str, train) -> tuple[str, Any]:
         """``(algorithm, train config)`` of the arm ``name``: a variant's loss overrides merged into ``train.loss``
@@ -206,6 +217,8 @@ class StudyConfig:
         if name not in self.variants:
             return name, train
         v = self.variants[name]
+        if not v.loss:
+            return v.algo, train
         loss = dict(train.loss)
         loss[v.algo] = {**(loss.get(v.algo) or {}), **v.loss}
         return v.algo, dataclasses.replace(train, loss=loss)
@@ -251,7 +264,7 @@ def compose_study(path: str | Path, sets: list[str] | None = None) -> dict:
     """The study file ``path`` with every default filled in: what ``nft compose`` writes as ``params.yaml``, so that
     DVC tracks (and ``dvc exp run -S`` can set) every key. A preset states only what differs from the defaults."""
     cfg = load_study(path, sets)
-    out = to_dict(cfg["plan"])
+    out = to_dict(cfg["plan"].with_every_arm())
     out.update({name: to_dict(v) for name, v in cfg.items() if name not in ("_raw", "plan")})
     return out
 

@@ -149,11 +149,24 @@ def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: Grade
     return metrics, records
 
 
+def meta_path(out: str | Path) -> Path:
+    """Where ``nft evaluate`` writes the settings of the metrics file ``out``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".meta.json")
+
+
+def eval_benchmarks(result: dict) -> dict[str, dict]:
+    """``{benchmark: metrics}`` of an evaluation JSON (``mean`` left out)."""
+    return {k: v for k, v in result.items() if k != "mean" and isinstance(v, dict)}
+
+
 def run_evaluate(cfg: EvalConfig, model: str, out: str | Path, *, data: str | Path = "data",
                  samples: str | Path | None = None, threads: int = 2) -> dict:
-    """``nft evaluate``: every benchmark of ``cfg`` on the model folder ``model``; writes the metrics JSON ``out``
-    (and the per-answer JSONL ``samples``) atomically and returns the result. Benchmarks and the model are resolved
-    before anything is sampled."""
+    """``nft evaluate``: every benchmark of ``cfg`` on the model folder ``model``. Writes atomically the metrics JSON
+    ``out`` (metrics only, ``{benchmark: {avg@k, pass@k, maj@k, ...}, "mean": {"avg": ...}}``: what ``dvc exp show``
+    tabulates), the settings beside it (``<out stem>.meta.json``: model, config, seconds per benchmark) and the
+    per-answer JSONL ``samples``; returns the metrics. Benchmarks and the model are resolved before anything is
+    sampled."""
     import time
 
     import torch
@@ -169,7 +182,8 @@ def run_evaluate(cfg: EvalConfig, model: str, out: str | Path, *, data: str | Pa
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     sampler = make_sampler(cfg.sampler, str(model), tok, seed=cfg.seed, vllm=cfg.vllm, section="eval")
-    result: dict[str, Any] = {"model": str(model), "config": dataclasses.asdict(cfg), "benchmarks": {}}
+    result: dict[str, Any] = {}
+    meta: dict[str, Any] = {"model": str(model), "config": dataclasses.asdict(cfg), "seconds": {}}
     records = []
     pools = {g: GraderPool(cfg.workers, g) for g in cfg.graders}
     try:
@@ -179,17 +193,19 @@ def run_evaluate(cfg: EvalConfig, model: str, out: str | Path, *, data: str | Pa
             metrics, recs = evaluate_problems(sampler, tok, problems, bcfg, pools[cfg.graders[0]],
                                               {g: pools[g] for g in cfg.graders[1:]})
             metrics["skipped_rows"] = problems.skipped
-            metrics["seconds"] = round(time.perf_counter() - t0, 2)
-            result["benchmarks"][name] = metrics
+            meta["seconds"][name] = round(time.perf_counter() - t0, 2)
+            result[name] = metrics
             records += [{"benchmark": name, "question": problems[r["problem"]].question, **r} for r in recs]
             k = bcfg.k
             print(f"evaluate: {name}: avg@{k} {metrics[f'avg@{k}']:.4f} pass@{k} "
-                  f"{metrics[f'pass@{k}']:.4f} ({metrics['problems']} problems, {metrics['seconds']} s)")
+                  f"{metrics[f'pass@{k}']:.4f} ({metrics['problems']} problems, {meta['seconds'][name]} s)",
+                  flush=True)
     finally:
         for p in pools.values():
             p.close()
-    accs = [m[f"avg@{k_for(cfg, b)}"] for b, m in result["benchmarks"].items()]
+    accs = [m[f"avg@{k_for(cfg, b)}"] for b, m in result.items()]
     result["mean"] = {"avg": sum(accs) / len(accs) if accs else float("nan")}
+    atomic_write_json(meta_path(out), meta)
     atomic_write_json(out, result)
     if samples:
         atomic_write(samples, "".join(json.dumps(r) + "\n" for r in records))

@@ -147,7 +147,7 @@ def reference_base(path: str, out: Path) -> dict:
 
 
 def run_pretrain(data_cfg: SyntheticConfig, model_cfg: ModelConfig, cfg: PretrainConfig, out: str | Path,
-                 log_every: int = 50, progress: bool = True) -> dict:
+                 progress: bool = True) -> dict:
     """Train the base model and write it to ``out`` (atomically). Returns the summary written to pretrain.json."""
     from transformers import AutoTokenizer
 
@@ -192,12 +192,10 @@ def run_pretrain(data_cfg: SyntheticConfig, model_cfg: ModelConfig, cfg: Pretrai
         gen = torch.Generator().manual_seed(cfg.seed)
         model.train()
         losses = []
-        it = range(cfg.steps)
-        if progress:
-            from tqdm import tqdm
+        from .progress import Progress
 
-            it = tqdm(it, desc="pretrain", mininterval=2.0)
-        for step in it:
+        bar = Progress("pretrain", cfg.steps, enabled=progress)
+        for step in range(cfg.steps):
             idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
             seqs = [prompts[i] + responses[i] for i in idx]
             L = max(len(s) for s in seqs)
@@ -219,8 +217,7 @@ def run_pretrain(data_cfg: SyntheticConfig, model_cfg: ModelConfig, cfg: Pretrai
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             losses.append(float(loss.detach()))
-            if progress and step % log_every == 0:
-                it.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(step + 1, loss=losses[-1])
 
         model.generation_config.eos_token_id = model.config.eos_token_id
         model.generation_config.pad_token_id = pad

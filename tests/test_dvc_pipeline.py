@@ -19,7 +19,7 @@ SMOKE = {
     "study": {"name": "smoke", "launcher": "nft"},
     "algorithms": ["nft", "grpo"],
     "seeds": [0],
-    "variants": {},
+    "variants": {"nft": {"algo": "nft"}, "grpo": {"algo": "grpo"}},
     **{k: v for k, v in TINY.items() if k != "train"},
     "train": {**TINY["train"], "model": "models/base", "data": "data", "tracking": False},
     "eval": {"benchmarks": ["synth-easy", "synth-medium"], "k": 2, "limit": 6, "max_new_tokens": 24, "workers": 1},
@@ -66,7 +66,7 @@ def test_dvc_repro_smoke_and_selective_rerun(repo_copy):
         assert (repo_copy / "runs" / run / "metrics.json").is_file()
         assert (repo_copy / "runs" / run / "model" / "model.safetensors").is_file()
         ev = json.loads((repo_copy / "evals" / f"{run}.json").read_text())
-        assert set(ev["benchmarks"]) == {"synth-easy", "synth-medium"}
+        assert set(ev) == {"synth-easy", "synth-medium", "mean"}
     assert (repo_copy / "reports" / "summary.md").is_file()
     assert (repo_copy / "reports" / "figures" / "val_accuracy.png").is_file()
     assert (repo_copy / "data" / "train.jsonl").is_file() and (repo_copy / "models" / "base" / "config.json").is_file()
@@ -77,6 +77,21 @@ def test_dvc_repro_smoke_and_selective_rerun(repo_copy):
     _dvc(repo_copy, "plots", "show", "--out", "plots_html")
     assert (repo_copy / "plots_html" / "index.html").is_file()
 
+    # a one-line change to the trainer's log-prob pass: every stage that imports it is out of date, train included
+    modeling = repo_copy / "nft" / "modeling.py"
+    original = modeling.read_text()
+    modeling.write_text(original + "\n# changed\n")
+    assert {"train@nft-0", "train@grpo-0", "evaluate@nft-0", "evaluate@grpo-0"} <= _changed(repo_copy)
+    modeling.write_text(original)
+    assert _changed(repo_copy) == set()
+    # a change to one arm's loss: that arm's runs only
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["variants"]["nft"]["loss"] = {"eps": 0.5}
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _changed(repo_copy) == {"train@nft-0"}
+    params["variants"]["nft"].pop("loss")
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
     # a training param changes: train, evaluate and analyze rerun; prepare and base do not
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
     params["train"]["lr"] = 2e-3
@@ -86,6 +101,35 @@ def test_dvc_repro_smoke_and_selective_rerun(repo_copy):
     # nothing changed: nothing runs
     r = _dvc(repo_copy, "repro")
     assert _ran(r.stdout) == set()
+
+
+def _code_deps(stage: dict) -> set[str]:
+    return {d for d in stage.get("deps", []) if d.split("/")[0] in ("nft", "analysis")}
+
+
+@pytest.mark.parametrize("name", ["prepare", "base", "train", "evaluate", "analyze"])
+def test_stage_deps_are_the_code_its_command_imports(name):
+    """dvc.yaml lists exactly the project files a stage's command imports (nft.deps: the transitive import closure):
+    a file it misses would leave stale results 'up to date'; a folder lists only when all of it is needed."""
+    from nft.deps import stage_code
+
+    needed = set(stage_code(name))
+    listed = _code_deps(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name])
+    covered, extra = set(), []
+    for dep in listed:
+        path = REPO / dep
+        files = {str(f.relative_to(REPO)) for f in path.rglob("*.py")} if path.is_dir() else {dep}
+        if not files <= needed:
+            extra.append(f"{dep} ({sorted(files - needed)[:3]} not imported)")
+        covered |= files
+    assert not sorted(needed - covered), f"dvc.yaml: stage {name} misses {sorted(needed - covered)}"
+    assert not extra, f"dvc.yaml: stage {name} lists code it does not run: {extra}"
+
+
+def _changed(cwd: Path) -> set[str]:
+    """Stages `dvc status` reports as changed."""
+    out = _dvc(cwd, "status").stdout
+    return {ln.rstrip(":") for ln in out.splitlines() if ln and not ln[0].isspace() and ln.endswith(":")}
 
 
 def test_bad_params_stop_before_any_stage(repo_copy):

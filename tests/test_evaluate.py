@@ -78,10 +78,14 @@ def test_evaluate_cli(tiny_study, tmp_path):
     nft_cli("evaluate", "--model", base, "--benchmarks", "synth-easy,synth-medium", "--k", "2", "--limit", "6",
             "--data", data, "--out", out, "--samples", samples)
     res = json.loads(out.read_text())
+    assert set(res) == {"synth-easy", "synth-medium", "mean"}  # metrics only: the settings go beside them
+    meta = json.loads((tmp_path / "e.meta.json").read_text())
+    assert meta["config"]["k"] == 2 and set(meta["seconds"]) == {"synth-easy", "synth-medium"}
     for name in ("synth-easy", "synth-medium"):
-        m = res["benchmarks"][name]
+        m = res[name]
         assert m["problems"] == 6 and 0 <= m["avg@2"] <= m["pass@2"] <= 1
         assert "dapo/avg@2" in m and "dapo/disagreement" in m
+        assert all(isinstance(v, (int, float)) for v in m.values())
     lines = samples.read_text().splitlines()
     assert len(lines) == 2 * 6 * 2 and "answer_text" in json.loads(lines[0])
     bad = nft_cli("evaluate", "--model", base, "--benchmarks", "synth-easy,nope", "--out", tmp_path / "x.json",

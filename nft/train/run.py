@@ -44,6 +44,7 @@ from ..dist import Dist, launched_world_size
 from ..evaluate import EvalConfig, evaluate_problems
 from ..io import atomic_write_json, replace_dir, staging_dir, staging_path
 from ..modeling import load_policy
+from ..progress import Progress
 from ..reward import GraderPool
 from ..rollout import Sampler, make_sampler
 from ..tracking import MLflowTracker, NullTracker, Tracker
@@ -269,28 +270,24 @@ def _finish(run: Run, last: dict) -> dict:
 def _steps(run: Run, history, progress: bool, on_validate: Callable | None) -> dict:
     """The step loop (validation, progress, checkpoints); returns the last row."""
     cfg, dist = run.cfg, run.dist
-    steps = range(run.start_step, cfg.steps)
-    if progress and dist.is_main:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc=f"{run.variant}-s{run.seed}", initial=run.start_step, total=cfg.steps,
-                     mininterval=1.0)
+    bar = Progress(f"train {run.variant}-s{run.seed}", cfg.steps, start=run.start_step,
+                   enabled=progress and dist.is_main)
     if run.start_step == 0:
         row = {"step": 0, **run.validate()}
         run.record(row, history)
         if on_validate and dist.is_main:
             on_validate(0, row)
     last: dict = {}
-    for step in steps:
+    for step in range(run.start_step, cfg.steps):
         metrics = _rollout_step(run, step)
         done = step + 1
         if (cfg.val_every and done % cfg.val_every == 0) or done == cfg.steps:
             metrics.update(run.validate())
         last = {"step": done, **metrics}
         run.record(last, history)
-        if progress and dist.is_main:
-            steps.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}",
-                              ent=f"{metrics.get('train/entropy', float('nan')):.2f}")
+        val = [v for k, v in metrics.items() if k.startswith("val/mean/")]
+        bar.update(done, reward=metrics["rollout/accuracy"], **({"val": val[0]} if val else {}),
+                   **{"tokens/s": round(metrics.get("perf/sample_tokens_per_s", 0.0))})
         if on_validate and dist.is_main and any(k.startswith("val/") for k in metrics):
             on_validate(done, last)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:

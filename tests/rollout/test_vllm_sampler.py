@@ -93,6 +93,6 @@ def test_evaluate_with_vllm(tiny_study_vllm, tmp_path):
             "--benchmarks", "synth-easy", "--k", "2", "--limit", "8", "--set", "eval.sampler=vllm")
     res = json.loads(out.read_text())
     assert res["config"]["sampler"] == "vllm"
-    assert 0.0 <= res["benchmarks"]["synth-easy"]["avg@2"] <= 1.0
+    assert 0.0 <= res["synth-easy"]["avg@2"] <= 1.0
     rows = [json.loads(ln) for ln in samples.read_text().splitlines()]
     assert len(rows) == 16 and any("boxed" in r["answer_text"] for r in rows)
