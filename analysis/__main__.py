@@ -136,15 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evals", default="evals", help="folder of final evaluation JSONs (<run>.json)")
     ap.add_argument("--mlflow-experiment", default=None, help="read the runs from this MLflow experiment instead")
     ap.add_argument("--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
+    ap.add_argument("--dvc-exp", default=None, help="with --mlflow-experiment: the runs of this DVC experiment only "
+                                                    "(workspace: the plain dvc repro)")
     ap.add_argument("--out", default="reports")
     ap.add_argument("--k", type=int, default=None, help="headline avg@k (default: the largest in the evaluation)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ap.add_argument("--log-mlflow", action="store_true",
+                    help="log the reports and the summary into the study's MLflow run (the train runs' parent)")
     ap.add_argument("--metrics", default=None,
                     help="also write the study summary as a DVC metrics file (per arm: mean, std, 95%% CI, seeds)")
     args = ap.parse_args(argv)
     evals = Path(args.evals) if Path(args.evals).is_dir() else None
     if args.mlflow_experiment:
-        history, final, problems = load_mlflow(args.mlflow_experiment, args.tracking_uri, evals)
+        history, final, problems = load_mlflow(args.mlflow_experiment, args.tracking_uri, evals, args.dvc_exp)
         source = f"MLflow experiment {args.mlflow_experiment}"
     else:
         if not Path(args.runs).is_dir():
@@ -157,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         from nft.io import atomic_write_json
 
         atomic_write_json(args.metrics, study_metrics(numbers))
+    if args.log_mlflow and not args.mlflow_experiment:
+        from nft.config import flatten
+        from nft.tracking import log_study
+
+        ids = log_study(args.runs, args.out, flatten(study_metrics(numbers), ""))
+        print(f"analysis: logged into MLflow study run(s) {ids}")
     print(f"analysis: {len(numbers['variants'])} variants -> {args.out}/summary.md")
     return 0
 

@@ -98,9 +98,28 @@ def load_runs(runs_dir: str | Path, evals_dir: str | Path | None = None) -> tupl
     return (pd.DataFrame(hist, columns=HISTORY_COLUMNS), pd.DataFrame(final, columns=FINAL_COLUMNS), problems)
 
 
-def load_mlflow(experiment: str, tracking_uri: str = "", evals_dir: str | Path | None = None
-                ) -> tuple[pd.DataFrame, pd.DataFrame, list]:
-    """The same frames from an MLflow experiment (metric histories; ``_at_`` in names maps back to ``@``)."""
+def _latest_per_arm(runs: list, problems: list[str]) -> list:
+    """One run per (variant, seed): the latest finished one (else the latest); the others are named in
+    ``problems`` (reruns, replays, DVC experiments logging into the same study)."""
+    by_key: dict[tuple, list] = {}
+    for r in runs:
+        t = r.data.tags
+        by_key.setdefault((t.get("variant") or t["algo"], t.get("seed")), []).append(r)
+    keep = []
+    for key, group in sorted(by_key.items(), key=lambda kv: str(kv[0])):
+        group.sort(key=lambda r: (r.info.status == "FINISHED", r.info.start_time or 0), reverse=True)
+        keep.append(group[0])
+        for r in group[1:]:
+            problems.append(f"MLflow run {r.info.run_id} ({r.info.run_name}, {r.info.status}) skipped: a later "
+                            f"finished run of {key[0]} seed {key[1]} is used")
+    return keep
+
+
+def load_mlflow(experiment: str, tracking_uri: str = "", evals_dir: str | Path | None = None,
+                dvc_exp: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """The same frames from an MLflow experiment (metric histories; ``_at_`` in names maps back to ``@``): one run
+    per (arm, seed), the latest finished; ``dvc_exp`` keeps the runs of one DVC experiment (``workspace``: the
+    plain ``dvc repro``)."""
     from mlflow.tracking import MlflowClient
 
     from nft.tracking import from_mlflow_key, resolve_uri
@@ -110,11 +129,11 @@ def load_mlflow(experiment: str, tracking_uri: str = "", evals_dir: str | Path |
     if exp is None:
         raise ValueError(f"MLflow experiment {experiment!r} not found at {resolve_uri(tracking_uri)}")
     hist, final, problems = [], [], []
-    runs = client.search_runs([exp.experiment_id], max_results=10000)
-    for run in sorted(runs, key=lambda r: r.info.run_name or ""):
+    runs = [r for r in client.search_runs([exp.experiment_id], max_results=10000)
+            if "algo" in r.data.tags  # study runs, sweep parents and foreign runs have no algo
+            and (dvc_exp is None or r.data.tags.get("dvc.exp_name", "workspace") == dvc_exp)]
+    for run in sorted(_latest_per_arm(runs, problems), key=lambda r: r.info.run_name or ""):
         tags, params = run.data.tags, run.data.params
-        if "algo" not in tags:
-            continue  # a sweep parent or a foreign run
         algo = tags["algo"]
         overrides = {}
         prefix = f"resolved.train.loss.{algo}."

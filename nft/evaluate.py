@@ -209,4 +209,19 @@ def run_evaluate(cfg: EvalConfig, model: str, out: str | Path, *, data: str | Pa
     atomic_write_json(out, result)
     if samples:
         atomic_write(samples, "".join(json.dumps(r) + "\n" for r in records))
+    _log_final(Path(model).parent, result, [Path(out), meta_path(out)])
     return result
+
+
+def _log_final(run_dir: Path, result: dict, files: list[Path]) -> None:
+    """A model inside a tracked run folder (``runs/X/model``): its final evaluation goes into that train run, as
+    ``final/<benchmark>/<metric>`` at the run's last step, so MLflow's compare view ranks arms and seeds on it."""
+    from .tracking import log_to_run
+
+    if not (run_dir / "mlflow_run_id").is_file():
+        return
+    done = run_dir / "metrics.json"
+    step = int(json.loads(done.read_text()).get("steps", 0)) if done.is_file() else 0
+    flat = {f"final/{b}/{k}": v for b, m in eval_benchmarks(result).items() for k, v in m.items()}
+    flat["final/mean/avg"] = result["mean"]["avg"]
+    log_to_run(run_dir, flat, step, files)

@@ -190,10 +190,12 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
     load_study(config, base_sets + _sets(probe))
     storage = storage or default_storage(study_name)
     tcfg = cfg0["train"]
+    # sweeps in their own experiment, beside (not inside) the study's training runs
+    sweep_exp = f"{tcfg.experiment or cfg0['plan'].study.name}-sweeps"
 
     def setup(study):  # by the worker that creates the study, before the others start
         if tcfg.tracking:
-            parent = MLflowTracker(tcfg.tracking_uri, tcfg.experiment, f"sweep-{study_name}")
+            parent = MLflowTracker(tcfg.tracking_uri, sweep_exp, f"sweep-{study_name}")
             if not parent.offline:
                 parent.set_tags({"sweep": study_name, "algo": space.algo})
                 parent.log_params({"space": Path(space_path).name, "trials": trials, "seeds": seeds})
@@ -210,7 +212,7 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
         full = {k: dataclasses.asdict(v) for k, v in cfg.items() if not k.startswith("_")}
         tracker = None
         if tcfg.tracking and parent_id:
-            tracker = MLflowTracker(tcfg.tracking_uri, tcfg.experiment, f"{study_name}-trial{trial.number}",
+            tracker = MLflowTracker(tcfg.tracking_uri, sweep_exp, f"{study_name}-trial{trial.number}",
                                     parent_run_id=parent_id)
             tracker.log_params({**values, "seeds": ",".join(map(str, seeds)), "trial": trial.number})
             tracker.set_tags({"sweep": study_name, "trial": str(trial.number)})

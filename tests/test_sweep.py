@@ -62,7 +62,7 @@ def test_sqlite_two_workers_and_nested_mlflow(tiny_study, tmp_path):
     trials = _check_trials(storage, "s1")
     assert all(t.state.name == "COMPLETE" for t in trials)
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("sweeps")
+    exp = client.get_experiment_by_name("sweeps-sweeps")  # train.experiment + "-sweeps": apart from the study's runs
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("mlflow.runName") == "sweep-s1"]
     import optuna

@@ -72,10 +72,10 @@ class TrainConfig:
     prompt with its answer instead of sharing the prompt's KV cache."""
     deepspeed_config: str = ""
     """DeepSpeed JSON config (engine=deepspeed)."""
-    experiment: str = "nft-study"
-    """MLflow experiment name."""
+    experiment: str = ""
+    """MLflow experiment; empty: the study's name (``study.name``)."""
     tracking_uri: str = ""
-    """MLflow URI; empty: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the working directory."""
+    """MLflow URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<repository>/mlflow.db (nft.tracking.resolve_uri)."""
     tracking: bool = True
 
     def __post_init__(self):

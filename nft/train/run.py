@@ -26,7 +26,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,7 +46,7 @@ from ..modeling import load_policy
 from ..progress import Progress
 from ..reward import GraderPool
 from ..rollout import Sampler, make_sampler
-from ..tracking import MLflowTracker, NullTracker, Tracker
+from ..tracking import MLflowTracker, NullTracker, Tracker, dvc_experiment, git_state, study_run
 from .checkpoint import fingerprint, has_checkpoint, restore_checkpoint, save_checkpoint, truncate_history
 from .config import TrainConfig
 from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed, model_hidden_size, resolve_deepspeed_config
@@ -94,11 +93,8 @@ def validate(sampler: Sampler, tokenizer, val_sets: dict, pool: GraderPool, cfg:
     return out
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return ""
+#: train settings that say where results are logged, not what they are: left out of the run's fingerprint
+TRACKING_KEYS = ("experiment", "tracking_uri", "tracking")
 
 
 @dataclass
@@ -159,8 +155,9 @@ def _prepare_folder(run_dir: Path, fp: str, dist: Dist) -> dict | None:
     return None
 
 
-def _make_tracker(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dist: Dist,
-                  tracker: Tracker | None) -> Tracker:
+def _make_tracker(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dist: Dist, tracker: Tracker | None,
+                  experiment: str, tags: dict) -> Tracker:
+    """The run's tracker: nested under the study's run (``nft.tracking.study_run``), continued on resume."""
     if not dist.is_main:
         return NullTracker()
     if tracker is not None:
@@ -169,9 +166,14 @@ def _make_tracker(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dist
         return NullTracker()
     run_id_file = run_dir / "mlflow_run_id"
     run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
-    tracker = MLflowTracker(cfg.tracking_uri, cfg.experiment, name, run_id=run_id, flush_every=5)
+    parent = None if run_id else study_run(cfg.tracking_uri, experiment)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    tracker = MLflowTracker(cfg.tracking_uri, experiment, name, run_id=run_id, parent_run_id=parent,
+                            flush_every=5, tags=tags)
     if tracker.run_id and not tracker.offline:
         run_id_file.write_text(tracker.run_id)
+        tracker.start_system_metrics()
     return tracker
 
 
@@ -186,8 +188,9 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
         raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
     ds_config = check_backends(cfg)
     resolved = {"algo": algo, "seed": seed, "batch_rule": rule, "loss": asdict(params), "train": asdict(cfg)}
+    results_of = {**resolved, "train": {k: v for k, v in resolved["train"].items() if k not in TRACKING_KEYS}}
     dist = init_distributed(cfg.engine)
-    done = _prepare_folder(run_dir, fingerprint(resolved, train_set, val_sets, cfg.model), dist)
+    done = _prepare_folder(run_dir, fingerprint(results_of, train_set, val_sets, cfg.model), dist)
     if done is not None:
         return done
     torch.set_num_threads(cfg.threads)
@@ -208,17 +211,23 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
             truncate_history(run_dir / "history.jsonl", start_step)
     elif dist.is_main:
         (run_dir / "history.jsonl").unlink(missing_ok=True)
-    tags = {"algo": algo, "variant": variant, "seed": str(seed), "study": study, "git_commit": _git_commit(),
+    tags = {"algo": algo, "variant": variant, "seed": str(seed), "study": study, "dvc.exp_name": dvc_experiment(),
+            "mlflow.source.name": "nft train", "mlflow.source.type": "LOCAL", **git_state(),
             "data_hash": train_set.hash, "batch_rule": rule, "engine": cfg.engine, "sampler": cfg.sampler,
             "processes": str(dist.world)}
     if dist.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump({**(full_config or {}), "resolved": resolved},
                                                              sort_keys=False))
+    tracker = _make_tracker(cfg, run_dir, f"{variant}-s{seed}", resume, dist, tracker, cfg.experiment or study, tags)
+    if dist.is_main:
         (run_dir / "tags.json").write_text(json.dumps(tags, indent=2))
-    tracker = _make_tracker(cfg, run_dir, f"{variant}-s{seed}", resume, dist, tracker)
     if not resume:
         tracker.log_params({**flatten(resolved), **seeds})
         tracker.set_tags(tags)
+        if isinstance(tracker, MLflowTracker):
+            tracker.log_dataset(train_set.name, train_set.hash, str(Path(cfg.data).resolve() / f"{cfg.train_set}.jsonl")
+                                if cfg.train_set == "train" else cfg.train_set)
+            tracker.log_artifact(run_dir / "config.yaml")
     sampler = make_sampler(cfg.sampler, source, tokenizer, seed=seed, vllm=cfg.vllm,
                            weights=engine.rollout_weights(), dtype=engine.dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -264,6 +273,9 @@ def _finish(run: Run, last: dict) -> dict:
     final = {k: v for k, v in last.items() if k.startswith("val/")}
     final.update({"steps": run.cfg.steps, "algo": run.algo, "seed": run.seed})
     atomic_write_json(run.run_dir / "metrics.json", final)
+    if isinstance(run.tracker, MLflowTracker):  # where the weights are (MLflow holds the reference, not a copy)
+        run.tracker.set_tags({"nft.model_dir": str(final_model.resolve())})
+        run.tracker.log_artifact(run.run_dir / "metrics.json")
     return final
 
 

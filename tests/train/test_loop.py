@@ -137,19 +137,33 @@ def mlflow_server(tmp_path):
     proc.wait(timeout=20)
 
 
-def test_mlflow_server_receives_metric_history(tiny_study, tmp_path, mlflow_server):
+def test_mlflow_holds_the_run(tiny_study, tmp_path, mlflow_server):
+    """A real `mlflow server`: the experiment is the study, the run is nested under the study's run with the tags,
+    dataset input and artifacts the UI shows, and `nft evaluate` adds the final evaluation to it."""
     from mlflow.tracking import MlflowClient
 
-    params, _, _ = tiny_study
+    params, data, _ = tiny_study
     run = tmp_path / "tracked"
     nft_cli("train", "--config", params, "--algo", "dapo", "--seed", "1", "--out", run, "--quiet",
             "--set", "train.tracking=true", "--set", f"train.tracking_uri={mlflow_server}",
-            "--set", "train.experiment=test-exp")
+            "--set", "study.name=tiny-study")
     run_id = (run / "mlflow_run_id").read_text().strip()
     client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("tiny-study")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the training runs
     got = client.get_run(run_id)
-    assert got.info.status == "FINISHED"
-    assert got.data.tags["algo"] == "dapo" and got.data.tags["seed"] == "1"
+    assert got.info.status == "FINISHED" and got.info.run_name == "dapo-s1"
+    assert got.info.experiment_id == exp.experiment_id
+    tags = got.data.tags
+    assert tags["algo"] == "dapo" and tags["variant"] == "dapo" and tags["seed"] == "1"
+    assert tags["study"] == "tiny-study" and tags["dvc.exp_name"] == "workspace"
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["nft.git_dirty"] in ("True", "False")
+    assert tags["mlflow.source.name"] == "nft train" and tags["nft.model_dir"] == str((run / "model").resolve())
+    parent = client.get_run(tags["mlflow.parentRunId"])
+    assert parent.data.tags["nft.role"] == "study" and parent.info.experiment_id == exp.experiment_id
+    (ds,) = got.inputs.dataset_inputs
+    assert ds.dataset.name == "train" and len(ds.dataset.digest) == 16
+    assert {"config.yaml", "metrics.json"} <= {a.path for a in client.list_artifacts(run_id)}
     assert got.data.params["seed/run"] == "1" and "seed/data_order" in got.data.params
     hist = client.get_metric_history(run_id, "rollout/accuracy")
     assert [m.step for m in hist] == [1, 2]
@@ -157,6 +171,21 @@ def test_mlflow_server_receives_metric_history(tiny_study, tmp_path, mlflow_serv
     assert [m.step for m in val] == [0, 2]
     local = _history(run)
     assert [m.value for m in hist] == [r["rollout/accuracy"] for r in local[1:]]
+    # the final evaluation lands in the train run (the compare view ranks arms and seeds on it)
+    out = tmp_path / "evals" / "dapo-s1.json"
+    nft_cli("evaluate", "--model", run / "model", "--benchmarks", "synth-easy", "--k", "2", "--limit", "4",
+            "--data", data, "--out", out)
+    got = client.get_run(run_id)
+    ev = json.loads(out.read_text())
+    assert got.data.metrics["final/synth-easy/avg_at_2"] == pytest.approx(ev["synth-easy"]["avg@2"])
+    assert {"evaluation/dapo-s1.json", "evaluation/dapo-s1.meta.json"} <= {
+        a.path for a in client.list_artifacts(run_id, "evaluation")}
+    # a second study run is not created by a second train run of the same study
+    nft_cli("train", "--config", params, "--algo", "nft", "--seed", "1", "--out", tmp_path / "second", "--quiet",
+            "--set", "train.tracking=true", "--set", f"train.tracking_uri={mlflow_server}",
+            "--set", "study.name=tiny-study", "--set", "train.steps=1")
+    studies = client.search_runs([exp.experiment_id], filter_string="tags.`nft.role` = 'study'")
+    assert len(studies) == 1
 
 
 def test_dead_server_then_replay(tiny_study, tmp_path):
@@ -177,6 +206,12 @@ def test_dead_server_then_replay(tiny_study, tmp_path):
     assert client.get_run(run_id).data.tags["algo"] == "grpo"
     hist = client.get_metric_history(run_id, "train/entropy")
     assert [m.value for m in hist] == [x["train/entropy"] for x in _history(run)[1:]]
+    # replaying again continues the same run and adds nothing twice; one (variant, seed), one run
+    assert nft_cli("replay", run, "--tracking-uri", store).stdout.split()[-1] == run_id
+    assert len(client.get_metric_history(run_id, "train/entropy")) == len(hist)
+    exp = client.get_experiment_by_name("nft-study")
+    trains = [r for r in client.search_runs([exp.experiment_id]) if "algo" in r.data.tags]
+    assert [r.info.run_id for r in trains] == [run_id]
 
 
 def test_bad_inputs_fail_before_work(tiny_study, tmp_path):
