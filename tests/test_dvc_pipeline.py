@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ def _dvc(cwd: Path, *args) -> subprocess.CompletedProcess:
 @pytest.fixture
 def repo_copy(tmp_path):
     dst = tmp_path / "repo"
-    top = {".venv", ".git", "data", "models", "runs", "evals", "reports", "mlflow.db", "tmp", "dvc.lock"}
+    top = {".venv", ".git", "data", "models", "runs", "evals", "reports", "mlflow.db", "tmp", "dvc.lock", "mlartifacts",
+           "metrics.json", "sweeps"}
     anywhere = shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.egg-info")
 
     def ignore(folder, names):
@@ -256,3 +258,49 @@ def test_study_files_carry_the_train_params():
         missing = sorted(listed - set(study))
         assert not missing, f"{path.relative_to(REPO)}: no {missing}, which dvc.yaml's train stage lists as params"
     assert not sorted(listed - set(SMOKE)), "SMOKE (this file's study) lacks a key dvc.yaml's train stage lists"
+
+
+def _git(cwd: Path, *args) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                   capture_output=True)
+
+
+@pytest.mark.slow
+def test_queued_experiments_keep_metrics_and_mlflow_runs(repo_copy):
+    """`dvc exp run --queue` + `dvc queue start`: each experiment shows its final metrics and the study summary in
+    `dvc exp show`, and its runs land in the repository's MLflow store (not in the deleted temporary workspace)."""
+    from mlflow.tracking import MlflowClient
+
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["train"]["tracking"] = True
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _dvc(repo_copy, "repro")  # the baseline; the queued experiments take data and the base model from the cache
+    _git(repo_copy, "add", "-A")
+    _git(repo_copy, "commit", "-qm", "baseline")
+    for name, lr in (("q1", 1e-3), ("q2", 2e-3)):
+        _dvc(repo_copy, "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}")
+    _dvc(repo_copy, "queue", "start", "-j", "1")
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = _dvc(repo_copy, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 2, status
+    shown = json.loads(_dvc(repo_copy, "exp", "show", "--json").stdout)
+    exps = {rev["name"]: rev for base in shown for exp in (base.get("experiments") or []) for rev in exp["revs"]}
+    for name in ("q1", "q2"):
+        data = exps[name]["data"]
+        metrics = data["metrics"]
+        assert metrics["evals/nft-s0.json"]["data"]["synth-easy"]["avg@2"] >= 0
+        assert set(metrics["metrics.json"]["data"]["avg@2"]) == {"nft", "grpo"}
+    diff = _dvc(repo_copy, "exp", "diff", "q1", "q2").stdout
+    assert "train.lr" in diff
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo_copy / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([exp.experiment_id])
+    by_exp = {}
+    for r in runs:
+        if "algo" in r.data.tags:
+            by_exp.setdefault(r.data.tags["dvc.exp_name"], set()).add(r.info.run_name)
+    assert by_exp["q1"] == by_exp["q2"] == {"nft-s0", "grpo-s0"}, by_exp
