@@ -114,7 +114,7 @@ def write_plot_tables(history, out: Path, k: int) -> None:
     from .load import curve
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, metric in [("val_accuracy", f"val/mean/avg@{k}"), ("entropy", "train/entropy"),
+    for name, metric in [("val_accuracy", f"val/mean/avg@{k}"), ("entropy", "policy/entropy"),
                          ("reward", "rollout/accuracy")]:
         c = curve(history, metric)
         wide = c.pivot(index="step", columns="variant", values="mean") if len(c) else None

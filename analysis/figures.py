@@ -82,7 +82,7 @@ def standard_figures(history: pd.DataFrame, k: int) -> dict[str, object]:
         if len(parts) == 3 and parts[0] == "val" and parts[1] != "mean" and parts[2] == f"avg@{k}":
             figs[f"val_accuracy_{parts[1]}"] = curve_figure(history, m, f"avg@{k} (%)", parts[1], default_variants,
                                                             100)
-    for name, m, label, title in [("entropy", "train/entropy", "entropy (nats/token)", "Policy entropy"),
+    for name, m, label, title in [("entropy", "policy/entropy", "entropy (nats/token)", "Policy entropy (all sampled answers)"),
                                   ("reward", "rollout/accuracy", "training accuracy (%)", "Training reward"),
                                   ("length", "response/length_mean", "tokens", "Response length")]:
         if m in metrics:

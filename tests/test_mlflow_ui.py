@@ -49,13 +49,16 @@ def test_mlflow_ui_shows_the_study(tiny_study, tmp_path, mlflow_server):  # noqa
     exp = client.get_experiment_by_name("ui-study")
     sweeps = client.get_experiment_by_name("ui-study-sweeps")
     assert sweeps is not None and sweeps.experiment_id != exp.experiment_id
-    page = _dom(f"{mlflow_server}/#/experiments/{exp.experiment_id}")
+    # MLflow 3.17's UI picks an experiment's first page from its GenAI / model-training switch (remembered per
+    # browser, GenAI in a fresh one) rather than from the experiment's kind tag; the links nft gives carry the switch
+    page = _dom(f"{mlflow_server}/#/experiments/{exp.experiment_id}?workflowType=machine_learning")
+    assert "Training runs" in page and "Traces 0" not in page
     for name in ("nft-s0", "grpo-s0"):
         assert name in page, f"the experiment page does not list {name}"
     assert "uisweep" not in page  # the sweep's runs are not among the study's
     for algo, run_id in runs.items():
-        page = _dom(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{run_id}")
+        page = _dom(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{run_id}?workflowType=machine_learning")
         for text in (f"{algo}-s0", algo, "train", "nft train", "final/synth-easy/avg_at_2"):
             assert text in page, f"run page of {algo}-s0 lacks {text!r}"
-    page = _dom(f"{mlflow_server}/#/experiments/{sweeps.experiment_id}")
+    page = _dom(f"{mlflow_server}/#/experiments/{sweeps.experiment_id}?workflowType=machine_learning")
     assert "sweep-uisweep" in page

@@ -23,6 +23,8 @@ class Rollout:
         logprobs: ``[B, T]`` float, log-probs of the sampled tokens under the sampler (0 on padding).
         finished: ``[B]`` bool, the answer ended with a stop token (False: cut at the length limit).
         texts: decoded answers (special tokens dropped).
+        entropy: ``[B, T]`` float, the entropy of the sampling distribution at each generated token (0 on padding);
+            None where the backend does not give it (vLLM): then ``-logprobs`` estimates it (its expectation).
     """
 
     prompt_ids: list[list[int]]
@@ -31,6 +33,7 @@ class Rollout:
     logprobs: torch.Tensor
     finished: torch.Tensor
     texts: list[str]
+    entropy: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -58,8 +58,8 @@ class TorchSampler:
     def sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
         ro = self._sample(prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         # inference-mode tensors cannot enter autograd later (the trainer indexes with them): return normal copies
-        ro.response, ro.mask, ro.logprobs, ro.finished = (ro.response.clone(), ro.mask.clone(), ro.logprobs.clone(),
-                                                          ro.finished.clone())
+        ro.response, ro.mask, ro.logprobs, ro.finished, ro.entropy = (
+            ro.response.clone(), ro.mask.clone(), ro.logprobs.clone(), ro.finished.clone(), ro.entropy.clone())
         return ro
 
     @torch.inference_mode()
@@ -93,6 +93,7 @@ class TorchSampler:
             stop_ids = self.stop_ids.to(dev)
             tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
             logps = torch.zeros((B, max_new_tokens), device=dev)
+            ents = torch.zeros((B, max_new_tokens), device=dev)
             lengths = torch.zeros(B, dtype=torch.long, device=dev)
             finished = torch.zeros(B, dtype=torch.bool, device=dev)
             alive = torch.arange(B, device=dev)  # rows in the batch, in cache order
@@ -106,6 +107,7 @@ class TorchSampler:
                 rows = alive[live]
                 tokens[rows, t] = tok[live]
                 logps[rows, t] = draw.gather(-1, tok[:, None]).squeeze(-1)[live]
+                ents[rows, t] = torch.special.entr(draw.exp()).sum(-1)[live]  # of the distribution drawn from
                 lengths[rows] = t + 1
                 stop = torch.isin(tok, stop_ids) & live
                 finished[alive[stop]] = True
@@ -126,6 +128,7 @@ class TorchSampler:
         finally:
             model.train(was_training)
         tokens, logps, lengths, finished = tokens.cpu(), logps.float().cpu(), lengths.cpu(), finished.cpu()
+        ents = ents.float().cpu()
         T = max(int(lengths.max()), 1)
         mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
         response = tokens[:, :T].masked_fill(mask == 0, self.pad_id)
@@ -139,5 +142,6 @@ class TorchSampler:
             logprobs=logps[:, :T] * mask,
             finished=finished,
             texts=texts,
+            entropy=ents[:, :T] * mask,
         )
 

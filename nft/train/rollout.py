@@ -36,6 +36,8 @@ class RolloutShard:
     lengths: list[torch.Tensor] = field(default_factory=list)
     finished: list[torch.Tensor] = field(default_factory=list)
     tokens: int = 0
+    entropy_sum: float = 0.0
+    """the sampling distribution's entropy summed over every sampled token (before the batch rule)."""
     t_sample: float = 0.0
     t_grade: float = 0.0
     grader_timeouts: int = 0
@@ -51,6 +53,7 @@ class RolloutShard:
             out.lengths += p.lengths
             out.finished += p.finished
             out.tokens += p.tokens
+            out.entropy_sum += p.entropy_sum
             out.grader_timeouts += p.grader_timeouts
             out.grader_errors += p.grader_errors
         out.t_sample = max(p.t_sample for p in parts)
@@ -106,6 +109,7 @@ def _generation_batch(sampler, tokenizer, questions, positions, pool, cfg, rule,
     out.t_sample += t1 - t0
     out.t_grade += time.perf_counter() - t1
     out.tokens += int(ro.mask.sum())
+    out.entropy_sum += float((ro.entropy if ro.entropy is not None else -ro.logprobs * ro.mask).sum())
     rewards = (torch.tensor(verdicts, dtype=torch.bool) & ro.finished).double()  # cut at the length limit: wrong
     out.rewards.append(rewards)
     out.lengths.append(ro.lengths)
@@ -125,7 +129,9 @@ def _generation_batch(sampler, tokenizer, questions, positions, pool, cfg, rule,
 
 
 def rollout_metrics(shard: RolloutShard, groups: list[dict], gen_batches: int, K: int) -> dict[str, float]:
-    """The step's ``rollout/``, ``response/``, ``grader/`` metrics over every sampled answer (before the rule)."""
+    """The step's ``rollout/``, ``policy/``, ``response/``, ``grader/`` metrics over every sampled answer, before the
+    batch rule: ``policy/entropy`` is the policy's mean token entropy (nats) on the answers it sampled, the same
+    for every algorithm given the same policy and samples (``train/batch_entropy`` is that of the rows trained on)."""
     rewards = torch.cat(shard.rewards)
     lengths = torch.cat(shard.lengths).double()
     finished = torch.cat(shard.finished)
@@ -138,6 +144,7 @@ def rollout_metrics(shard: RolloutShard, groups: list[dict], gen_batches: int, K
         "rollout/gen_batches": float(gen_batches),
         "rollout/all_correct_frac": float(np.mean([r == 1.0 for r in rates])),
         "rollout/all_wrong_frac": float(np.mean([r == 0.0 for r in rates])),
+        "policy/entropy": shard.entropy_sum / max(shard.tokens, 1),
         "response/length_mean": float(lengths.mean()),
         "response/length_max": float(lengths.max()),
         "response/clipped_frac": float((~finished).double().mean()),

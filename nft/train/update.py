@@ -191,7 +191,7 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
     if trace is not None:
         trace.extend(stats.step_losses)
     return {
-        "train/entropy": stats.entropy_sum / max(stats.tokens, 1.0),
+        "train/batch_entropy": stats.entropy_sum / max(stats.tokens, 1.0),
         "train/grad_norm": float(np.mean(grad_norms)),
         "train/grad_norm_max": float(np.max(grad_norms)),
         "train/lr": engine.lr,

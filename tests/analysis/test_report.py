@@ -29,10 +29,10 @@ def make_runs(root: Path) -> Path:
         steps = 4 if (algo, seed) != ("nft", 2) else 2  # unequal length
         rows = [{"step": 0, "val/synth-medium/avg@4": 0.1, "val/synth-easy/avg@4": 0.3, "val/mean/avg@4": 0.2}]
         for s in range(1, steps + 1):
-            row = {"step": s, "train/entropy": 0.5 + 0.1 * seed + s * (0.1 if algo == "nft" else -0.1),
+            row = {"step": s, "policy/entropy": 0.5 + 0.1 * seed + s * (0.1 if algo == "nft" else -0.1),
                    "rollout/accuracy": 0.1 * s, "response/length_mean": 20.0}
             if s == 1 and algo == "grpo":
-                row["train/entropy"] = float("nan")
+                row["policy/entropy"] = float("nan")
             if s == steps:
                 row.update({"val/synth-medium/avg@4": med, "val/synth-easy/avg@4": easy,
                             "val/mean/avg@4": (med + easy) / 2})
@@ -60,7 +60,7 @@ def test_tidy_frames_and_exact_statistics(tmp_path):
     assert bold.loc["nft", "synth-easy"] and bold.loc["grpo", "synth-easy"]  # 52.0 vs 52.0: within 1 point
     md, tex = to_markdown(table), to_latex(table)
     assert "**32.0 ± 2.0**" in md and "\\textbf{32.0 $\\pm$ 2.0}" in tex and "21.0 ± 1.4" in md
-    c = curve(history, "train/entropy")
+    c = curve(history, "policy/entropy")
     grpo1 = c[(c.variant == "grpo") & (c.step == 1)]
     assert grpo1.empty  # both grpo seeds have NaN at step 1: dropped, not averaged as 0
     nft4 = c[(c.variant == "nft") & (c.step == 4)]

@@ -65,7 +65,8 @@ def test_two_steps_change_parameters_and_log_finite_metrics(tiny_study, tmp_path
         for k, v in r.items():
             assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
     for r in trained:
-        for key in ("rollout/accuracy", "train/entropy", "train/grad_norm", "loss/total", "response/length_mean",
+        for key in ("rollout/accuracy", "policy/entropy", "train/batch_entropy", "train/grad_norm", "loss/total",
+                    "response/length_mean",
                     "rollout/groups_kept_frac", "logprob/mismatch_mean", "time/sample", "time/update"):
             assert key in r, key
         assert r["logprob/mismatch_mean"] < 1e-3  # trainer and sampler agree on the sampling policy
@@ -204,11 +205,11 @@ def test_dead_server_then_replay(tiny_study, tmp_path):
     run_id = (run / "mlflow_run_id").read_text().strip()
     client = MlflowClient(tracking_uri=store)
     assert client.get_run(run_id).data.tags["algo"] == "grpo"
-    hist = client.get_metric_history(run_id, "train/entropy")
-    assert [m.value for m in hist] == [x["train/entropy"] for x in _history(run)[1:]]
+    hist = client.get_metric_history(run_id, "train/batch_entropy")
+    assert [m.value for m in hist] == [x["train/batch_entropy"] for x in _history(run)[1:]]
     # replaying again continues the same run and adds nothing twice; one (variant, seed), one run
     assert nft_cli("replay", run, "--tracking-uri", store).stdout.split()[-1] == run_id
-    assert len(client.get_metric_history(run_id, "train/entropy")) == len(hist)
+    assert len(client.get_metric_history(run_id, "train/batch_entropy")) == len(hist)
     exp = client.get_experiment_by_name("nft-study")
     trains = [r for r in client.search_runs([exp.experiment_id]) if "algo" in r.data.tags]
     assert [r.info.run_id for r in trains] == [run_id]
