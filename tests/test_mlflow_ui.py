@@ -52,7 +52,7 @@ def test_mlflow_ui_shows_the_study(tiny_study, tmp_path, mlflow_server):  # noqa
     # MLflow 3.17's UI picks an experiment's first page from its GenAI / model-training switch (remembered per
     # browser, GenAI in a fresh one) rather than from the experiment's kind tag; the links nft gives carry the switch
     page = _dom(f"{mlflow_server}/#/experiments/{exp.experiment_id}?workflowType=machine_learning")
-    assert "Training runs" in page and "Traces 0" not in page
+    assert "Runs - Experiment" in page and "Traces 0" not in page  # the runs table, not GenAI traces
     for name in ("nft-s0", "grpo-s0"):
         assert name in page, f"the experiment page does not list {name}"
     assert "uisweep" not in page  # the sweep's runs are not among the study's
