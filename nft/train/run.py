@@ -164,12 +164,15 @@ def _make_tracker(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dist
         return tracker
     if not cfg.tracking:
         return NullTracker()
-    run_id_file = run_dir / "mlflow_run_id"
+    run_id_file, tags_file = run_dir / "mlflow_run_id", run_dir / "tags.json"
     run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
-    parent = None if run_id else study_run(cfg.tracking_uri, experiment)
+    if run_id and tags_file.is_file():  # a resumed run keeps its place under the study's run
+        parent = json.loads(tags_file.read_text()).get("mlflow.parentRunId")
+    else:
+        parent = study_run(cfg.tracking_uri, experiment)
     if parent:
         tags["mlflow.parentRunId"] = parent
-    tracker = MLflowTracker(cfg.tracking_uri, experiment, name, run_id=run_id, parent_run_id=parent,
+    tracker = MLflowTracker(cfg.tracking_uri, experiment, name, run_id=run_id, parent_run_id=None if run_id else parent,
                             flush_every=5, tags=tags)
     if tracker.run_id and not tracker.offline:
         run_id_file.write_text(tracker.run_id)
