@@ -47,14 +47,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from nft.config import ConfigError, load_study
 
     cfg = load_study(args.config, args.set)
     raw = cfg["_raw"]
     missing = [k for k in ("algorithms", "seeds") if k not in raw]
     missing += [f"variants.{a}" for a in raw.get("algorithms") or [] if a not in (raw.get("variants") or {})]
-    if missing:  # dvc.yaml reads the train x seed matrix and each arm's variants entry from the file itself
-        raise ConfigError(f"{args.config}: missing key(s) {missing}, which dvc.yaml reads (`nft compose {args.config} "
+    if missing and Path(args.config).name == "params.yaml":  # the file dvc.yaml reads these keys from
+        raise ConfigError(f"{args.config}: missing key(s) {missing}, which dvc.yaml reads (`nft compose PRESET "
                           f"--out params.yaml` writes every key)")
     from nft.train.run import check_backends
 

@@ -75,3 +75,16 @@ def test_variant_arm_merges_its_loss_into_train(tmp_path):
     algo, train = cfg["plan"].arm("x", cfg["train"])
     assert algo == "nft" and train.loss["nft"] == {"eps": 0.25, "omega": "one"}
     assert cfg["plan"].arm("grpo", cfg["train"]) == ("grpo", cfg["train"])
+
+
+def test_check_asks_params_yaml_for_what_dvc_reads(tmp_path):
+    """dvc.yaml reads each arm's `variants` entry from params.yaml: `nft check` names a missing one there; a preset
+    (composed before DVC reads it) needs none."""
+    study = {"algorithms": ["nft"], "seeds": [0]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(study))
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(study))
+    r = nft_cli("check", "--config", tmp_path / "params.yaml", check=False)
+    assert r.returncode == 2 and "variants.nft" in r.stderr
+    nft_cli("check", "--config", tmp_path / "preset.yaml")
+    nft_cli("compose", tmp_path / "preset.yaml", "--out", tmp_path / "params.yaml")
+    nft_cli("check", "--config", tmp_path / "params.yaml")
