@@ -183,13 +183,14 @@ class MLflowTracker:
         from mlflow.entities import Param
 
         items = [Param(mlflow_key(k), str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
+        for i in range(0, len(items) if not self.offline else 0, 100):
             self._call(self.client.log_batch, self.run_id, params=items[i: i + 100])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._call(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        if not self.offline:
+            self._call(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -200,7 +201,13 @@ class MLflowTracker:
             self.flush()
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
+        if not self.offline:
+            self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
+        """Every file under ``folder``."""
+        if not self.offline:
+            self._call(self.client.log_artifacts, self.run_id, str(folder), artifact_path)
 
     def log_dataset(self, name: str, digest: str, source: str, context: str = "training") -> None:
         """The data the run trained on, as an MLflow dataset input (the runs table's Dataset column)."""
@@ -208,7 +215,8 @@ class MLflowTracker:
 
         ds = DatasetInput(Dataset(name=name, digest=digest, source_type="local", source=source),
                           tags=[InputTag("mlflow.data.context", context)])
-        self._call(self.client.log_inputs, self.run_id, datasets=[ds])
+        if not self.offline:
+            self._call(self.client.log_inputs, self.run_id, datasets=[ds])
 
     def start_system_metrics(self, interval: float = 10.0) -> None:
         """CPU, memory, disk, network (and GPU where present) every ``interval`` s, as MLflow's system/* metrics."""
@@ -224,6 +232,8 @@ class MLflowTracker:
 
     def flush(self) -> None:
         buf, self._buffer = self._buffer, []
+        if self.offline:
+            return
         for i in range(0, len(buf), 1000):
             self._call(self.client.log_batch, self.run_id, metrics=buf[i: i + 1000])
 
@@ -234,7 +244,8 @@ class MLflowTracker:
             except Exception:  # noqa: BLE001
                 pass
         self.flush()
-        self._call(self.client.set_terminated, self.run_id, status=status)
+        if not self.offline:
+            self._call(self.client.set_terminated, self.run_id, status=status)
 
 
 def experiment_id(client, name: str, uri: str) -> str:
@@ -318,7 +329,7 @@ def log_study(runs_dir: str | Path, reports: str | Path, metrics: dict[str, floa
     for run_id, (uri, experiment) in studies.items():
         tracker = MLflowTracker(uri, experiment, "study", run_id=run_id)
         tracker.log_metrics(metrics, 0)
-        tracker._call(tracker.client.log_artifacts, run_id, str(reports), "analysis")
+        tracker.log_artifacts(reports, "analysis")
         tracker.finish("FINISHED")
         if not tracker.offline:
             done.append(run_id)
