@@ -92,7 +92,7 @@ def test_evaluate_with_vllm(tiny_study_vllm, tmp_path):
     nft_cli("evaluate", "--config", params, "--model", base, "--data", data, "--out", out, "--samples", samples,
             "--benchmarks", "synth-easy", "--k", "2", "--limit", "8", "--set", "eval.sampler=vllm")
     res = json.loads(out.read_text())
-    assert res["config"]["sampler"] == "vllm"
+    assert json.loads(out.with_name("eval.meta.json").read_text())["config"]["sampler"] == "vllm"
     assert 0.0 <= res["synth-easy"]["avg@2"] <= 1.0
     rows = [json.loads(ln) for ln in samples.read_text().splitlines()]
     assert len(rows) == 16 and any("boxed" in r["answer_text"] for r in rows)
