@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .claims import claims_markdown, diff_interval, evaluate_claims
 from .figures import save, standard_figures
-from .load import load_mlflow, load_runs, seed_matrix
+from .load import BASE, load_mlflow, load_runs, seed_matrix
 from .stats import iqm, mean_std, poi_ci, stratified_bootstrap_ci
 from .tables import paper_comparison, results_table, seed_gaps, to_latex, to_markdown
 
@@ -29,7 +30,7 @@ def headline_metric(final, k: int | None) -> str:
 
 
 def analyze(history, final, problems: list[str], out: Path, source: str, k: int | None = None,
-            seed: int = 0) -> dict:
+            seed: int = 0, per_seed: bool = False) -> dict:
     """Write figures, tables and the summary into ``out``; returns the numbers (for tests and DVC metrics)."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -37,13 +38,13 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
     metric = headline_metric(final, k)
     kval = int(metric.split("@")[1])
     val_k = sorted({int(m.split("@")[1]) for m in history.metric.unique() if m.startswith("val/mean/avg@")})
-    figs = standard_figures(history, val_k[-1] if val_k else kval)
+    figs = standard_figures(history, val_k[-1] if val_k else kval, per_seed=per_seed)
     fig_files = {name: save(fig, tmp / "figures", name) for name, fig in figs.items()}
 
     order = {"synth-easy": 0, "synth-medium": 1, "synth-hard": 2, "aime24": 3, "aime25": 4, "amc23": 5, "math500": 6,
              "minerva": 7, "olympiadbench": 8}
     benchmarks = sorted(final.benchmark.unique(), key=lambda b: (order.get(b, 99), b))
-    variants = sorted(final.variant.unique())
+    variants = sorted(final.variant.unique(), key=lambda v: (v != BASE, v))  # the base model's row first
     table = results_table(final, metric, benchmarks) if len(final) else None
     if len(final):  # seeds without every benchmark are left out of the average: say which
         problems = problems + seed_gaps(final, metric, benchmarks)
@@ -78,11 +79,14 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
                                       "seeds": int(mat.shape[0])}
             lines.append(f"| {v} | {point:.1f} | [{lo:.1f}, {hi:.1f}] | {iqm(mat):.1f} | {mat.shape[0]} |")
         lines.append("")
-        if len(variants) > 1:
-            lines += ["| P(row > column) | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
-            for a in variants:
+        if BASE in mats and mats[BASE].size:
+            lines += _gains(mats, numbers, seed)
+        arms = [v for v in variants if v != BASE]
+        if len(arms) > 1:
+            lines += ["| P(row > column) | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+            for a in arms:
                 cells = []
-                for b in variants:
+                for b in arms:
                     if a == b:
                         cells.append("–")
                         continue
@@ -91,6 +95,11 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
                     cells.append(f"{p:.2f} [{lo:.2f}, {hi:.2f}]")
                 lines.append(f"| {a} | " + " | ".join(cells) + " |")
             lines.append("")
+        claims = evaluate_claims(history, final, metric, benchmarks, seed=seed)
+        numbers["claims"] = {c["id"]: c for c in claims}
+        (tmp / "claims.md").write_text(claims_markdown(claims, metric))
+        lines += ["## The paper's claims (claims.md)\n",
+                  "\n".join(f"- {c['claim']}: **{c['verdict']}**" for c in claims), ""]
     else:
         lines.append("No final evaluation found.\n")
     nan_rows = int(history.value.isna().sum()) if len(history) else 0
@@ -109,6 +118,28 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
     return numbers
 
 
+def _gains(mats: dict, numbers: dict, seed: int) -> list[str]:
+    """Each arm's gain over the base model (average over benchmarks, points): mean over seeds, std over seeds, 95%
+    bootstrap interval (the arm's seeds resampled; the base is one evaluation); into ``numbers`` and summary lines."""
+    base = np.nanmean(mats[BASE], axis=1)
+    base = base[~np.isnan(base)]
+    lines = ["### Gain over the base model\n", f"Base model: {base.mean():.1f} (one evaluation). Gain = arm − base, "
+             "average over benchmarks, in points.\n", "| variant | gain | std over seeds | 95% CI | seeds |",
+             "|---|---|---|---|---|"]
+    for v, mat in mats.items():
+        if v == BASE or not mat.size:
+            continue
+        per = np.nanmean(mat, axis=1)
+        per = per[~np.isnan(per)]
+        if not per.size:
+            continue
+        d, lo, hi = diff_interval(per, base, seed=seed)
+        sd = float(per.std(ddof=1)) if per.size > 1 else 0.0
+        numbers["variants"][v].update({"gain_over_base": d, "gain_ci_low": lo, "gain_ci_high": hi})
+        lines.append(f"| {v} | {d:+.1f} | {sd:.1f} | [{lo:+.1f}, {hi:+.1f}] | {per.size} |")
+    return lines + [""]
+
+
 def write_plot_tables(history, out: Path, k: int) -> None:
     """Wide CSVs (step x algorithm, mean over seeds) for ``dvc plots``: val_accuracy, entropy, reward."""
     from .load import curve
@@ -123,10 +154,10 @@ def write_plot_tables(history, out: Path, k: int) -> None:
 
 
 def study_metrics(numbers: dict) -> dict:
-    """The summary as ``dvc exp show`` tabulates it: ``{metric: {arm: {mean, std, ci_low, ci_high, seeds}}}``
-    (percent; numbers only)."""
-    keys = ("mean", "std", "ci_low", "ci_high", "seeds")
-    return {numbers["metric"]: {v: {k: float(m[k]) if k != "seeds" else int(m[k]) for k in keys}
+    """The summary as ``dvc exp show`` tabulates it: ``{metric: {arm: {mean, std, ci_low, ci_high, seeds,
+    gain_over_base}}}`` (percent; numbers only; the base model is an arm, ``base``)."""
+    keys = ("mean", "std", "ci_low", "ci_high", "seeds", "gain_over_base")
+    return {numbers["metric"]: {v: {k: float(m[k]) if k != "seeds" else int(m[k]) for k in keys if k in m}
                                 for v, m in numbers["variants"].items()}}
 
 
@@ -141,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="reports")
     ap.add_argument("--k", type=int, default=None, help="headline avg@k (default: the largest in the evaluation)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    ap.add_argument("--per-seed", action="store_true", help="figures: each seed's curve as a thin line too")
     ap.add_argument("--log-mlflow", action="store_true",
                     help="log the reports and the summary into the study's MLflow run (the train runs' parent)")
     ap.add_argument("--metrics", default=None,
@@ -156,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         history, final, problems = load_runs(args.runs, evals)
         source = f"run folders under {args.runs}"
-    numbers = analyze(history, final, problems, Path(args.out), source, args.k, args.seed)
+    numbers = analyze(history, final, problems, Path(args.out), source, args.k, args.seed, args.per_seed)
     if args.metrics:
         from nft.io import atomic_write_json
 

@@ -13,8 +13,10 @@ import pandas as pd  # noqa: E402
 from .load import curve  # noqa: E402
 
 #: one colour per algorithm in every figure (ablation variants share their algorithm's colour, other line styles)
-COLORS = {"nft": "#d62728", "dapo": "#1f77b4", "grpo": "#2ca02c", "dr_grpo": "#9467bd", "rft": "#7f7f7f"}
-LABELS = {"nft": "NFT", "dapo": "DAPO", "grpo": "GRPO", "dr_grpo": "Dr.GRPO", "rft": "RFT"}
+COLORS = {"nft": "#d62728", "dapo": "#1f77b4", "grpo": "#2ca02c", "dr_grpo": "#9467bd", "rft": "#7f7f7f",
+          "sft": "#8c564b", "base": "#000000"}
+LABELS = {"nft": "NFT", "dapo": "DAPO", "grpo": "GRPO", "dr_grpo": "Dr.GRPO", "rft": "RFT", "sft": "SFT",
+          "base": "Base model"}
 STYLES = ["-", "--", ":", "-."]
 
 
@@ -34,27 +36,49 @@ def _style(variant: str, seen: dict) -> dict:
     return {"color": COLORS.get(algo, "#333333"), "linestyle": STYLES[k.index(variant) % len(STYLES)], "label": label}
 
 
+def optimizer_steps(history: pd.DataFrame, variants: list[str]) -> dict[str, int]:
+    """Optimizer steps per rollout step of each variant (the median of ``train/optimizer_steps`` over its runs)."""
+    sub = history[(history.metric == "train/optimizer_steps") & history.variant.isin(variants)]
+    return {v: int(round(g.value.median())) for v, g in sub.groupby("variant")}
+
+
+def x_label(history: pd.DataFrame, variants: list[str]) -> str:
+    """``rollout step (4 optimizer steps each)``, or the per-variant counts when they differ."""
+    n = optimizer_steps(history, variants)
+    if not n:
+        return "rollout step"
+    if len(set(n.values())) == 1:
+        k = next(iter(n.values()))
+        return f"rollout step ({k} optimizer step{'s' if k != 1 else ''} each)"
+    return "rollout step (optimizer steps each: " + ", ".join(f"{v} {k}" for v, k in sorted(n.items())) + ")"
+
+
 def curve_figure(history: pd.DataFrame, metric: str, ylabel: str, title: str, variants: list[str] | None = None,
-                 scale: float = 1.0):
-    """One panel: ``metric`` vs training step (rollout step), mean ± std band per variant. Returns the Figure."""
-    fig, ax = plt.subplots(figsize=(3.4, 2.6), dpi=150)
+                 scale: float = 1.0, per_seed: bool = False):
+    """One panel: ``metric`` vs rollout step, mean line and ± std band over seeds per variant (``per_seed``: each
+    seed's curve as a thin line as well). The legend sits right of the axes, off the data. Returns the Figure."""
+    fig, ax = plt.subplots(figsize=(5.0, 2.8), dpi=150, layout="constrained")
     c = curve(history, metric)
     seen: dict = {}
-    for variant in variants or sorted(c.variant.unique()):
+    shown = [v for v in (variants or sorted(c.variant.unique())) if not c[c.variant == v].empty]
+    for variant in shown:
         d = c[c.variant == variant].sort_values("step")
-        if d.empty:
-            continue
         st = _style(variant, seen)
         ax.plot(d.step, d["mean"] * scale, lw=1.4, **st)
         ax.fill_between(d.step, (d["mean"] - d["std"]) * scale, (d["mean"] + d["std"]) * scale,
                         color=st["color"], alpha=0.18, lw=0)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+        if per_seed:
+            runs = history[(history.variant == variant) & (history.metric == metric)].dropna(subset=["value"])
+            for _, g in runs.groupby("seed"):
+                g = g.sort_values("step")
+                ax.plot(g.step, g.value * scale, lw=0.5, alpha=0.5, color=st["color"], linestyle=st["linestyle"])
+    ax.set_xlabel(x_label(history, shown), fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=7, frameon=False, loc="best")
-    fig.tight_layout()
+        fig.legend(*ax.get_legend_handles_labels(), fontsize=7, frameon=False, loc="outside right center")
     return fig
 
 
@@ -67,31 +91,34 @@ def save(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def standard_figures(history: pd.DataFrame, k: int) -> dict[str, object]:
-    """The paper's figures that the data supports: name -> Figure."""
+def standard_figures(history: pd.DataFrame, k: int, per_seed: bool = False) -> dict[str, object]:
+    """The paper's figures that the data supports: name -> Figure (``per_seed``: thin per-seed lines too)."""
     figs = {}
     metrics = set(history.metric.unique())
     pairs = history[["algo", "variant"]].drop_duplicates()
     default_variants = sorted(pairs[pairs.algo == pairs.variant].variant) or sorted(pairs.variant)
+
+    def fig(*args):
+        return curve_figure(*args, per_seed=per_seed)
+
     key = f"val/mean/avg@{k}"
     if key in metrics:
-        figs["val_accuracy"] = curve_figure(history, key, f"validation avg@{k} (%)",
-                                            "Validation accuracy (mean over benchmarks)", default_variants, 100)
+        figs["val_accuracy"] = fig(history, key, f"validation avg@{k} (%)", "Validation accuracy (mean over benchmarks)",
+                                   default_variants, 100)
     for m in sorted(metrics):
         parts = m.split("/")
         if len(parts) == 3 and parts[0] == "val" and parts[1] != "mean" and parts[2] == f"avg@{k}":
-            figs[f"val_accuracy_{parts[1]}"] = curve_figure(history, m, f"avg@{k} (%)", parts[1], default_variants,
-                                                            100)
+            figs[f"val_accuracy_{parts[1]}"] = fig(history, m, f"avg@{k} (%)", parts[1], default_variants, 100)
     for name, m, label, title in [("entropy", "policy/entropy", "entropy (nats/token)", "Policy entropy (all sampled answers)"),
                                   ("reward", "rollout/accuracy", "training accuracy (%)", "Training reward"),
                                   ("length", "response/length_mean", "tokens", "Response length")]:
         if m in metrics:
-            figs[name] = curve_figure(history, m, label, title, default_variants, 100 if name == "reward" else 1)
+            figs[name] = fig(history, m, label, title, default_variants, 100 if name == "reward" else 1)
     for algo, group in pairs.groupby("algo"):
         variants = sorted(group.variant)
         if len(variants) < 2:
             continue
         if key in metrics:
-            figs[f"ablation_{algo}"] = curve_figure(history, key, f"validation avg@{k} (%)",
-                                                    f"{LABELS.get(algo, algo)} ablation", variants, 100)
+            figs[f"ablation_{algo}"] = fig(history, key, f"validation avg@{k} (%)",
+                                           f"{LABELS.get(algo, algo)} variants", variants, 100)
     return figs

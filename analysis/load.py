@@ -2,7 +2,8 @@
 
 - ``history``: one row per (run, step, metric): ``run, algo, variant, seed, step, metric, value``;
 - ``final``: one row per (run, benchmark, metric) of the final evaluation: ``run, algo, variant, seed, benchmark,
-  metric, value`` (from ``evals/<run>.json`` when present, else the run's last validation).
+  metric, value`` (from ``evals/<run>.json`` when present, else the run's last validation), plus the base model's
+  rows (variant ``base``) from ``evals/base.json`` when the pipeline evaluated it.
 
 ``variant`` is the run's variant name (``nft-omega-sqrt`` from the study's ``variants``; the algorithm itself
 otherwise; for runs without that tag, the algorithm plus its loss overrides, ``nft[omega=sqrt]``), so ablation runs
@@ -80,6 +81,17 @@ def _add_run(ident: dict, rows: list[dict], evals_dir, hist: list, final: list) 
     final += _final_rows(ident, ev, last_val)
 
 
+#: the base model's row: ``evals/base.json`` (the pipeline's ``evaluate-base`` stage), one evaluation
+BASE = "base"
+
+
+def _add_base(evals_dir, final: list) -> None:
+    """The base model's final-evaluation rows (variant ``base``, seed 0) when ``evals/base.json`` exists."""
+    path = Path(evals_dir) / f"{BASE}.json" if evals_dir is not None else None
+    if path is not None and path.is_file():
+        final += _final_rows({"run": BASE, "algo": BASE, "variant": BASE, "seed": 0}, json.loads(path.read_text()), {})
+
+
 def load_runs(runs_dir: str | Path, evals_dir: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """Read every run folder under ``runs_dir``. Returns ``(history, final, problems)``; ``problems`` lists what was
     odd (unfinished runs, missing files) for the summary, without failing."""
@@ -95,6 +107,7 @@ def load_runs(runs_dir: str | Path, evals_dir: str | Path | None = None) -> tupl
             problems.append(f"{run_dir.name}: unfinished (no metrics.json); its curve is included up to step "
                             f"{rows[-1]['step'] if rows else 0}")
         _add_run(ident, rows, evals_dir, hist, final)
+    _add_base(evals_dir, final)
     return (pd.DataFrame(hist, columns=HISTORY_COLUMNS), pd.DataFrame(final, columns=FINAL_COLUMNS), problems)
 
 
@@ -151,6 +164,7 @@ def load_mlflow(experiment: str, tracking_uri: str = "", evals_dir: str | Path |
         if run.info.status != "FINISHED":
             problems.append(f"{name}: MLflow status {run.info.status}")
         _add_run(ident, rows, evals_dir, hist, final)
+    _add_base(evals_dir, final)
     return (pd.DataFrame(hist, columns=HISTORY_COLUMNS), pd.DataFrame(final, columns=FINAL_COLUMNS), problems)
 
 

@@ -12,6 +12,7 @@
     nft sweep    --config params.yaml --space experiments/sweeps/nft.yaml --trials 20 --study-name S
                  [--storage URL] [--seeds 0,1]           Optuna; every worker runs the same command
     nft sweep best --study-name S --storage URL --config params.yaml --out best.yaml
+    nft sweep table --study-name S --storage URL        the trials as a Markdown table, best first
 
 Every command validates the whole params file (and ``--set`` overrides) before any work starts; a bad key is one
 error naming the file and the key.
@@ -145,9 +146,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import json
 
-    from nft.sweep import default_storage, run_sweep, write_best
+    from nft.sweep import default_storage, run_sweep, sweep_table, write_best
 
     storage = args.storage or default_storage(args.study_name)
+    if args.action == "table":
+        print(sweep_table(args.study_name, storage), end="")
+        return 0
     if args.action == "best":
         if not args.out:
             raise ValueError("nft sweep best: --out FILE.yaml is required")
@@ -216,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=_cmd_evaluate)
-    p = sub.add_parser("sweep", help="Optuna sweep over an algorithm's hyperparameters (or: sweep best)")
-    p.add_argument("action", nargs="?", choices=["run", "best"], default="run")
+    p = sub.add_parser("sweep", help="Optuna sweep over hyperparameters (or: sweep best / sweep table)")
+    p.add_argument("action", nargs="?", choices=["run", "best", "table"], default="run")
     _common(p)
     p.add_argument("--space", default=None, help="sweep space file (experiments/sweeps/*.yaml)")
     p.add_argument("--trials", type=int, default=10, help="trials in the study, all workers together")

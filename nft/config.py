@@ -162,20 +162,43 @@ class StudySection:
 
 @dataclass
 class Variant:
-    """A named arm of a study: a registered algorithm with its own loss hyperparameters (ablations)."""
+    """A named arm of a study: a registered algorithm with its own loss hyperparameters (ablations) and, where the arm
+    is about the schedule (e.g. a strictly on-policy pair), its own ``train`` settings."""
 
     algo: str
     loss: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    """``train`` keys this arm sets differently (e.g. ``{mini_batch_prompts: 16}``: one optimizer step per rollout
+    step); checked against the study's train section when the file is loaded."""
 
     def __post_init__(self):
         from .algorithms import LOSSES, make_params
+        from .train.config import TrainConfig
 
         if self.algo not in LOSSES:
             raise ValueError(f"algo: unknown {self.algo!r}; registered: {sorted(LOSSES)}")
+        names = {f.name for f in dataclasses.fields(TrainConfig)} - {"loss"}
+        unknown = sorted(set(self.train) - names)
+        if unknown:
+            raise ValueError(f"train: unknown key(s) {unknown}; valid: the train section's keys except loss")
         try:
             make_params(self.algo, **self.loss)
         except (TypeError, ValueError) as e:
             raise ValueError(f"loss: {e}") from None
+
+
+#: Built-in arms. The paper's Proposition 4.2 as a pair of arms: NFT with GRPO's question weight (omega = sqrt((1 - r)/r)) and GRPO
+#: with NFT's reduction (token sum / 1000) and population std, both with one optimizer step per rollout step (the
+#: whole batch: strictly on-policy, R = 1) on the same dynamic-sampling batches. Their gradients are then equal (the
+#: clip never acts at R = 1; uniform groups, where NFT's r-hat clip would differ, are filtered), so the claim "on
+#: policy, NFT is GRPO" is tested end to end by the pair (``analysis.claims``).
+#: ``mini_batch_prompts`` is the default P; ``analysis.claims`` checks the pair's runs did one optimizer step per
+#: rollout step before it reads them.
+_ON_POLICY = {"mini_batch_prompts": 16, "batch_rule": "dynamic"}
+ON_POLICY_PAIR = {
+    "nft-onpolicy": Variant(algo="nft", loss={"omega": "sqrt"}, train=dict(_ON_POLICY)),
+    "grpo-onpolicy": Variant(algo="grpo", loss={"agg": "token-sum", "std": "population"}, train=dict(_ON_POLICY)),
+}
 
 
 @dataclass
@@ -183,16 +206,21 @@ class StudyConfig:
     """The top-level keys of a study file: the study, its train x seed matrix (``dvc.yaml``) and named variants."""
 
     study: StudySection = field(default_factory=StudySection)
-    algorithms: list[str] = field(default_factory=lambda: ["nft", "rft", "grpo", "dapo"])
-    """the arms: registered losses or names of ``variants``."""
+    algorithms: list[str] = field(default_factory=lambda: ["nft", "rft", "grpo", "dapo", "sft", "nft-onpolicy",
+                                                           "grpo-onpolicy"])
+    """the arms: registered losses or names of ``variants`` (the embedded default's: the paper's four, the
+    supervised control and the strictly on-policy pair)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     variants: dict[str, Variant] = field(default_factory=dict)
+    """named arms; the built-in ones (:data:`ON_POLICY_PAIR`) need no entry to be used as arms."""
 
     def __post_init__(self):
         from .algorithms import LOSSES
 
         if not self.algorithms:
             raise ValueError(f"algorithms: expected a non-empty list of registered losses {sorted(LOSSES)}")
+        self.variants = {**self.variants, **{a: ON_POLICY_PAIR[a] for a in self.algorithms
+                                             if a in ON_POLICY_PAIR and a not in self.variants}}
         bad = [a for a in self.algorithms if a not in LOSSES and a not in self.variants]
         if bad:
             raise ValueError(f"algorithms: unknown {bad}; registered: {sorted(LOSSES)}, variants: "
@@ -205,10 +233,10 @@ class StudyConfig:
                                  f"(algo: {name}), got algo: {v.algo}")
 
     def with_every_arm(self) -> "StudyConfig":
-        """The same study with a ``variants`` entry for every arm (a plain algorithm: ``{algo: NAME}``): DVC's train
-        stage reads its arm's entry (``variants.<arm>``), so that changing one arm reruns that arm's runs only."""
+        """The same study with a ``variants`` entry for every arm (a plain algorithm: ``{algo: NAME}``) and none for
+        names that are not arms: DVC's train stage reads its arm's entry (``variants.<arm>``), so that changing one
+        arm reruns that arm's runs only."""
         variants = {a: self.variants.get(a) or Variant(algo=a) for a in self.algorithms}
-        variants.update(self.variants)
         return dataclasses.replace(self, variants=variants)
 
     def arm(self, name: str, train) -> tuple[str, Any]:
@@ -217,6 +245,8 @@ class StudyConfig:
         if name not in self.variants:
             return name, train
         v = self.variants[name]
+        if v.train:
+            train = from_dict(type(train), {**dataclasses.asdict(train), **v.train}, "train")
         if not v.loss:
             return v.algo, train
         loss = dict(train.loss)
@@ -255,6 +285,12 @@ def load_study(path: str | Path, sets: list[str] | None = None, extra_sections: 
         out["plan"] = from_dict(StudyConfig, {k: raw[k] for k in STUDY_KEYS if k in raw})
         for name, cls in sections.items():
             out[name] = from_dict(cls, raw.get(name), name)
+        for name, v in out["plan"].variants.items():  # an arm's own train settings, against this train section
+            if v.train:
+                try:
+                    out["plan"].arm(name, out["train"])
+                except ConfigError as e:
+                    raise ConfigError(f"variants.{name}.{e}") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return out

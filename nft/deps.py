@@ -22,6 +22,7 @@ STAGE_ENTRIES: dict[str, tuple[str, str | None]] = {
     "base": ("nft.cli", "_cmd_pretrain"),
     "train": ("nft.cli", "_cmd_train"),
     "evaluate": ("nft.cli", "_cmd_evaluate"),
+    "evaluate-base": ("nft.cli", "_cmd_evaluate"),
     "analyze": ("analysis.__main__", None),
 }
 

@@ -116,6 +116,7 @@ def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: Grade
     if cfg.limit:
         problems = problems[: cfg.limit]
     texts, finished, lengths = [], [], []
+    ent_sum, ent_tokens = 0.0, 0
     for start in range(0, len(problems), cfg.prompts_per_batch):
         chunk = problems[start: start + cfg.prompts_per_batch]
         prompts = [render_prompt(tokenizer, p.question) for p in chunk]
@@ -124,6 +125,8 @@ def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: Grade
         texts += ro.texts
         finished += ro.finished.tolist()
         lengths += ro.lengths.tolist()
+        ent_sum += float((ro.entropy if ro.entropy is not None else -ro.logprobs * ro.mask).sum())
+        ent_tokens += int(ro.mask.sum())
     golds = [p.answer for p in problems for _ in range(k)]
     verdicts, stats = pool.grade_many(texts, golds, only=finished)
     # an answer cut at the length limit is wrong, whatever it contains
@@ -131,6 +134,8 @@ def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: Grade
     answers = [extract_boxed(t) for t in texts]
     metrics = summarize(ok, np.array(lengths).reshape(len(problems), k), ~np.array(finished, dtype=bool),
                         [answers[i * k:(i + 1) * k] for i in range(len(problems))], k)
+    # the policy's mean token entropy on its answers (exact for the torch sampler, the -log p estimate for vLLM)
+    metrics["entropy"] = ent_sum / max(ent_tokens, 1)
     metrics["grader_timeouts"] = stats.timeouts
     metrics["grader_errors"] = len(stats.errors)
     others = {}

@@ -65,16 +65,30 @@ class SweepSpace:
     """A sweep space file (experiments/sweeps/*.yaml)."""
 
     algo: str = "nft"
+    algos: list[str] = field(default_factory=list)
+    """several algorithms: every trial trains each (with the same setting) and the objective is the mean over
+    algorithms and seeds, so one shared setting is chosen for all (as the paper's one lr), never by one algorithm's
+    score. Empty: ``[algo]``."""
     metric: str = "val/mean/avg@4"
     direction: str = "maximize"
     pruner: dict[str, Any] = field(default_factory=lambda: {"type": "median"})
+    sampler: str = "tpe"
+    """``tpe`` (Optuna's default), or ``grid``: every combination of the (categorical) parameters' choices, once."""
     sampler_seed: int = 0
     base: dict[str, Any] = field(default_factory=dict)
     params: dict[str, ParamSpec] = field(default_factory=dict)
 
     def __post_init__(self):
+        from .algorithms import LOSSES
+
+        self.algos = list(self.algos) or [self.algo]
+        bad = [a for a in self.algos if a not in LOSSES]
+        if bad:
+            raise ValueError(f"algos: unknown {bad}; registered: {sorted(LOSSES)}")
         if self.direction not in ("maximize", "minimize"):
             raise ValueError(f"direction: expected maximize or minimize, got {self.direction!r}")
+        if self.sampler not in ("tpe", "grid"):
+            raise ValueError(f"sampler: expected tpe or grid, got {self.sampler!r}")
         if self.pruner.get("type", "median") not in ("median", "hyperband", "none"):
             raise ValueError(f"pruner.type: expected median, hyperband or none, got {self.pruner.get('type')!r}")
 
@@ -87,6 +101,8 @@ def load_space(path: str | Path) -> SweepSpace:
     try:
         specs = {k: from_dict(ParamSpec, v, f"params.{k}") for k, v in params.items()}
         space = from_dict(SweepSpace, {**raw, "params": {}}, "")
+        if space.sampler == "grid" and any(p.type != "categorical" for p in specs.values()):
+            raise ConfigError("sampler: grid needs every parameter categorical (its choices are the grid)")
         return dataclasses.replace(space, params=specs)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
@@ -133,13 +149,14 @@ def _create_or_load(study_name: str, storage: str, space: SweepSpace, trials: in
 
     kw = dict(study_name=study_name, storage=storage, direction=space.direction,
               sampler=optuna.samplers.TPESampler(seed=space.sampler_seed), pruner=_pruner(space.pruner))
+    points = grid_points(space) if space.sampler == "grid" else [{}] * trials
     for attempt in range(40):
         try:
             study = optuna.create_study(load_if_exists=False, **kw)
             setup(study)
-            for _ in range(trials):
-                study.enqueue_trial({})
-            study.set_user_attr("enqueued", trials)  # the signal the other workers wait for
+            for point in points[:trials]:  # a grid: its points, each with every parameter fixed
+                study.enqueue_trial(point)
+            study.set_user_attr("enqueued", len(points[:trials]))  # the signal the other workers wait for
             return study
         except optuna.exceptions.DuplicatedStudyError:
             break
@@ -152,6 +169,14 @@ def _create_or_load(study_name: str, storage: str, space: SweepSpace, trials: in
     while "enqueued" not in study.user_attrs and time.time() < deadline:
         time.sleep(0.5)
     return study
+
+
+def grid_points(space: SweepSpace) -> list[dict]:
+    """Every combination of the parameters' choices (a ``grid`` space), in the file's order."""
+    import itertools
+
+    keys = list(space.params)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(space.params[k].choices for k in keys))]
 
 
 def _claim(study):
@@ -197,7 +222,7 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
         if tcfg.tracking:
             parent = MLflowTracker(tcfg.tracking_uri, sweep_exp, f"sweep-{study_name}")
             if not parent.offline:
-                parent.set_tags({"sweep": study_name, "algo": space.algo})
+                parent.set_tags({"sweep": study_name, "algo": ",".join(space.algos)})
                 parent.log_params({"space": Path(space_path).name, "trials": trials, "seeds": seeds})
                 parent.finish("FINISHED")
                 study.set_user_attr("mlflow_parent_run_id", parent.run_id)
@@ -207,8 +232,12 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
     steps_per_seed = tcfg.steps + 1
 
     def objective(trial):
-        values = suggest(trial, space)
-        cfg = load_study(config, base_sets + _sets(values))
+        try:
+            values = suggest(trial, space)
+            cfg = load_study(config, base_sets + _sets(values))
+        except Exception as e:
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+            raise
         full = {k: dataclasses.asdict(v) for k, v in cfg.items() if not k.startswith("_")}
         tracker = None
         if tcfg.tracking and parent_id:
@@ -219,22 +248,23 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
         finals = []
         status = "FAILED"
         try:
-            for i, seed in enumerate(seeds):
-                def report(step, row, i=i):
+            for i, (algo, seed) in enumerate((a, s) for a in space.algos for s in seeds):
+                def report(step, row, i=i, algo=algo, seed=seed):
                     if space.metric in row and math.isfinite(row[space.metric]):
                         done = finals + [row[space.metric]]
                         trial.report(sum(done) / len(done), i * steps_per_seed + step)
                         if trial.should_prune():
-                            raise optuna.TrialPruned(f"pruned at seed {seed} step {step}")
+                            raise optuna.TrialPruned(f"pruned at {algo} seed {seed} step {step}")
 
-                out = Path(out_dir) / study_name / f"trial{trial.number}-s{seed}"
-                final = run_training(cfg["train"], space.algo, seed, out, study=study_name, full_config=full,
-                                     progress=progress, tracker=NullTracker(), on_validate=report)
+                name = f"trial{trial.number}-s{seed}" if len(space.algos) == 1 else f"trial{trial.number}-{algo}-s{seed}"
+                final = run_training(cfg["train"], algo, seed, Path(out_dir) / study_name / name, study=study_name,
+                                     full_config=full, progress=progress, tracker=NullTracker(), on_validate=report)
                 if space.metric not in final:
                     raise ValueError(f"metric {space.metric!r} not in the run's final metrics {sorted(final)}")
                 finals.append(final[space.metric])
+                trial.set_user_attr(f"value/{algo}/s{seed}", final[space.metric])
                 if tracker:
-                    tracker.log_metrics({f"seed{seed}/{space.metric}": final[space.metric]}, trial.number)
+                    tracker.log_metrics({f"{algo}/seed{seed}/{space.metric}": final[space.metric]}, trial.number)
             value = sum(finals) / len(finals)
             if tracker:
                 tracker.log_metrics({"objective": value}, trial.number)
@@ -278,6 +308,30 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
         pass
     return summary
 
+
+
+def sweep_table(study_name: str, storage: str) -> str:
+    """The study's trials as a Markdown table, best first: parameters, each algorithm's value (mean over seeds), the
+    objective and the state (what the README's sweep table is)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+    params = sorted({k for t in trials for k in t.params})
+    algos = list(dict.fromkeys(k.split("/")[1] for t in trials for k in t.user_attrs if k.startswith("value/")))
+    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    trials.sort(key=lambda t: (t.value is None, sign * (t.value or 0.0), t.number))
+    lines = ["| trial | " + " | ".join(params + algos) + " | objective | state |", "|---" * (len(params) + len(algos) + 3) + "|"]
+    for t in trials:
+        cells = [f"{t.params[p]:.3g}" if isinstance(t.params.get(p), float) else str(t.params.get(p, "–"))
+                 for p in params]
+        for a in algos:
+            vals = [v for k, v in t.user_attrs.items() if k.startswith(f"value/{a}/")]
+            cells.append(f"{100 * sum(vals) / len(vals):.1f}" if vals else "–")
+        obj = f"{100 * t.value:.1f}" if t.value is not None else "–"
+        lines.append(f"| {t.number} | " + " | ".join(cells) + f" | {obj} | {t.state.name.lower()} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_best(study_name: str, storage: str, config: str, out: str) -> dict:

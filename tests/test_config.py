@@ -61,6 +61,10 @@ def _study(tmp_path: Path, **top) -> Path:
     ({"variants": {"v": {"algo": "ppo"}}}, "variants.v.algo: unknown 'ppo'"),
     ({"variants": {"v": {"algo": "nft", "lr": 1}}}, "unknown key(s) variants.v.lr"),
     ({"study": {"name": "x", "owner": "me"}}, "unknown key(s) study.owner"),
+    ({"variants": {"v": {"algo": "nft", "train": {"lrr": 1}}}}, "variants.v.train: unknown key(s) ['lrr']"),
+    ({"variants": {"v": {"algo": "nft", "train": {"mini_batch_prompts": 99}}}},
+     "variants.v.train.mini_batch_prompts (99) exceeds train.prompts_per_step"),
+    ({"variants": {"v": {"algo": "nft", "train": {"lr": "big"}}}}, "variants.v.train.lr: expected a number"),
     ({"sweep": {}}, "unknown section(s) ['sweep']"),
 ])
 def test_bad_top_level_keys_name_the_key(tmp_path, top, key):
@@ -75,6 +79,17 @@ def test_variant_arm_merges_its_loss_into_train(tmp_path):
     algo, train = cfg["plan"].arm("x", cfg["train"])
     assert algo == "nft" and train.loss["nft"] == {"eps": 0.25, "omega": "one"}
     assert cfg["plan"].arm("grpo", cfg["train"]) == ("grpo", cfg["train"])
+
+
+def test_variant_arm_sets_its_own_train_keys(tmp_path):
+    """The default study's strictly on-policy pair: one optimizer step per rollout step, GRPO-equivalent weights."""
+    cfg = load_study(REPO / "params.yaml")
+    for arm in ("nft-onpolicy", "grpo-onpolicy"):
+        algo, train = cfg["plan"].arm(arm, cfg["train"])
+        assert train.mini_batch_prompts == train.prompts_per_step and train.batch_rule == "dynamic"
+        assert train.lr == cfg["train"].lr and train.steps == cfg["train"].steps
+    assert cfg["plan"].arm("nft-onpolicy", cfg["train"])[1].loss["nft"]["omega"] == "sqrt"
+    assert cfg["plan"].arm("nft", cfg["train"])[1] == cfg["train"]
 
 
 def test_check_asks_params_yaml_for_what_dvc_reads(tmp_path):

@@ -62,8 +62,9 @@ def _ran(output: str) -> set[str]:
 
 def test_dvc_repro_smoke_and_selective_rerun(repo_copy):
     r = _dvc(repo_copy, "repro")
-    assert _ran(r.stdout) == {"prepare", "base", "train@nft-0", "train@grpo-0", "evaluate@nft-0", "evaluate@grpo-0",
-                              "analyze"}
+    assert _ran(r.stdout) == {"prepare", "base", "evaluate-base", "train@nft-0", "train@grpo-0", "evaluate@nft-0",
+                              "evaluate@grpo-0", "analyze"}
+    assert json.loads((repo_copy / "metrics.json").read_text())["avg@2"]["base"]["seeds"] == 1  # the base row
     for run in ("nft-s0", "grpo-s0"):
         assert (repo_copy / "runs" / run / "metrics.json").is_file()
         assert (repo_copy / "runs" / run / "model" / "model.safetensors").is_file()
@@ -109,7 +110,7 @@ def _code_deps(stage: dict) -> set[str]:
     return {d for d in stage.get("deps", []) if d.split("/")[0] in ("nft", "analysis")}
 
 
-@pytest.mark.parametrize("name", ["prepare", "base", "train", "evaluate", "analyze"])
+@pytest.mark.parametrize("name", ["prepare", "base", "evaluate-base", "train", "evaluate", "analyze"])
 def test_stage_deps_are_the_code_its_command_imports(name):
     """dvc.yaml lists exactly the project files a stage's command imports (nft.deps: the transitive import closure):
     a file it misses would leave stale results 'up to date'; a folder lists only when all of it is needed."""

@@ -152,23 +152,27 @@ class LossSpec:
     batch_rule: str = "all"
     """the answers it trains on (:data:`BATCH_RULES`); ``positives`` also restricts its loss and normaliser."""
     doc: str = ""
+    reference: bool = False
+    """trains on the pool's worked solutions instead of its own samples (supervised control): there is no sampling
+    policy, so the loop passes ``old_logp = 0`` and ``-log R`` is ``-log pi``, the cross-entropy."""
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, params: type, *, batch_rule: str = "all"):
+def register_loss(name: str, params: type, *, batch_rule: str = "all", reference: bool = False):
     """Decorator: register ``fn(log_ratio, mask, rewards, group_rate, group_std, p) -> (per_token, parts)``.
 
     ``batch_rule`` is the algorithm's rule for which sampled answers it trains on (the official code's), applied by
-    :func:`keep_rows`: ``all``, ``dynamic`` (DAPO's dynamic sampling) or ``positives`` (RFT)."""
+    :func:`keep_rows`: ``all``, ``dynamic`` (DAPO's dynamic sampling) or ``positives`` (RFT). ``reference``: the loss
+    trains on reference solutions, not samples (:attr:`LossSpec.reference`)."""
     if batch_rule not in BATCH_RULES:
         raise ValueError(f"batch_rule: expected one of {BATCH_RULES}, got {batch_rule!r}")
 
     def deco(fn):
         if name in LOSSES:
             raise ValueError(f"loss {name!r} registered twice")
-        LOSSES[name] = LossSpec(name, fn, params, batch_rule, (fn.__doc__ or "").strip())
+        LOSSES[name] = LossSpec(name, fn, params, batch_rule, (fn.__doc__ or "").strip(), reference)
         return fn
 
     return deco

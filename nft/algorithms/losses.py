@@ -1,4 +1,4 @@
-"""The five per-token policy losses, registered by name.
+"""The per-token policy losses (five online algorithms and a supervised control), registered by name.
 
 Every function has the signature ``fn(log_ratio, mask, rewards, group_rate, group_std, p) -> (per_token, parts)``:
 
@@ -129,6 +129,26 @@ def rft_loss(log_ratio, mask, rewards, group_rate, group_std, p: RFTParams):
     """
     lr = log_ratio.clamp(max=p.log_ratio_max)
     return -lr * rewards[:, None], {}
+
+
+@dataclass(frozen=True)
+class SFTParams:
+    """Supervised fine-tuning on the training pool's worked solutions (the equal-compute control, not in the paper)."""
+
+    agg: str = "token-mean"
+    """cross-entropy averaged over the mini-batch's reference tokens."""
+    agg_const: float | None = None
+
+    def __post_init__(self):
+        _check(self)
+
+
+@register_loss("sft", SFTParams, reference=True)
+def sft_loss(log_ratio, mask, rewards, group_rate, group_std, p: SFTParams):
+    """Supervised control: L_t = -log pi(a_t) on reference solutions (the loop passes old log-probs of 0, so
+    ``log_ratio`` is log pi): the token-mean cross-entropy on the reference tokens. Its rows are the pool's worked
+    solutions (``LossSpec.reference``), as many per optimizer step as an online run's answers."""
+    return -log_ratio, {}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..algorithms import keep_rows
-from ..data.prompts import render_prompt
+from ..data.prompts import END_OF_TURN, render_prompt
 from ..dist import Dist
 from ..reward import GraderPool
 from ..rollout.base import Sampler
@@ -174,3 +174,25 @@ def stack_groups(groups: list[dict]) -> dict | None:
         "lengths": torch.cat([g["lengths"] for g in groups]),
         "group_ids": torch.cat([torch.full((len(g["rewards"]),), i, dtype=torch.long) for i, g in enumerate(groups)]),
     }
+
+
+def reference_batch(tokenizer, problems, cursor: Cursor, cfg: TrainConfig) -> dict:
+    """The supervised control's training batch (``LossSpec.reference``): the worked solutions of ``P x K`` fresh
+    pool questions, as many rows as an online step's answers, grouped ``K`` to a group so that the mini-batches
+    (``mini_batch_prompts`` groups each) and optimizer steps are the online runs'. Rewards are 1; there are no
+    sampler log-probs (zeros). Solutions longer than ``max_new_tokens`` are cut there, as sampled answers are."""
+    P, K = cfg.prompts_per_step, cfg.answers_per_prompt
+    qs = [problems[i] for i in cursor.take(P * K)]
+    prompts = tokenizer([render_prompt(tokenizer, q.question) for q in qs], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([q.solution + END_OF_TURN for q in qs], add_special_tokens=False)["input_ids"]
+    answers = [a[: cfg.max_new_tokens] for a in answers]
+    lengths = torch.tensor([len(a) for a in answers])
+    T = int(lengths.max())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    response = torch.full((len(qs), T), pad, dtype=torch.long)
+    for i, a in enumerate(answers):
+        response[i, : len(a)] = torch.tensor(a)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    return {"prompt_ids": prompts, "response": response, "mask": mask, "sampler_logprobs": torch.zeros_like(mask),
+            "rewards": torch.ones(len(qs), dtype=torch.float64), "lengths": lengths,
+            "group_ids": torch.arange(len(qs)) // K}

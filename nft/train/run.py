@@ -50,7 +50,7 @@ from ..tracking import MLflowTracker, NullTracker, Tracker, dvc_experiment, git_
 from .checkpoint import fingerprint, has_checkpoint, restore_checkpoint, save_checkpoint, truncate_history
 from .config import TrainConfig
 from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed, model_hidden_size, resolve_deepspeed_config
-from .rollout import collect_rollout
+from .rollout import collect_rollout, reference_batch
 from .seeds import Cursor, derive_seed, seed_block
 from .update import update
 
@@ -80,15 +80,18 @@ def validate(sampler: Sampler, tokenizer, val_sets: dict, pool: GraderPool, cfg:
     """avg@k, pass@k and mean length on each validation set (the evaluation code path), and their mean."""
     ecfg = EvalConfig(benchmarks=list(val_sets), k=cfg.val_k, temperature=cfg.val_temperature, top_p=cfg.val_top_p,
                       max_new_tokens=cfg.max_new_tokens, limit=cfg.val_limit, graders=[cfg.grader])
-    out, accs = {}, []
+    out, accs, ents = {}, [], []
     t0 = time.perf_counter()
     for name, problems in val_sets.items():
         m, _ = evaluate_problems(sampler, tokenizer, problems, ecfg, pool, seed=derive_seed(seed, "val", name))
         out[f"val/{name}/avg@{cfg.val_k}"] = m[f"avg@{cfg.val_k}"]
         out[f"val/{name}/pass@{cfg.val_k}"] = m[f"pass@{cfg.val_k}"]
         out[f"val/{name}/length_mean"] = m["mean_length"]
+        out[f"val/{name}/entropy"] = m["entropy"]
         accs.append(m[f"avg@{cfg.val_k}"])
+        ents.append(m["entropy"])
     out[f"val/mean/avg@{cfg.val_k}"] = float(np.mean(accs))
+    out["val/mean/entropy"] = float(np.mean(ents))
     out["time/validate"] = time.perf_counter() - t0
     return out
 
@@ -184,8 +187,12 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
            tracker: Tracker | None, variant: str) -> Run | dict:
     """Validate, then set up the run (or return the final metrics of a finished one)."""
     params = make_params(algo, **dict(cfg.loss.get(algo, {}) or {}))  # unknown algorithm: error before any work
-    rule = get_spec(algo).batch_rule if cfg.batch_rule == "auto" else cfg.batch_rule
+    spec = get_spec(algo)
+    rule = spec.batch_rule if cfg.batch_rule == "auto" else cfg.batch_rule
     train_set = load_benchmark(cfg.train_set, cfg.data)
+    if spec.reference and not all(getattr(q, "solution", "") for q in train_set):
+        raise ValueError(f"train.train_set: {algo} trains on worked solutions, and {cfg.train_set!r} has none "
+                         f"(the synthetic pool has them)")
     val_sets = {name: load_benchmark(name, cfg.data) for name in cfg.val_benchmarks}
     if not Path(cfg.model).is_dir():
         raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
@@ -249,6 +256,8 @@ def _rollout_step(run: Run, step: int) -> dict:
     if batch is not None and cfg.overlong_buffer and run.shaped_rewards:
         batch["rewards"] = batch["rewards"] + overlong_penalty(
             batch["lengths"], cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty).double()
+    if get_spec(run.algo).reference:  # the supervised control: sampled for its metrics, trained on solutions
+        batch = reference_batch(run.tokenizer, run.train_set, run.cursor, cfg)
     if batch is not None and len(batch["prompt_ids"]):
         run.sampler.sleep()  # vllm.sleep: the GPU's memory to the trainer (woken by the push / sampling)
         metrics.update(update(run.engine, batch, run.algo, run.overrides, cfg, run.pad_id, run.seed, step))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..algorithms import batch_context, loss_normalizer, make_params, policy_loss
+from ..algorithms import batch_context, get_spec, loss_normalizer, make_params, policy_loss
 from ..dist import Dist
 from ..modeling import response_logprobs
 from .config import TrainConfig
@@ -136,7 +136,7 @@ def old_logprobs(model, batch: dict, minis, plan, cfg: TrainConfig, pad_id: int)
 
 
 def _train_minibatch(engine: Engine, batch, rows, micros, old, ctx_all, algo, params, cfg, pad_id, first: bool,
-                     stats: UpdateStats) -> float:
+                     stats: UpdateStats, reference: bool = False) -> float:
     """Forward/backward of the mini-batch's micro-batches and one optimizer step; returns the grad norm."""
     at_mini = torch.tensor(rows)
     normalizer = loss_normalizer(algo, mask=batch["mask"][at_mini], rewards=batch["rewards"][at_mini], params=params)
@@ -149,7 +149,7 @@ def _train_minibatch(engine: Engine, batch, rows, micros, old, ctx_all, algo, pa
                                       shared_prefix=not cfg.gradient_checkpointing)
         logp = logp.float()
         dev = logp.device  # the loss is computed where the model is (inputs stay on the CPU)
-        if first and idx:
+        if first and idx and not reference:
             old[at] = logp.detach().cpu()
         loss, met = policy_loss(algo, logp=logp, old_logp=old[at].to(dev), mask=micro["mask"].to(dev),
                                 rewards=micro["rewards"].to(dev), group_ids=micro["group_ids"].to(dev),
@@ -171,8 +171,10 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
     dist = engine.dist
     params = make_params(algo, **overrides)  # validated once per step, not per micro-batch
     minis, plan = plan_minibatches(batch, cfg, seed, step, dist)
+    reference = get_spec(algo).reference  # supervised rows: no sampling policy, old log-probs stay 0
     t0 = time.perf_counter()
-    old = old_logprobs(engine.model, batch, minis, plan, cfg, pad_id)
+    old = torch.zeros_like(batch["sampler_logprobs"]) if reference else old_logprobs(engine.model, batch, minis, plan,
+                                                                                      cfg, pad_id)
     t_old = time.perf_counter() - t0
     # group statistics of the whole rollout batch (full groups; RFT's rows are positives only)
     ctx_all = batch_context(algo, mask=batch["mask"], rewards=batch["rewards"], group_ids=batch["group_ids"],
@@ -180,7 +182,7 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
     stats = UpdateStats()
     t1 = time.perf_counter()
     grad_norms = [_train_minibatch(engine, batch, rows, micros, old, ctx_all, algo, params, cfg, pad_id, m == 0,
-                                   stats) for m, (rows, micros) in enumerate(zip(minis, plan))]
+                                   stats, reference) for m, (rows, micros) in enumerate(zip(minis, plan))]
     t_update = time.perf_counter() - t1
     mine = [i for micros in plan for idx in micros for i in idx]
     mismatch = (old[mine] - batch["sampler_logprobs"][mine]).abs()[batch["mask"][mine] > 0]

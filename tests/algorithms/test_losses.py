@@ -280,6 +280,27 @@ def test_rft_gradient_is_sft_on_positives(agg):
     assert torch.allclose(g_rft, g_sft, atol=1e-12)
 
 
+def test_sft_is_the_cross_entropy_on_the_reference_tokens():
+    """The supervised control: with old log-probs of 0 (what the loop passes for a ``reference`` loss) the sft loss
+    is F.cross_entropy over the reference tokens (padding ignored), value and gradient."""
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 5, 7, 11
+    logits = torch.randn(B, T, V, generator=g, requires_grad=True)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    mask[1, 4:] = 0.0
+    mask[3, 2:] = 0.0
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    loss, _ = policy_loss("sft", logp=logp, old_logp=torch.zeros_like(logp), mask=mask, rewards=torch.ones(B),
+                          group_ids=torch.arange(B))
+    (g_ours,) = torch.autograd.grad(loss, logits)
+    on = mask > 0
+    ce = torch.nn.functional.cross_entropy(logits[on], tokens[on])
+    (g_ce,) = torch.autograd.grad(ce, logits)
+    assert torch.allclose(loss, ce, atol=1e-12) and torch.allclose(g_ours, g_ce, atol=1e-12)
+    assert LOSSES["sft"].reference and not LOSSES["nft"].reference
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Micro-batches
 # ----------------------------------------------------------------------------------------------------------------------

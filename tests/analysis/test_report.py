@@ -30,7 +30,7 @@ def make_runs(root: Path) -> Path:
         rows = [{"step": 0, "val/synth-medium/avg@4": 0.1, "val/synth-easy/avg@4": 0.3, "val/mean/avg@4": 0.2}]
         for s in range(1, steps + 1):
             row = {"step": s, "policy/entropy": 0.5 + 0.1 * seed + s * (0.1 if algo == "nft" else -0.1),
-                   "rollout/accuracy": 0.1 * s, "response/length_mean": 20.0}
+                   "rollout/accuracy": 0.1 * s, "response/length_mean": 20.0, "train/optimizer_steps": 4}
             if s == 1 and algo == "grpo":
                 row["policy/entropy"] = float("nan")
             if s == steps:
@@ -83,8 +83,11 @@ def test_report_files_and_figures(tmp_path):
     history, _, _ = load_runs(runs)
     figs = standard_figures(history, 4)
     ax = figs["entropy"].axes[0]
-    assert ax.get_xlabel() == "training step" and "entropy" in ax.get_ylabel()
-    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"NFT", "GRPO"}
+    assert ax.get_xlabel() == "rollout step (4 optimizer steps each)" and "entropy" in ax.get_ylabel()
+    assert ax.get_legend() is None  # the legend sits beside the axes, off the data
+    assert {t.get_text() for t in figs["entropy"].legends[0].get_texts()} == {"NFT", "GRPO"}
+    thin = standard_figures(history, 4, per_seed=True)["entropy"].axes[0]
+    assert len(thin.lines) == len(ax.lines) + 5  # one thin line per run (3 nft + 2 grpo seeds)
     colors = {line.get_label(): line.get_color() for line in figs["val_accuracy"].axes[0].lines}
     assert colors == {line.get_label(): line.get_color() for line in ax.lines}  # one colour per algorithm
     assert (out / "plots" / "val_accuracy.csv").read_text().startswith("step,grpo,nft")

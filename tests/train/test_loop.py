@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import nft_cli
 
-ALGOS = ["nft", "rft", "grpo", "dr_grpo", "dapo"]
+ALGOS = ["nft", "rft", "grpo", "dr_grpo", "dapo", "sft"]
 
 
 def _history(run: Path) -> list[dict]:
@@ -44,7 +44,7 @@ def weights_digest(folder: Path) -> str:
 #: and unchanged by the refactor: a change of these is a change of behaviour, to be explained, never re-recorded
 #: silently. The tiny base model itself: 12d62e52ba36ddca.
 GOLDEN = {"nft": "dd4dd214876ed357", "rft": "0b363e674ecce56f", "grpo": "5989672e8453a104",
-          "dr_grpo": "5f613771951e0737", "dapo": "710bba5d4a63dba5"}
+          "dr_grpo": "5f613771951e0737", "dapo": "710bba5d4a63dba5", "sft": "37abdbd22180e835"}  # sft: recorded when it was added
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -70,6 +70,8 @@ def test_two_steps_change_parameters_and_log_finite_metrics(tiny_study, tmp_path
                     "rollout/groups_kept_frac", "logprob/mismatch_mean", "time/sample", "time/update"):
             assert key in r, key
         assert r["logprob/mismatch_mean"] < 1e-3  # trainer and sampler agree on the sampling policy
+        if algo == "sft":  # trained on P x K worked solutions (rows like an online step's), sampled for its metrics
+            assert r["train/answers"] == 16 and r["loss/total"] > 0 and r["rollout/groups_kept"] == 4
     final = json.loads((run / "metrics.json").read_text())
     assert "val/synth-easy/avg@2" in final
     # a finished run is not redone
