@@ -16,9 +16,9 @@ import numpy as np
 
 from .claims import claims_markdown, diff_interval, evaluate_claims
 from .figures import save, standard_figures
-from .load import BASE, load_mlflow, load_runs, seed_matrix
+from .load import BASE, load_mlflow, load_runs
 from .stats import iqm, mean_std, poi_ci, stratified_bootstrap_ci
-from .tables import paper_comparison, results_table, seed_gaps, to_latex, to_markdown
+from .tables import paper_bars, paper_comparison, results_table, seed_frame, seed_gaps, to_latex, to_markdown
 
 
 def headline_metric(final, k: int | None) -> str:
@@ -29,27 +29,47 @@ def headline_metric(final, k: int | None) -> str:
     return max(metrics, key=lambda m: int(m.split("@")[1])) if metrics else "avg@1"
 
 
+def headline_metrics(final, benchmarks: list[str], k: int | None) -> dict[str, str]:
+    """The headline metric of each benchmark: ``avg@k`` when given, else the avg@k with the largest k that benchmark
+    was evaluated with (the paper presets: avg@32 on AIME24/AIME25/AMC23, avg@1 on the others)."""
+    out = {}
+    for b in benchmarks:
+        sub = final[final.benchmark == b] if len(final) else final
+        out[b] = headline_metric(sub, k) if len(sub) else f"avg@{k or 1}"
+    return out
+
+
+def metric_label(metric_for: dict[str, str]) -> str:
+    """``avg@4`` when every benchmark uses it, else ``avg@k`` (k per benchmark)."""
+    kinds = set(metric_for.values())
+    return kinds.pop() if len(kinds) == 1 else "avg@k"
+
+
+#: Table 1's column order (the paper's), then the synthetic sets
+ORDER = {"aime24": 0, "math500": 1, "aime25": 2, "amc23": 3, "olympiadbench": 4, "minerva": 5, "synth-easy": 6,
+         "synth-medium": 7, "synth-hard": 8}
+
+
 def analyze(history, final, problems: list[str], out: Path, source: str, k: int | None = None,
-            seed: int = 0, per_seed: bool = False) -> dict:
+            seed: int = 0, per_seed: bool = False, paper_model: str = "Qwen2.5-Math-7B") -> dict:
     """Write figures, tables and the summary into ``out``; returns the numbers (for tests and DVC metrics)."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "figures").mkdir(parents=True)
-    metric = headline_metric(final, k)
-    kval = int(metric.split("@")[1])
+    benchmarks = sorted(final.benchmark.unique(), key=lambda b: (ORDER.get(b, 99), b))
+    metric_for = headline_metrics(final, benchmarks, k)
+    metric = metric_label(metric_for)
+    kval = max([int(m.split("@")[1]) for m in metric_for.values()] or [1])
     val_k = sorted({int(m.split("@")[1]) for m in history.metric.unique() if m.startswith("val/mean/avg@")})
     figs = standard_figures(history, val_k[-1] if val_k else kval, per_seed=per_seed)
     fig_files = {name: save(fig, tmp / "figures", name) for name, fig in figs.items()}
-
-    order = {"synth-easy": 0, "synth-medium": 1, "synth-hard": 2, "aime24": 3, "aime25": 4, "amc23": 5, "math500": 6,
-             "minerva": 7, "olympiadbench": 8}
-    benchmarks = sorted(final.benchmark.unique(), key=lambda b: (order.get(b, 99), b))
     variants = sorted(final.variant.unique(), key=lambda v: (v != BASE, v))  # the base model's row first
-    table = results_table(final, metric, benchmarks) if len(final) else None
+    table = results_table(final, metric_for, benchmarks) if len(final) else None
     if len(final):  # seeds without every benchmark are left out of the average: say which
-        problems = problems + seed_gaps(final, metric, benchmarks)
-    numbers: dict = {"metric": metric, "variants": {}}
-    lines = ["# Study summary\n", f"Source: {source}. Headline metric: **{metric}** of the final evaluation, in "
+        problems = problems + seed_gaps(final, metric_for, benchmarks)
+    numbers: dict = {"metric": metric, "metric_per_benchmark": metric_for, "variants": {}}
+    per = "" if metric != "avg@k" else " (" + ", ".join(f"{b} {m}" for b, m in metric_for.items()) + ")"
+    lines = ["# Study summary\n", f"Source: {source}. Headline metric: **{metric}**{per} of the final evaluation, in "
              f"percent, mean ± std over seeds (entries within 1 point of the best in bold).\n"]
     runs = history.groupby(["variant", "seed"]).step.max().reset_index() if len(history) else None
     if runs is not None and len(runs):
@@ -62,15 +82,18 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
         (tmp / "results.md").write_text(to_markdown(table))
         (tmp / "results.tex").write_text(to_latex(table))
         lines += ["## Results\n", to_markdown(table)]
-        comp = paper_comparison(table)
+        comp = paper_comparison(final, metric_for, benchmarks, paper_model, seed=seed)
         if comp:
             (tmp / "paper_comparison.md").write_text(comp)
-            lines += ["## Against the paper (Qwen2.5-Math-7B)\n", comp]
+            lines += [f"## Against the paper ({paper_model}, Table 1)\n", comp]
+            fig = paper_bars(table, paper_model)
+            if fig is not None:
+                fig_files["paper_bars"] = save(fig, tmp / "figures", "paper_bars")
         # honest statistics over (seeds x benchmarks)
         lines += ["## Statistics over seeds x benchmarks\n",
                   "Stratified bootstrap 95% intervals (2,000 resamples, seeded), interquartile mean, and probability "
                   "of improvement P(row > column).\n", "| variant | mean | 95% CI | IQM | seeds |", "|---|---|---|---|---|"]
-        mats = {v: seed_matrix(final, v, metric, benchmarks) * 100 for v in variants}
+        mats = {v: seed_frame(final, v, metric_for, benchmarks).to_numpy(dtype=float) for v in variants}
         for v in variants:
             mat = mats[v]
             point, lo, hi = stratified_bootstrap_ci(mat, seed=seed) if mat.size else (np.nan,) * 3
@@ -95,7 +118,7 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
                     cells.append(f"{p:.2f} [{lo:.2f}, {hi:.2f}]")
                 lines.append(f"| {a} | " + " | ".join(cells) + " |")
             lines.append("")
-        claims = evaluate_claims(history, final, metric, benchmarks, seed=seed)
+        claims = evaluate_claims(history, final, metric_for, benchmarks, seed=seed)
         numbers["claims"] = {c["id"]: c for c in claims}
         (tmp / "claims.md").write_text(claims_markdown(claims, metric))
         lines += ["## The paper's claims (claims.md)\n",
@@ -173,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=None, help="headline avg@k (default: the largest in the evaluation)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--per-seed", action="store_true", help="figures: each seed's curve as a thin line too")
+    ap.add_argument("--paper-model", default="Qwen2.5-Math-7B",
+                    help="the paper's Table 1 rows to compare with (Qwen2.5-Math-7B or Qwen2.5-32B), when the study "
+                         "evaluated the paper's benchmarks")
     ap.add_argument("--log-mlflow", action="store_true",
                     help="log the reports and the summary into the study's MLflow run (the train runs' parent)")
     ap.add_argument("--metrics", default=None,
@@ -188,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         history, final, problems = load_runs(args.runs, evals)
         source = f"run folders under {args.runs}"
-    numbers = analyze(history, final, problems, Path(args.out), source, args.k, args.seed, args.per_seed)
+    numbers = analyze(history, final, problems, Path(args.out), source, args.k, args.seed, args.per_seed,
+                      args.paper_model)
     if args.metrics:
         from nft.io import atomic_write_json
 

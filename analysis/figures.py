@@ -96,7 +96,9 @@ def standard_figures(history: pd.DataFrame, k: int, per_seed: bool = False) -> d
     figs = {}
     metrics = set(history.metric.unique())
     pairs = history[["algo", "variant"]].drop_duplicates()
-    default_variants = sorted(pairs[pairs.algo == pairs.variant].variant) or sorted(pairs.variant)
+    # the arms named after an algorithm (the paper presets' rft is NFT with neg_weight 0: still RFT)
+    main = pairs[(pairs.algo == pairs.variant) | pairs.variant.isin(list(LABELS))]
+    default_variants = sorted(set(main.variant)) or sorted(pairs.variant)
 
     def fig(*args):
         return curve_figure(*args, per_seed=per_seed)

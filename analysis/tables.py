@@ -3,17 +3,35 @@ column maximum in bold (as the paper's Table 1), and the comparison with the pap
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from .figures import LABELS
 from .stats import mean_std
 
-#: Table 1 of the paper (Qwen2.5-Math-7B), average over the six benchmarks, in percent (as quoted in the issue
-#: tracker). Per-benchmark entries are left out rather than guessed: add them from the paper's Table 1 to compare
-#: benchmark by benchmark.
-PAPER_7B_AVERAGE = {"nft": 51.7, "dapo": 51.2, "grpo": 49.5, "dr_grpo": 49.8, "rft": 48.3}
-PAPER_BENCHMARKS = ["aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"]
+#: Table 1's benchmarks, in its column order
+PAPER_BENCHMARKS = ["aime24", "math500", "aime25", "amc23", "olympiadbench", "minerva"]
+
+
+def paper_table_path() -> Path:
+    """The paper's Table 1 as data: ``$NFT_PAPER_TABLE``, else ``../shared/paper/table1.csv`` beside the checkout."""
+    env = os.environ.get("NFT_PAPER_TABLE")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "paper" / "table1.csv"
+
+
+def paper_rows(model: str) -> pd.DataFrame | None:
+    """Table 1's rows for ``model`` (``method x benchmarks + average``, percent), or None if the file is absent."""
+    path = paper_table_path()
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path)
+    rows = df[df.model == model].set_index("method")
+    if rows.empty:
+        raise ValueError(f"--paper-model: {model!r} not in {path} (models: {sorted(df.model.unique())})")
+    return rows[PAPER_BENCHMARKS + ["average"]].astype(float)
 
 
 def _metric(metric_for: dict[str, str] | str, benchmark: str) -> str:
@@ -122,18 +140,90 @@ def to_latex(table: pd.DataFrame) -> str:
             + "\n\\bottomrule\n\\end{tabular}\n")
 
 
-def paper_comparison(table: pd.DataFrame) -> str | None:
-    """Markdown table placing the paper's 7B numbers beside the reproduced ones; None unless the study evaluated
-    the paper's benchmarks."""
-    cols = set(table.columns.get_level_values(0))
-    if not set(PAPER_BENCHMARKS) <= cols:
+def _interval(final: pd.DataFrame, variant: str, metric_for, benchmarks: list[str], seed: int
+              ) -> dict[str, tuple[float, float, float, int]]:
+    """Per benchmark and ``average``: ``(mean, low, high, seeds)`` in percent. Three seeds or more: a percentile
+    bootstrap over seeds; fewer: mean ± 1.96 standard errors over questions (the evaluation's ``stderr``)."""
+    from .stats import stratified_bootstrap_ci
+
+    frame = seed_frame(final, variant, metric_for, benchmarks)
+    se = seed_frame(final, variant, "stderr", benchmarks) if (final.metric == "stderr").any() else None
+    out = {}
+    cols = {b: frame[b].dropna().to_numpy() for b in benchmarks}
+    cols["average"] = frame.dropna().mean(axis=1).to_numpy()
+    for b, vals in cols.items():
+        n = len(vals)
+        if not n:
+            out[b] = (np.nan, np.nan, np.nan, 0)
+        elif n >= 3:
+            point, lo, hi = stratified_bootstrap_ci(vals[:, None], seed=seed)
+            out[b] = (point, lo, hi, n)
+        else:
+            if se is None:
+                half = np.nan
+            elif b == "average":
+                half = 1.96 * float(np.sqrt((se.mean(axis=0) ** 2).sum())) / len(benchmarks) / np.sqrt(n)
+            else:
+                half = 1.96 * float(se[b].mean()) / np.sqrt(n)
+            out[b] = (float(vals.mean()), float(vals.mean() - half), float(vals.mean() + half), n)
+    return out
+
+
+def paper_comparison(final: pd.DataFrame, metric_for, benchmarks: list[str], model: str = "Qwen2.5-Math-7B",
+                     seed: int = 0) -> str | None:
+    """The study beside the paper's Table 1 (read from :func:`paper_table_path`), benchmark by benchmark: this
+    study's mean with its 95% interval, the paper's value, the difference and whether the paper's value lies inside
+    the interval. Arms are matched to the paper's rows by name (``base``, ``nft``, ``grpo``, ...). None unless the
+    study evaluated all six of the paper's benchmarks (or the table file is absent)."""
+    if not set(PAPER_BENCHMARKS) <= set(benchmarks):
         return None
-    lines = ["| algorithm | reproduced average | paper (7B) average | difference |", "|---|---|---|---|"]
-    for variant in table.index:
-        algo = variant.split("[")[0]
-        if algo not in PAPER_7B_AVERAGE or variant != algo:
+    paper = paper_rows(model)
+    if paper is None:
+        return None
+    lines = ["| algorithm | benchmark | this study [95% CI] | seeds | paper | difference | paper inside the interval |",
+             "|---|---|---|---|---|---|---|"]
+    for variant in sorted(final.variant.unique(), key=lambda v: (v != "base", v)):
+        if variant not in paper.index:
             continue
-        mu, sd = table.loc[variant, ("average", "mean")], table.loc[variant, ("average", "std")]
-        paper = PAPER_7B_AVERAGE[algo]
-        lines.append(f"| {_name(variant)} | {mu:.1f} ± {sd:.1f} | {paper:.1f} | {mu - paper:+.1f} |")
+        iv = _interval(final, variant, metric_for, PAPER_BENCHMARKS, seed)
+        for b in PAPER_BENCHMARKS + ["average"]:
+            mu, lo, hi, n = iv[b]
+            ref = float(paper.loc[variant, b])
+            inside = "–" if np.isnan(lo) else ("yes" if lo <= ref <= hi else "no")
+            lines.append(f"| {_name(variant)} | {b} | {mu:.1f} [{lo:.1f}, {hi:.1f}] | {n} | {ref:.1f} | "
+                         f"{mu - ref:+.1f} | {inside} |")
     return "\n".join(lines) + "\n"
+
+
+def paper_bars(table: pd.DataFrame, model: str = "Qwen2.5-Math-7B"):
+    """Figure 1's layout: per benchmark (Table 1's order, then the average) one bar per arm of this study that the
+    paper also ran, beside the paper's value (hatched). None without the paper's benchmarks or its table."""
+    import matplotlib.pyplot as plt
+
+    from .figures import COLORS
+
+    cols = PAPER_BENCHMARKS + ["average"]
+    if not set(PAPER_BENCHMARKS) <= set(table.columns.get_level_values(0)):
+        return None
+    paper = paper_rows(model)
+    if paper is None:
+        return None
+    arms = [v for v in table.index if v in paper.index]
+    if not arms:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 3.0), dpi=150, layout="constrained")
+    width = 0.8 / (2 * len(arms))
+    x = np.arange(len(cols))
+    for i, arm in enumerate(arms):
+        ours = [table.loc[arm, (c, "mean")] for c in cols]
+        theirs = [paper.loc[arm, c] for c in cols]
+        color = COLORS.get(arm, "#333333")
+        ax.bar(x - 0.4 + (2 * i + 0.5) * width, ours, width, color=color, label=f"{_name(arm)} (this study)")
+        ax.bar(x - 0.4 + (2 * i + 1.5) * width, theirs, width, color=color, alpha=0.35, hatch="//",
+               label=f"{_name(arm)} (paper)")
+    ax.set_xticks(x, ["AIME24", "MATH500", "AIME25", "AMC23", "Olympiad", "Minerva", "Average"], fontsize=7)
+    ax.set_ylabel("accuracy (%)", fontsize=8)
+    ax.set_title(f"This study vs the paper's Table 1 ({model})", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.legend(fontsize=6, frameon=False, loc="outside right center")
+    return fig

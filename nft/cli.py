@@ -12,7 +12,7 @@
     nft sweep    --config params.yaml --space experiments/sweeps/nft.yaml --trials 20 --study-name S
                  [--storage URL] [--seeds 0,1]           Optuna; every worker runs the same command
     nft sweep best --study-name S --storage URL --config params.yaml --out best.yaml
-    nft sweep table --study-name S --storage URL        the trials as a Markdown table, best first
+    nft sweep table --study-name S --storage URL --config params.yaml   the trials as a table, best first
 
 Every command validates the whole params file (and ``--set`` overrides) before any work starts; a bad key is one
 error naming the file and the key.

@@ -192,9 +192,9 @@ class Variant:
 #: whole batch: strictly on-policy, R = 1) on the same dynamic-sampling batches. Their gradients are then equal (the
 #: clip never acts at R = 1; uniform groups, where NFT's r-hat clip would differ, are filtered), so the claim "on
 #: policy, NFT is GRPO" is tested end to end by the pair (``analysis.claims``).
-#: ``mini_batch_prompts`` is the default P; ``analysis.claims`` checks the pair's runs did one optimizer step per
-#: rollout step before it reads them.
-_ON_POLICY = {"mini_batch_prompts": 16, "batch_rule": "dynamic"}
+#: (``mini_batch_prompts: 0``: the whole batch; ``analysis.claims`` checks the pair's runs logged one optimizer step
+#: per rollout step before it reads them.)
+_ON_POLICY = {"mini_batch_prompts": 0, "batch_rule": "dynamic"}
 ON_POLICY_PAIR = {
     "nft-onpolicy": Variant(algo="nft", loss={"omega": "sqrt"}, train=dict(_ON_POLICY)),
     "grpo-onpolicy": Variant(algo="grpo", loss={"agg": "token-sum", "std": "population"}, train=dict(_ON_POLICY)),
@@ -228,9 +228,11 @@ class StudyConfig:
         if not self.seeds:
             raise ValueError("seeds: expected a non-empty list of integers")
         for name, v in self.variants.items():
-            if name in LOSSES and v.algo != name:
+            official_rft = name == "rft" and v.algo == "nft" and v.loss.get("neg_weight") == 0
+            if name in LOSSES and v.algo != name and not official_rft:
                 raise ValueError(f"variants.{name}: an arm named after the registered loss {name!r} must be that loss "
-                                 f"(algo: {name}), got algo: {v.algo}")
+                                 f"(algo: {name}; rft may also be the official RFT, algo: nft with neg_weight: 0), "
+                                 f"got algo: {v.algo}")
 
     def with_every_arm(self) -> "StudyConfig":
         """The same study with a ``variants`` entry for every arm (a plain algorithm: ``{algo: NAME}``) and none for

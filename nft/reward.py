@@ -134,6 +134,24 @@ def grade_dapo(response: str, gold: str) -> bool:
     return boxed is not None and normalize_dapo(boxed) == normalize_dapo(gold)
 
 
+def grade_dapo_strict(response: str, gold: str) -> bool:
+    """The official NFT code's strict grader for its ``*_dapo_boxed`` data sources (DAPO-Math-17k, AIME25, AMC23;
+    verl's ``math_dapo.compute_score`` as ``verifier.py`` dispatches it), written from its behaviour: only the last
+    100 characters of the response are read; the last literal ``\\boxed{`` there, its braces matched, gives the
+    answer; right only if that answer equals the gold string exactly (no normalisation, no trimming). No box, an
+    unclosed box or a box cut by the window: wrong."""
+    tail = response[-100:]
+    start = tail.rfind("\\boxed{")
+    if start < 0:
+        return False
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(tail)):
+        depth += {"{": 1, "}": -1}.get(tail[j], 0)
+        if depth == 0:
+            return tail[i:j] == gold
+    return False
+
+
 @dataclass(frozen=True)
 class Grader:
     """A registered grader: ``fn(response, gold) -> bool`` and how it must be run.
@@ -162,6 +180,7 @@ class Grader:
 GRADERS: dict[str, Grader] = {
     "math_verify": Grader(grade_math_verify, fast=fast_verdict, isolated=True, takes_timeout=True),
     "dapo": Grader(grade_dapo, isolated=False),
+    "dapo_strict": Grader(grade_dapo_strict, isolated=False),
 }
 
 

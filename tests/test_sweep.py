@@ -160,6 +160,8 @@ def test_shared_setting_over_algorithms_on_a_grid(tiny_study, tmp_path):
     assert sorted(p.name for p in (tmp_path / "sweeps" / "g").iterdir()) == [
         "trial0-grpo-s0", "trial0-nft-s0", "trial1-grpo-s0", "trial1-nft-s0"]
     table = sweep_table("g", storage).splitlines()
+    r = nft_cli("sweep", "table", "--study-name", "g", "--storage", storage, "--config", params)
+    assert r.stdout.splitlines() == table
     assert table[0] == "| trial | train.lr | nft | grpo | objective | state |" and len(table) == 4
     best = max(trials, key=lambda t: t.value)
     assert table[2].startswith(f"| {best.number} |") and f"{100 * best.value:.1f}" in table[2]

@@ -24,7 +24,8 @@ class TrainConfig:
     answers_per_prompt: int = 8
     """K: sampled answers per question (paper: 16)."""
     mini_batch_prompts: int = 4
-    """questions per optimizer step; P / this = optimizer steps per rollout step (paper: 512 / 32 = 16)."""
+    """questions per optimizer step; P / this = optimizer steps per rollout step (paper: 512 / 32 = 16). 0: all P
+    questions in one mini-batch, one optimizer step per rollout step (strictly on-policy)."""
     micro_batch_size: int = 64
     """answers per forward/backward (gradient accumulation inside a mini-batch; exact, see nft.algorithms)."""
     max_new_tokens: int = 48
@@ -35,11 +36,32 @@ class TrainConfig:
     """which groups to train on; ``auto`` = the algorithm's own (NFT, DAPO: dynamic sampling; RFT: positives)."""
     max_num_gen_batches: int = 3
     """dynamic sampling: at most this many generation batches per rollout step to collect P mixed groups."""
+    gen_batch_prompts: int = 0
+    """dynamic sampling: questions per generation batch (0: P). The official code samples 3 x P
+    (``train_7B.sh``: gen_prompt_bsz = 1536) and keeps the first P mixed groups."""
+    short_batch: Literal["train", "error"] = "train"
+    """dynamic sampling that ends with fewer than P mixed groups: ``train`` on those (logged as
+    ``rollout/groups_kept``), or ``error`` as the official code (``ray_nft_trainer.py``: ValueError after
+    max_num_gen_batches)."""
+    grade_truncated: bool = False
+    """grade answers cut at ``max_new_tokens`` like the others (the official code) instead of counting them wrong."""
     lr: float = 5e-5
     """the embedded default's: a tiny model is wrecked by larger fine-tuning steps (measured: 5e-4 halves its
     accuracy within 10 steps). The paper presets set 1e-6."""
     warmup_steps: int = 2
-    """linear warmup in optimizer steps, then constant (as the paper)."""
+    """linear warmup, then constant (as the paper)."""
+    warmup_unit: Literal["optimizer", "rollout"] = "optimizer"
+    """what ``warmup_steps`` counts: ``optimizer`` steps (factor (s + 1) / warmup at optimizer step s), or
+    ``rollout`` steps as the official code (verl's constant schedule with warmup, stepped once per rollout step:
+    factor k / warmup for every optimizer step of rollout step k = 0, 1, ..., so the first rollout step runs at lr 0;
+    ``fsdp_workers.py``)."""
+    dp_reduce: Literal["sum", "mean"] = "sum"
+    """how the gradients of data-parallel ranks combine: ``sum`` of the ranks' shares of the mini-batch loss (the
+    one-process gradient, whatever the number of processes), or ``mean`` as the official code (each rank's loss is its
+    own token sum / 1000 and FSDP averages over ranks: the one-process gradient / world size)."""
+    normalizer: Literal["mini_batch", "micro_batch"] = "mini_batch"
+    """the reduction's denominator: the whole mini-batch's (split-invariant), or each micro-batch's own with the
+    micro-batch losses summed, as verl's token mean in the official code (depends on the micro-batch split)."""
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -52,6 +74,8 @@ class TrainConfig:
     """validation every N rollout steps (and at steps 0 and the last); 0: only at the end."""
     val_benchmarks: list[str] = field(default_factory=lambda: ["synth-easy", "synth-medium", "synth-hard"])
     val_k: int = 4
+    val_k_per_benchmark: dict[str, int] = field(default_factory=dict)
+    """k for some validation sets (the paper's curves: avg@32 on AIME24/AIME25/AMC23); the others use ``val_k``."""
     val_limit: int = 200
     """questions per validation set (0: all)."""
     val_temperature: float = 1.0
@@ -60,6 +84,9 @@ class TrainConfig:
     """checkpoint every N rollout steps (and at the end)."""
     threads: int = 2
     grader: str = "math_verify"
+    grader_per_set: dict[str, str] = field(default_factory=dict)
+    """the grader of some sets (training set or validation sets) by name, as the official code picks a verifier per
+    data source (``verifier.py``); the others use ``grader``."""
     grader_workers: int = 2
     sampler: Literal["torch", "vllm"] = "torch"
     """rollout backend."""
@@ -79,6 +106,8 @@ class TrainConfig:
     tracking: bool = True
 
     def __post_init__(self):
+        if self.mini_batch_prompts == 0:
+            self.mini_batch_prompts = self.prompts_per_step
         for name in ("steps", "prompts_per_step", "answers_per_prompt", "mini_batch_prompts", "micro_batch_size",
                      "max_new_tokens", "max_num_gen_batches", "val_k", "threads", "grader_workers"):
             if getattr(self, name) < 1:
@@ -107,5 +136,16 @@ class TrainConfig:
         from ..reward import get_grader
 
         get_grader(self.grader)  # an unknown grader: an error naming the registered ones, before any work
+        for name, g in self.grader_per_set.items():
+            try:
+                get_grader(g)
+            except ValueError as e:
+                raise ValueError(f"train.grader_per_set.{name}: {e}") from None
+        for name, k in self.val_k_per_benchmark.items():
+            if not isinstance(k, int) or k < 1:
+                raise ValueError(f"train.val_k_per_benchmark.{name}: expected an integer >= 1, got {k!r}")
+        if self.gen_batch_prompts < 0 or (self.gen_batch_prompts and self.gen_batch_prompts < self.prompts_per_step):
+            raise ValueError(f"train.gen_batch_prompts ({self.gen_batch_prompts}) is below train.prompts_per_step "
+                             f"({self.prompts_per_step}); 0 means P")
         if self.engine == "deepspeed" and not self.deepspeed_config:
             raise ValueError("train.deepspeed_config: required when train.engine is deepspeed")

@@ -94,9 +94,21 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.adam_betas))
 
 
-def make_schedule(opt, cfg: TrainConfig):
+def lr_factor(cfg: TrainConfig):
+    """The lr multiplier at optimizer step ``s`` (0, 1, ...): linear warmup over ``warmup_steps`` optimizer steps
+    ((s + 1) / warmup), or over rollout steps as the official code (k / warmup for every optimizer step of rollout step
+    k, so rollout step 0 trains at lr 0; ``train.warmup_unit``), then constant."""
     warm = max(cfg.warmup_steps, 0)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    if not warm:
+        return lambda s: 1.0
+    if cfg.warmup_unit == "rollout":
+        per_rollout = math.ceil(cfg.prompts_per_step / cfg.mini_batch_prompts)
+        return lambda s: min(1.0, (s // per_rollout) / warm)
+    return lambda s: min(1.0, (s + 1) / warm)
+
+
+def make_schedule(opt, cfg: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
 
 
 def _save_pretrained(model, path: Path, tokenizer, state_dict=None) -> None:
@@ -233,8 +245,9 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         # ``last``: the mini-batch's last micro-batch (DeepSpeed's accumulation boundary). DeepSpeed averages
         # gradients over ranks; the loop's losses are shares of a sum, hence the factor.
+        # train.dp_reduce "mean" (the official code): no factor, the ranks' gradients are averaged
         self.ds.set_gradient_accumulation_boundary(last)
-        self.ds.backward(loss * self.dist.world, scale_wrt_gas=False)
+        self.ds.backward(loss * (self.dist.world if self.cfg.dp_reduce == "sum" else 1), scale_wrt_gas=False)
 
     def step(self) -> float:
         self.ds.step()

@@ -69,13 +69,14 @@ def collect_rollout(sampler: Sampler, tokenizer, problems, cursor: Cursor, pool:
     response, mask, sampler logprobs, rewards, lengths, group ids."""
     dist = dist or Dist()
     P = cfg.prompts_per_step
+    G = (cfg.gen_batch_prompts or P) if rule == "dynamic" else P  # questions per generation batch
     shard, shards, leader = sampler.shard(dist)
-    mine = list(range(shard, P, shards))
+    mine = list(range(shard, G, shards))
     out = RolloutShard()
     n_kept = gen_batches = 0
     max_batches = cfg.max_num_gen_batches if rule == "dynamic" else 1
     while gen_batches < max_batches and n_kept < P:
-        idx = cursor.take(P)
+        idx = cursor.take(G)
         # one process keeps the seeds of the first version; ranks get their own streams
         sseed = (derive_seed(seed, "sample", step, gen_batches) if dist.world == 1
                  else derive_seed(seed, "sample", step, gen_batches, "rank", shard))
@@ -83,6 +84,10 @@ def collect_rollout(sampler: Sampler, tokenizer, problems, cursor: Cursor, pool:
                                   sseed, step, gen_batches, out)
         n_kept += int(dist.sum(local if leader else 0))  # every rank takes the same decision
         gen_batches += 1
+    if rule == "dynamic" and n_kept < P and cfg.short_batch == "error":
+        raise ValueError(f"dynamic sampling: {n_kept} of {P} mixed groups after {gen_batches} generation batches of {G} "
+                         f"questions (step {step}); raise train.max_num_gen_batches or train.gen_batch_prompts, or "
+                         f"set train.short_batch: train")
     if dist.world > 1:
         out = RolloutShard.merge([p for p in dist.gather(out if leader else None) if p is not None])
     out.kept.sort(key=lambda k: k[:2])
@@ -99,7 +104,7 @@ def _generation_batch(sampler, tokenizer, questions, positions, pool, cfg, rule,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=sseed)
     t1 = time.perf_counter()
     verdicts, gstats = pool.grade_many(ro.texts, [q.answer for q in questions for _ in range(K)],
-                                       only=ro.finished.tolist())
+                                       only=None if cfg.grade_truncated else ro.finished.tolist())
     for err in gstats.errors[:3]:
         print(f"grader: step {step}: {err} (counted as wrong)", file=sys.stderr)
     if gstats.timeouts:
@@ -110,7 +115,10 @@ def _generation_batch(sampler, tokenizer, questions, positions, pool, cfg, rule,
     out.t_grade += time.perf_counter() - t1
     out.tokens += int(ro.mask.sum())
     out.entropy_sum += float((ro.entropy if ro.entropy is not None else -ro.logprobs * ro.mask).sum())
-    rewards = (torch.tensor(verdicts, dtype=torch.bool) & ro.finished).double()  # cut at the length limit: wrong
+    rewards = torch.tensor(verdicts, dtype=torch.bool)
+    if not cfg.grade_truncated:  # cut at the length limit: wrong (train.grade_truncated: graded like the others)
+        rewards = rewards & ro.finished
+    rewards = rewards.double()
     out.rewards.append(rewards)
     out.lengths.append(ro.lengths)
     out.finished.append(ro.finished)

@@ -76,19 +76,23 @@ def check_backends(cfg: TrainConfig, world: int | None = None) -> dict | None:
     return ds
 
 
-def validate(sampler: Sampler, tokenizer, val_sets: dict, pool: GraderPool, cfg: TrainConfig, seed: int) -> dict:
-    """avg@k, pass@k and mean length on each validation set (the evaluation code path), and their mean."""
-    ecfg = EvalConfig(benchmarks=list(val_sets), k=cfg.val_k, temperature=cfg.val_temperature, top_p=cfg.val_top_p,
-                      max_new_tokens=cfg.max_new_tokens, limit=cfg.val_limit, graders=[cfg.grader])
+def validate(sampler: Sampler, tokenizer, val_sets: dict, pools: dict[str, GraderPool], cfg: TrainConfig,
+             seed: int) -> dict:
+    """avg@k, pass@k, mean length and policy entropy on each validation set (the evaluation code path, each set with
+    its k and grader), and their means over sets (``val/mean/avg@{val_k}``: the mean of each set's avg@k)."""
     out, accs, ents = {}, [], []
     t0 = time.perf_counter()
     for name, problems in val_sets.items():
-        m, _ = evaluate_problems(sampler, tokenizer, problems, ecfg, pool, seed=derive_seed(seed, "val", name))
-        out[f"val/{name}/avg@{cfg.val_k}"] = m[f"avg@{cfg.val_k}"]
-        out[f"val/{name}/pass@{cfg.val_k}"] = m[f"pass@{cfg.val_k}"]
+        k = cfg.val_k_per_benchmark.get(name, cfg.val_k)
+        grader = cfg.grader_per_set.get(name, cfg.grader)
+        ecfg = EvalConfig(benchmarks=[name], k=k, temperature=cfg.val_temperature, top_p=cfg.val_top_p,
+                          max_new_tokens=cfg.max_new_tokens, limit=cfg.val_limit, graders=[grader])
+        m, _ = evaluate_problems(sampler, tokenizer, problems, ecfg, pools[grader], seed=derive_seed(seed, "val", name))
+        out[f"val/{name}/avg@{k}"] = m[f"avg@{k}"]
+        out[f"val/{name}/pass@{k}"] = m[f"pass@{k}"]
         out[f"val/{name}/length_mean"] = m["mean_length"]
         out[f"val/{name}/entropy"] = m["entropy"]
-        accs.append(m[f"avg@{cfg.val_k}"])
+        accs.append(m[f"avg@{k}"])
         ents.append(m["entropy"])
     out[f"val/mean/avg@{cfg.val_k}"] = float(np.mean(accs))
     out["val/mean/entropy"] = float(np.mean(ents))
@@ -114,7 +118,8 @@ class Run:
     tokenizer: Any
     sampler: Sampler
     tracker: Tracker
-    pool: GraderPool
+    pools: dict[str, GraderPool]
+    """one pool per grader the run uses (``train.grader``, ``train.grader_per_set``)"""
     cursor: Cursor
     train_set: Any
     val_sets: dict
@@ -130,11 +135,16 @@ class Run:
             history.flush()
             self.tracker.log_metrics(row, row["step"])
 
+    @property
+    def pool(self) -> GraderPool:
+        """The training set's grader pool."""
+        return self.pools[self.cfg.grader_per_set.get(self.cfg.train_set, self.cfg.grader)]
+
     def validate(self) -> dict:
         """Rank 0 validates (with the other processes of its vLLM engine, if it spans several); the others wait and
         receive its metrics."""
         lead = self.sampler.shard(self.dist)[0] == 0
-        out = validate(self.sampler, self.tokenizer, self.val_sets, self.pool, self.cfg, self.seed) if lead else None
+        out = validate(self.sampler, self.tokenizer, self.val_sets, self.pools, self.cfg, self.seed) if lead else None
         return self.dist.broadcast(out)
 
 
@@ -242,8 +252,9 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
                            weights=engine.rollout_weights(), dtype=engine.dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # DAPO's overlong penalty shapes the reward; losses that need 0/1 rewards (NFT, RFT) never get it
+    graders = {cfg.grader_per_set.get(name, cfg.grader) for name in [cfg.train_set, *cfg.val_benchmarks]}
     return Run(cfg, algo, variant, seed, run_dir, dist, engine, tokenizer, sampler, tracker,
-               GraderPool(cfg.grader_workers, cfg.grader), cursor, train_set, val_sets, rule,
+               {g: GraderPool(cfg.grader_workers, g) for g in sorted(graders)}, cursor, train_set, val_sets, rule,
                dict(cfg.loss.get(algo, {}) or {}), not getattr(params, "binary_rewards", False), pad_id, start_step)
 
 
@@ -346,5 +357,6 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
     finally:
         if history is not None:
             history.close()
-        run.pool.close()
+        for pool in run.pools.values():
+            pool.close()
         run.tracker.finish(status)

@@ -139,7 +139,10 @@ def _train_minibatch(engine: Engine, batch, rows, micros, old, ctx_all, algo, pa
                      stats: UpdateStats, reference: bool = False) -> float:
     """Forward/backward of the mini-batch's micro-batches and one optimizer step; returns the grad norm."""
     at_mini = torch.tensor(rows)
-    normalizer = loss_normalizer(algo, mask=batch["mask"][at_mini], rewards=batch["rewards"][at_mini], params=params)
+    # the mini-batch's denominator (split-invariant), or None: each micro-batch reduced on its own, its losses summed
+    # (train.normalizer "micro_batch": verl's token mean as the official code runs it)
+    normalizer = (loss_normalizer(algo, mask=batch["mask"][at_mini], rewards=batch["rewards"][at_mini], params=params)
+                  if cfg.normalizer == "mini_batch" else None)
     mini_loss = 0.0
     for j, idx in enumerate(micros):
         micro = _micro(batch, idx, rows[0])

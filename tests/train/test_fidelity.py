@@ -1,0 +1,252 @@
+"""The official code's behaviours the paper presets switch on (issue "[order 4]"), each reproduced on a hand-built
+case whose numbers are computed here independently: the loss scale across ranks, RFT as NFT with neg_weight 0,
+the per-micro-batch token mean, warm-up in rollout steps, dynamic sampling's generation batches and its error when
+short, truncated answers graded, per-set graders and validation k, and the strict boxed grader."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nft.algorithms import policy_loss
+from nft.config import load_study
+from nft.reward import GRADERS, grade_dapo_strict
+from nft.rollout.base import Rollout
+from nft.train.config import TrainConfig
+from nft.train.engines import DeepSpeedEngine, lr_factor
+from nft.train.rollout import collect_rollout
+from nft.train.run import validate
+from nft.train.seeds import Cursor
+from tests.conftest import REPO
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss scale across data-parallel ranks
+# ---------------------------------------------------------------------------------------------------------------------
+class _DS:
+    def __init__(self):
+        self.losses = []
+
+    def set_gradient_accumulation_boundary(self, last):
+        pass
+
+    def backward(self, loss, scale_wrt_gas=True):
+        self.losses.append(float(loss))
+
+
+@pytest.mark.parametrize("reduce, factor", [("sum", 4.0), ("mean", 1.0)])
+def test_dp_reduce(reduce, factor):
+    """DeepSpeed averages the ranks' gradients. ``sum``: each rank's share times the world size, so the average is the
+    one-process gradient. ``mean`` (official): the share as is, so the gradient is the one-process one / world: with
+    NFT's token sum / 1000 that is the official effective 1000 x dp (dp_actor.py + FSDP's mean)."""
+    eng = DeepSpeedEngine.__new__(DeepSpeedEngine)
+    eng.ds, eng.dist, eng.cfg = _DS(), SimpleNamespace(world=4), TrainConfig(dp_reduce=reduce)
+    tokens = torch.tensor([120.0, 80.0, 100.0, 60.0])  # each rank's share: its token sum / 1000
+    for share in tokens / 1000:
+        eng.backward(share)
+    # what the optimizer sees after DeepSpeed's average over the 4 ranks
+    effective = sum(eng.ds.losses) / 4
+    assert effective == pytest.approx(float(tokens.sum()) / (1000 if reduce == "sum" else 4000))
+    assert eng.ds.losses[0] == pytest.approx(0.12 * factor)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RFT as the official code runs it
+# ---------------------------------------------------------------------------------------------------------------------
+def test_official_rft_is_nft_without_its_negative_term():
+    """train_7B.sh's RFT = NFT with neg_weight 0: -(1 - r) log R on the positives of mixed groups, token sum / 1000;
+    its gradient differs from plain RFT's (every positive weighted 1) by the question weight 1 - r-hat."""
+    g = torch.Generator().manual_seed(0)
+    logp = (-torch.rand(8, 5, generator=g)).requires_grad_(True)
+    old, mask = logp.detach() - 0.05 * torch.rand(8, 5, generator=g), torch.ones(8, 5)
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 0])  # group rates 1/4 and 3/4
+    gids = torch.tensor([0] * 4 + [1] * 4)
+    loss, _ = policy_loss("nft", logp=logp, old_logp=old, mask=mask, rewards=rewards, group_ids=gids, neg_weight=0.0)
+    (grad,) = torch.autograd.grad(loss, logp)
+    w = torch.tensor([0.75] * 4 + [0.25] * 4)[:, None]  # omega = 1 - r-hat
+    expected = (-w * rewards[:, None] / 1000).expand(8, 5)  # d(-w r log R)/d logp, log R = logp - old
+    assert torch.allclose(grad, expected, atol=1e-9)
+    cfg = load_study(REPO / "experiments" / "paper-7b.yaml")
+    algo, train = cfg["plan"].arm("rft", cfg["train"])
+    assert algo == "nft" and train.loss["nft"]["neg_weight"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DAPO's token mean per micro-batch
+# ---------------------------------------------------------------------------------------------------------------------
+def test_micro_batch_normalizer_is_the_sum_of_micro_token_means(monkeypatch):
+    """train.normalizer micro_batch: each micro-batch is reduced by its own token count and the losses are summed
+    (verl's token mean in the official loop); the default divides every micro-batch by the mini-batch's count."""
+    import nft.train.update as upd
+
+    seen = []
+    real = upd.policy_loss
+
+    def spy(name, **kw):
+        seen.append(kw["normalizer"])
+        return real(name, **kw)
+
+    monkeypatch.setattr(upd, "policy_loss", spy)
+
+    class _Eng:
+        dist = SimpleNamespace(rank=0, world=1)
+
+        def __init__(self):
+            self.model = torch.nn.Linear(1, 1)
+            self.total = 0.0
+
+        def backward(self, loss, last=True):
+            self.total += float(loss)
+
+        def step(self):
+            return 0.0
+
+    def fake_logprobs(model, prompts, response, mask, pad, temp, with_entropy=False, shared_prefix=True):
+        lp = -0.1 * torch.arange(1, response.numel() + 1, dtype=torch.float).reshape(response.shape) / response.numel()
+        return (lp, torch.zeros_like(lp)) if with_entropy else (lp, None)
+
+    monkeypatch.setattr(upd, "response_logprobs", fake_logprobs)
+    lengths = torch.tensor([3, 1, 2, 2])
+    mask = (torch.arange(3)[None] < lengths[:, None]).float()
+    batch = {"prompt_ids": [[1]] * 4, "response": torch.ones(4, 3, dtype=torch.long), "mask": mask,
+             "sampler_logprobs": torch.zeros(4, 3), "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64),
+             "lengths": lengths, "group_ids": torch.tensor([0, 0, 0, 0])}
+    out = {}
+    for mode in ("mini_batch", "micro_batch"):
+        seen.clear()
+        eng = _Eng()
+        cfg = TrainConfig(prompts_per_step=1, answers_per_prompt=4, mini_batch_prompts=1, micro_batch_size=2,
+                          normalizer=mode)
+        upd._train_minibatch(eng, batch, [0, 1, 2, 3], [[0, 1], [2, 3]], torch.zeros(4, 3),
+                             {"group_rate": torch.full((4,), 0.5), "group_std": torch.full((4,), 0.5)}, "dapo",
+                             upd.make_params("dapo"), cfg, 0, False, upd.UpdateStats())
+        out[mode] = list(seen)
+    assert out["mini_batch"] == [8.0, 8.0]  # the mini-batch's 8 response tokens, for both micro-batches
+    assert out["micro_batch"] == [None, None]  # each micro-batch's own count (4 and 4 tokens here)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Warm-up in rollout steps
+# ---------------------------------------------------------------------------------------------------------------------
+def test_warmup_in_rollout_steps():
+    """The paper preset: 10 warm-up rollout steps of 512 / 32 = 16 optimizer steps; verl's constant schedule with
+    warmup is stepped once per rollout step, so rollout step k trains at k / 10 (rollout step 0 at lr 0)."""
+    f = lr_factor(TrainConfig(prompts_per_step=512, mini_batch_prompts=32, warmup_steps=10, warmup_unit="rollout"))
+    assert [f(s) for s in (0, 15, 16, 31, 32, 159, 160, 1000)] == [0.0, 0.0, 0.1, 0.1, 0.2, 0.9, 1.0, 1.0]
+    g = lr_factor(TrainConfig(prompts_per_step=512, mini_batch_prompts=32, warmup_steps=10))
+    assert [g(s) for s in (0, 8, 9, 10)] == [0.1, 0.9, 1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dynamic sampling and grading
+# ---------------------------------------------------------------------------------------------------------------------
+class _Sampler:
+    """K answers per question: the questions named 'mixed' get one right answer of K, the others none; the answers
+    to 'cut' questions are cut at the length limit (right, but unfinished)."""
+
+    def __init__(self):
+        self.asked = []
+
+    def sample(self, prompts, n, **kw):
+        self.asked.append(len(prompts))
+        B = len(prompts) * n
+        texts = [("\\boxed{1}" if (p.startswith("mixed") or p.startswith("cut")) and j == 0 else "x")
+                 for p in prompts for j in range(n)]
+        finished = torch.tensor([not p.startswith("cut") for p in prompts for _ in range(n)])
+        return Rollout(prompt_ids=[[1]] * B, response=torch.ones(B, 2, dtype=torch.long), mask=torch.ones(B, 2),
+                       logprobs=-torch.ones(B, 2), finished=finished, texts=texts, entropy=torch.zeros(B, 2))
+
+    def shard(self, dist):
+        return 0, 1, True
+
+
+class _Tok:
+    def apply_chat_template(self, msgs, **kw):
+        return msgs[-1]["content"]
+
+
+class _Pool:
+    def grade_many(self, texts, golds, only=None):
+        from nft.reward import GradeStats
+
+        return [t == "\\boxed{1}" and (only is None or only[i]) for i, t in enumerate(texts)], GradeStats()
+
+
+def _problems(names):
+    return [SimpleNamespace(question=n, answer="1") for n in names]
+
+
+def test_generation_batches_of_three_p_keep_the_first_p_mixed_groups():
+    probs = _problems(["mixed0", "none", "mixed1", "none", "mixed2", "none"])
+    cfg = TrainConfig(prompts_per_step=2, answers_per_prompt=2, mini_batch_prompts=1, gen_batch_prompts=6,
+                      max_num_gen_batches=10, short_batch="error")
+    sampler = _Sampler()
+    batch, m = collect_rollout(sampler, _Tok(), probs, Cursor(6, 0, pos=0), _Pool(), cfg, "dynamic", 0, 0)
+    cursor = Cursor(6, 0)
+    order = [probs[i].question for i in cursor.take(6)]
+    assert sampler.asked == [6] and m["rollout/gen_batches"] == 1.0  # one batch of 3 x P questions
+    assert m["rollout/groups_kept"] == 2 and len(batch["rewards"]) == 4
+    first_two = [q for q in order if q.startswith("mixed")][:2]
+    assert batch["rewards"].tolist() == [1.0, 0.0, 1.0, 0.0] and len(first_two) == 2
+
+
+def test_short_dynamic_batch_is_an_error_when_asked():
+    probs = _problems(["mixed0", "none", "none", "none"])
+    cfg = TrainConfig(prompts_per_step=2, answers_per_prompt=2, mini_batch_prompts=1, max_num_gen_batches=2,
+                      short_batch="error")
+    with pytest.raises(ValueError, match="1 of 2 mixed groups after 2 generation batches"):
+        collect_rollout(_Sampler(), _Tok(), probs, Cursor(4, 0), _Pool(), cfg, "dynamic", 0, 0)
+    cfg = dataclasses.replace(cfg, short_batch="train")
+    batch, m = collect_rollout(_Sampler(), _Tok(), probs, Cursor(4, 0), _Pool(), cfg, "dynamic", 0, 0)
+    assert m["rollout/groups_kept"] == 1.0
+
+
+@pytest.mark.parametrize("graded, reward", [(False, 0.0), (True, 1.0)])
+def test_truncated_answers_graded_when_asked(graded, reward):
+    cfg = TrainConfig(prompts_per_step=1, answers_per_prompt=2, mini_batch_prompts=1, grade_truncated=graded)
+    batch, _ = collect_rollout(_Sampler(), _Tok(), _problems(["cut"]), Cursor(1, 0), _Pool(), cfg, "all", 0, 0)
+    assert batch["rewards"].tolist() == [reward, 0.0]
+
+
+def test_validation_k_and_grader_per_set():
+    class _Grading:
+        def __init__(self, name):
+            self.name, self.calls = name, 0
+
+        def grade_many(self, texts, golds, only=None):
+            from nft.reward import GradeStats
+
+            self.calls += 1
+            return [t == "\\boxed{1}" for t in texts], GradeStats()
+
+    pools = {"math_verify": _Grading("math_verify"), "dapo_strict": _Grading("dapo_strict")}
+    cfg = TrainConfig(val_k=1, val_k_per_benchmark={"amc23": 4}, grader_per_set={"amc23": "dapo_strict"},
+                      val_limit=0, max_new_tokens=4)
+    sets = {"math500": _problems(["mixed0", "none"]), "amc23": _problems(["mixed1"])}
+    out = validate(_Sampler(), _Tok(), sets, pools, cfg, 0)
+    assert out["val/math500/avg@1"] == 0.5 and out["val/amc23/avg@4"] == 0.25
+    assert out["val/mean/avg@1"] == pytest.approx((0.5 + 0.25) / 2)
+    assert pools["math_verify"].calls == 1 and pools["dapo_strict"].calls == 1
+    with pytest.raises(ValueError, match="train.grader_per_set.amc23: grader: unknown"):
+        TrainConfig(grader_per_set={"amc23": "strict"})
+
+
+@pytest.mark.parametrize("response, ok", [
+    ("so the answer is \\boxed{34}.", True),
+    ("\\boxed{34} or rather \\boxed{35}", False),   # the last box counts
+    ("\\boxed{ 34 }", False),                         # no trimming
+    ("\\boxed {34}", False),                          # not the literal \boxed{
+    ("\\boxed{34.0}", False),                         # no normalisation
+    ("\\boxed{34", False),                            # unclosed
+    ("\\boxed{34}" + "x" * 90, True),                 # the box within the last 100 characters
+    ("\\boxed{34}" + "x" * 91, False),                # its opening cut by the window
+    ("\\boxed{\\frac{1}{2}}", False),                 # nested braces matched: the answer is \frac{1}{2} != 34
+])
+def test_strict_boxed_grader(response, ok):
+    assert grade_dapo_strict(response, "34") is ok
+    assert GRADERS["dapo_strict"].in_process(response, "34") is ok  # bounded string work: no worker process
+    assert grade_dapo_strict("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}") and not grade_dapo_strict("\\boxed{\\frac12}",
+                                                                                               "\\frac{1}{2}")
