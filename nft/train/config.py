@@ -17,14 +17,15 @@ class TrainConfig:
     is used for other sets."""
     train_set: str = "train"
     """training set name: ``train`` (the synthetic pool in ``data``) or a registry name such as ``dapo-math-17k``."""
-    steps: int = 30
+    steps: int = 60
     """rollout steps (each: sample, grade, several optimizer steps)."""
     prompts_per_step: int = 16
     """P: questions per rollout step (paper: 512)."""
     answers_per_prompt: int = 8
     """K: sampled answers per question (paper: 16)."""
-    mini_batch_prompts: int = 4
-    """questions per optimizer step; P / this = optimizer steps per rollout step (paper: 512 / 32 = 16). 0: all P
+    mini_batch_prompts: int = 8
+    """questions per optimizer step (the embedded default's: 2 optimizer steps per rollout step, chosen by
+    ``experiments/sweeps/shared.yaml``); P / this = optimizer steps per rollout step (paper: 512 / 32 = 16). 0: all P
     questions in one mini-batch, one optimizer step per rollout step (strictly on-policy)."""
     micro_batch_size: int = 64
     """answers per forward/backward (gradient accumulation inside a mini-batch; exact, see nft.algorithms)."""
@@ -76,7 +77,7 @@ class TrainConfig:
     val_k: int = 4
     val_k_per_benchmark: dict[str, int] = field(default_factory=dict)
     """k for some validation sets (the paper's curves: avg@32 on AIME24/AIME25/AMC23); the others use ``val_k``."""
-    val_limit: int = 200
+    val_limit: int = 100
     """questions per validation set (0: all)."""
     val_temperature: float = 1.0
     val_top_p: float = 1.0
