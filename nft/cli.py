@@ -162,7 +162,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         raise ValueError("nft sweep: --space FILE is required")
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     summary = run_sweep(args.config, args.space, args.trials, args.study_name, storage, seeds, args.set,
-                        args.out_dir, progress=not args.quiet)
+                        args.out_dir, progress=not args.quiet, worker=args.worker)
     print("sweep: " + json.dumps(summary, default=str))
     return 0
 
@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated seeds per trial")
     p.add_argument("--out-dir", default="sweeps", help="folder of the trials' run folders")
     p.add_argument("--out", default=None, help="sweep best: the params file to write")
+    p.add_argument("--worker", default=None, help="this worker's id (seeds its sampler; default host-pid)")
     p.set_defaults(func=_cmd_sweep)
     p = sub.add_parser("replay", help="copy a run folder into MLflow (after training offline)")
     p.add_argument("run_dir")

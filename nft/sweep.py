@@ -4,10 +4,16 @@
               [--storage sqlite:///sweeps/nft-lr.db | postgresql://user@host/db] [--seeds 0,1]
     nft sweep best --study-name nft-lr --storage URL --config params.yaml --out best.yaml
 
-Every worker runs the same command; the worker that creates the study enqueues ``--trials`` trials and all workers
-claim them one at a time from the storage until none is left (no trial lost or run twice). A trial trains one short run per seed (cleanrl's tuner: seeds in turn) and reports the
-validation metric after every validation to the pruner; the objective is the mean over seeds of the last
-validation. A trial that crashes is marked failed with its error and the sweep goes on.
+Every worker runs the same command against one storage, with Optuna's own machinery only: ``study.optimize`` on an
+``RDBStorage`` with heartbeats, so that a worker that dies (kill -9, a lost machine) leaves a trial that the other
+workers mark failed once its heartbeat is stale (``heartbeat.grace`` seconds) and retry
+(``RetryFailedTrialCallback``: the copy records the trial it retries); ``MaxTrialsCallback`` bounds the study at
+``--trials`` finished (complete or pruned) trials; each worker's TPE sampler has its own seed, derived from the space's
+``sampler_seed`` and the worker's id (recorded on its trials), so workers do not suggest the same points. A ``grid``
+space runs each point once (Optuna's ``GridSampler``). A trial trains one short run per algorithm and seed
+(cleanrl's tuner: seeds in turn) and reports the validation metric after every validation to the pruner; the
+objective is the mean of the last validations. A trial that crashes is marked failed with its error and the sweep
+goes on.
 
 The space file::
 
@@ -15,7 +21,8 @@ The space file::
     metric: val/mean/avg@4         # objective: a validation metric of the history
     direction: maximize
     pruner: {type: median, n_startup_trials: 2, n_warmup_steps: 0}   # or {type: hyperband}, {type: none}
-    sampler_seed: 0                # TPE seed
+    sampler_seed: 0                # TPE seed (each worker derives its own from it)
+    heartbeat: {interval: 60, grace: 180, retries: 1}   # a dead worker's trial: failed after grace s, retried
     base: {train.steps: 10, train.val_every: 2}                      # overrides for every trial
     params:
       train.lr: {type: float, low: 1.0e-5, high: 1.0e-3, log: true}
@@ -27,6 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +85,9 @@ class SweepSpace:
     sampler: str = "tpe"
     """``tpe`` (Optuna's default), or ``grid``: every combination of the (categorical) parameters' choices, once."""
     sampler_seed: int = 0
+    heartbeat: dict[str, Any] = field(default_factory=lambda: {"interval": 60, "grace": 180, "retries": 1})
+    """``interval``: seconds between a running trial's heartbeats; ``grace``: a trial whose last heartbeat is older is
+    a dead worker's (failed, then retried up to ``retries`` times)."""
     base: dict[str, Any] = field(default_factory=dict)
     params: dict[str, ParamSpec] = field(default_factory=dict)
 
@@ -87,6 +100,13 @@ class SweepSpace:
             raise ValueError(f"algos: unknown {bad}; registered: {sorted(LOSSES)}")
         if self.direction not in ("maximize", "minimize"):
             raise ValueError(f"direction: expected maximize or minimize, got {self.direction!r}")
+        unknown = sorted(set(self.heartbeat) - {"interval", "grace", "retries"})
+        if unknown:
+            raise ValueError(f"heartbeat: unknown key(s) {unknown}; valid: interval, grace, retries")
+        hb = {"interval": 60, "grace": 180, "retries": 1, **self.heartbeat}
+        if not (0 < hb["interval"] < hb["grace"]) or hb["retries"] < 0:
+            raise ValueError(f"heartbeat: need 0 < interval < grace and retries >= 0, got {hb}")
+        self.heartbeat = hb
         if self.sampler not in ("tpe", "grid"):
             raise ValueError(f"sampler: expected tpe or grid, got {self.sampler!r}")
         if self.pruner.get("type", "median") not in ("median", "hyperband", "none"):
@@ -137,38 +157,54 @@ def _pruner(spec: dict):
     return optuna.pruners.NopPruner()
 
 
-def _create_or_load(study_name: str, storage: str, space: SweepSpace, trials: int, setup=lambda study: None):
-    """The worker that creates the study enqueues exactly ``trials`` trials; every worker then claims waiting
-    trials one at a time (atomically, in the storage), so no trial is lost or run twice, whatever the number of
-    workers. Others wait (60 s at most) until the creator has enqueued them. Concurrent table creation on a fresh
-    storage is retried."""
+def worker_seed(sampler_seed: int, worker: str) -> int:
+    """A worker's own TPE seed: the space's seed and the worker's id, hashed (recorded on the worker's trials)."""
+    import hashlib
+
+    return int(hashlib.sha256(f"{sampler_seed}:{worker}".encode()).hexdigest()[:8], 16)
+
+
+def _storage(url: str, space: SweepSpace):
+    """An RDB storage with heartbeats: a trial whose worker stopped beating for ``grace`` seconds is failed by the
+    next worker that starts a trial, and retried (its copy's ``retried_trial_number`` names it)."""
+    import optuna
+
+    hb = space.heartbeat
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=int(hb["interval"]), grace_period=int(hb["grace"]),
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=int(hb["retries"])))
+
+
+def _sampler(space: SweepSpace, worker: str):
+    import optuna
+
+    if space.sampler == "grid":
+        return optuna.samplers.GridSampler({k: p.choices for k, p in space.params.items()}, seed=space.sampler_seed)
+    return optuna.samplers.TPESampler(seed=worker_seed(space.sampler_seed, worker))
+
+
+def _create_or_load(study_name: str, storage: str, space: SweepSpace, worker: str, setup=lambda study: None):
+    """The study, created by the first worker (which runs ``setup``) and loaded by the others; concurrent creation of
+    a fresh storage's tables is retried."""
     import random
     import time
 
     import optuna
 
-    kw = dict(study_name=study_name, storage=storage, direction=space.direction,
-              sampler=optuna.samplers.TPESampler(seed=space.sampler_seed), pruner=_pruner(space.pruner))
-    points = grid_points(space) if space.sampler == "grid" else [{}] * trials
+    kw = dict(study_name=study_name, sampler=_sampler(space, worker), pruner=_pruner(space.pruner))
     for attempt in range(40):
         try:
-            study = optuna.create_study(load_if_exists=False, **kw)
+            store = _storage(storage, space)
+            study = optuna.create_study(storage=store, direction=space.direction, load_if_exists=False, **kw)
             setup(study)
-            for point in points[:trials]:  # a grid: its points, each with every parameter fixed
-                study.enqueue_trial(point)
-            study.set_user_attr("enqueued", len(points[:trials]))  # the signal the other workers wait for
             return study
         except optuna.exceptions.DuplicatedStudyError:
-            break
+            return optuna.load_study(storage=store, **kw)
         except Exception:  # noqa: BLE001 - concurrent creation of the storage's tables
             if attempt == 39:
                 raise
             time.sleep(0.2 + random.random() * 0.5)
-    study = optuna.load_study(study_name=study_name, storage=storage, sampler=kw["sampler"], pruner=kw["pruner"])
-    deadline = time.time() + 60
-    while "enqueued" not in study.user_attrs and time.time() < deadline:
-        time.sleep(0.5)
-    return study
+    raise AssertionError("unreachable")
 
 
 def grid_points(space: SweepSpace) -> list[dict]:
@@ -179,15 +215,32 @@ def grid_points(space: SweepSpace) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(space.params[k].choices for k in keys))]
 
 
-def _claim(study):
-    """A waiting trial of the study, now RUNNING for this worker; None when none is left."""
-    import optuna
-    from optuna.trial import TrialState
+class FinishedTrials:
+    """Optuna callback bounding a study at ``n`` finished trials, all workers together. Finished: complete, pruned,
+    or failed and not retried (a dead worker's trial that was retried counts through its copy), so a setting that
+    crashes ends the sweep too. A worker stops asking for trials once the finished, running and waiting ones reach
+    ``n``; :func:`run_sweep` then waits for the running ones, which may belong to a dead worker (failed when their
+    heartbeat is stale, and retried)."""
 
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if study._storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-            return optuna.trial.Trial(study, t._trial_id)
-    return None
+    def __init__(self, n: int):
+        self.n = n
+
+    @staticmethod
+    def counts(study) -> tuple[int, int, int]:
+        """``(finished, running, waiting)`` trials of the study."""
+        import optuna
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                       or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
+        return (finished, sum(t.state == TrialState.RUNNING for t in trials),
+                sum(t.state == TrialState.WAITING for t in trials))
+
+    def __call__(self, study, trial) -> None:
+        if sum(self.counts(study)) >= self.n:
+            study.stop()
 
 
 def default_storage(study_name: str) -> str:
@@ -197,8 +250,9 @@ def default_storage(study_name: str) -> str:
 
 def run_sweep(config: str, space_path: str, trials: int, study_name: str, storage: str | None = None,
               seeds: list[int] | None = None, sets: list[str] | None = None, out_dir: str = "sweeps",
-              progress: bool = False) -> dict:
-    """Run trials until the study holds ``trials`` finished ones. Returns a summary of this worker's trials."""
+              progress: bool = False, worker: str | None = None) -> dict:
+    """Run trials until the study holds ``trials`` finished ones (:class:`FinishedTrials`), all workers together.
+    ``worker``: this worker's id (default host-pid), which seeds its sampler. Returns a summary of the study."""
     import optuna
     from optuna.trial import TrialState
 
@@ -227,11 +281,20 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
                 parent.finish("FINISHED")
                 study.set_user_attr("mlflow_parent_run_id", parent.run_id)
 
-    study = _create_or_load(study_name, storage, space, trials, setup)
+    worker = worker or f"{socket.gethostname()}-{os.getpid()}"
+    study = _create_or_load(study_name, storage, space, worker, setup)
     parent_id = study.user_attrs.get("mlflow_parent_run_id") if tcfg.tracking else None
     steps_per_seed = tcfg.steps + 1
 
     def objective(trial):
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("sampler_seed", worker_seed(space.sampler_seed, worker))
+        retried = optuna.storages.RetryFailedTrialCallback.retried_trial_number(trial)
+        if retried is not None:  # the copy of a dead worker's trial: say which and why
+            dead = study.get_trials(deepcopy=False)[retried]
+            trial.set_user_attr("retry_of", retried)
+            trial.set_user_attr("retry_reason", f"trial {retried} of worker {dead.user_attrs.get('worker', '?')} "
+                                                f"failed: its heartbeat stopped (the worker died)")
         try:
             values = suggest(trial, space)
             cfg = load_study(config, base_sets + _sets(values))
@@ -264,7 +327,8 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
                 finals.append(final[space.metric])
                 trial.set_user_attr(f"value/{algo}/s{seed}", final[space.metric])
                 if tracker:
-                    tracker.log_metrics({f"{algo}/seed{seed}/{space.metric}": final[space.metric]}, trial.number)
+                    key = f"seed{seed}" if len(space.algos) == 1 else f"{algo}/seed{seed}"
+                    tracker.log_metrics({f"{key}/{space.metric}": final[space.metric]}, trial.number)
             value = sum(finals) / len(finals)
             if tracker:
                 tracker.log_metrics({"objective": value}, trial.number)
@@ -282,21 +346,16 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
                 tracker.set_tags({"trial_state": {"FINISHED": "complete", "KILLED": "pruned"}.get(status, "failed")})
                 tracker.finish(status)
 
+    bound = FinishedTrials(min(trials, len(grid_points(space))) if space.sampler == "grid" else trials)
     while True:
-        trial = _claim(study)
-        if trial is None:
+        optuna.storages.fail_stale_trials(study)  # a dead worker's trial past its grace period: failed, retried
+        finished, running, waiting = bound.counts(study)
+        if finished >= bound.n:
             break
-        try:
-            value = objective(trial)
-        except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
-        except Exception:  # noqa: BLE001 - a crashed trial is marked failed (its error is a user attr); go on
-            study.tell(trial, state=TrialState.FAIL)
-        except BaseException:  # Ctrl-C: the running trial is closed as failed, the storage stays consistent
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        else:
-            study.tell(trial, value)
+        if finished + running >= bound.n and not waiting:  # the last trials run elsewhere; their worker may die
+            time.sleep(space.heartbeat["interval"])
+            continue
+        study.optimize(objective, callbacks=[bound], catch=(Exception,), gc_after_trial=False)
     done = study.get_trials(deepcopy=False)
     summary = {"study": study_name, "storage": storage,
                "complete": sum(t.state == TrialState.COMPLETE for t in done),

@@ -130,9 +130,12 @@ class TorchEngine:
         loss.backward()
 
     def step(self) -> float:
+        """Clip and apply the accumulated gradient; a non-finite gradient norm is not applied (the gradient is
+        dropped, the optimizer and schedule do not move) and the norm is returned for the loop to count."""
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
+        if torch.isfinite(norm):
+            self.opt.step()
+            self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return float(norm)
 

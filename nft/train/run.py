@@ -47,7 +47,7 @@ from ..progress import Progress
 from ..reward import GraderPool
 from ..rollout import Sampler, make_sampler
 from ..tracking import MLflowTracker, NullTracker, Tracker, dvc_experiment, git_state, study_run
-from .checkpoint import fingerprint, has_checkpoint, restore_checkpoint, save_checkpoint, truncate_history
+from .checkpoint import fingerprint, has_checkpoint, restore_checkpoint, save_checkpoint, truncate_history, usable_checkpoint
 from .config import TrainConfig
 from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed, model_hidden_size, resolve_deepspeed_config
 from .rollout import collect_rollout, reference_batch
@@ -99,6 +99,9 @@ def validate(sampler: Sampler, tokenizer, val_sets: dict, pools: dict[str, Grade
     out["time/validate"] = time.perf_counter() - t0
     return out
 
+
+#: rollout steps in a row whose every optimizer step had a non-finite gradient norm before the run stops
+MAX_NONFINITE_STEPS = 3
 
 #: train settings that say where results are logged, not what they are: left out of the run's fingerprint
 TRACKING_KEYS = ("experiment", "tracking_uri", "tracking")
@@ -215,8 +218,13 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
         return done
     torch.set_num_threads(cfg.threads)
     seeds = seed_block(seed)
-    resume = has_checkpoint(run_dir)
-    source = str(run_dir / "checkpoint" / "model") if resume else cfg.model  # the weights this process starts from
+    ckpt = None
+    if has_checkpoint(run_dir):  # rank 0 checks (and sets aside damaged ones); every rank takes its answer
+        ckpt = dist.broadcast(str(usable_checkpoint(run_dir) or "") if dist.is_main else None) or None
+        if ckpt is None and dist.is_main:
+            print(f"train: {run_dir} has no usable checkpoint; starting the run afresh", file=sys.stderr)
+    resume = ckpt is not None
+    source = str(Path(ckpt) / "model") if resume else cfg.model  # the weights this process starts from
     model, tokenizer = load_policy(source)
     if ds_config is None and torch.cuda.is_available():
         model = model.cuda()  # DeepSpeed places its own
@@ -226,7 +234,7 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
     engine = TorchEngine(model, cfg) if ds_config is None else DeepSpeedEngine(model, cfg, ds_config)
     cursor, start_step = Cursor(len(train_set), seeds["seed/data_order"]), 0
     if resume:
-        cursor, start_step = restore_checkpoint(run_dir, engine, len(train_set), seeds["seed/data_order"])
+        cursor, start_step = restore_checkpoint(Path(ckpt), engine, len(train_set), seeds["seed/data_order"])
         if dist.is_main:
             truncate_history(run_dir / "history.jsonl", start_step)
     elif dist.is_main:
@@ -313,9 +321,19 @@ def _steps(run: Run, history, progress: bool, on_validate: Callable | None) -> d
         if on_validate and dist.is_main:
             on_validate(0, row)
     last: dict = {}
+    bad_in_a_row = 0
     for step in range(run.start_step, cfg.steps):
         metrics = _rollout_step(run, step)
         done = step + 1
+        skipped = int(metrics.get("train/nonfinite_steps", 0))
+        bad_in_a_row = bad_in_a_row + 1 if skipped and skipped == metrics.get("train/optimizer_steps") else 0
+        if skipped and dist.is_main:
+            print(f"train: step {done}: {skipped} optimizer step(s) with a non-finite gradient norm were not applied",
+                  file=sys.stderr)
+        if bad_in_a_row >= MAX_NONFINITE_STEPS:
+            raise RuntimeError(f"train: every optimizer step of {bad_in_a_row} rollout steps in a row had a non-finite "
+                               f"gradient norm (last: step {done}); nothing was applied, the last checkpoint is intact: "
+                               f"lower train.lr (or fix the data) and rerun to resume")
         if (cfg.val_every and done % cfg.val_every == 0) or done == cfg.steps:
             metrics.update(run.validate())
         last = {"step": done, **metrics}

@@ -187,6 +187,7 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
     grad_norms = [_train_minibatch(engine, batch, rows, micros, old, ctx_all, algo, params, cfg, pad_id, m == 0,
                                    stats, reference) for m, (rows, micros) in enumerate(zip(minis, plan))]
     t_update = time.perf_counter() - t1
+    finite = [g for g in grad_norms if math.isfinite(g)]  # a non-finite norm: that optimizer step was not applied
     mine = [i for micros in plan for idx in micros for i in idx]
     mismatch = (old[mine] - batch["sampler_logprobs"][mine]).abs()[batch["mask"][mine] > 0]
     stats.mismatch_sum, stats.mismatch_count = float(mismatch.sum()), int(mismatch.numel())
@@ -197,8 +198,9 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
         trace.extend(stats.step_losses)
     return {
         "train/batch_entropy": stats.entropy_sum / max(stats.tokens, 1.0),
-        "train/grad_norm": float(np.mean(grad_norms)),
-        "train/grad_norm_max": float(np.max(grad_norms)),
+        "train/grad_norm": float(np.mean(finite)) if finite else float("nan"),
+        "train/grad_norm_max": float(np.max(finite)) if finite else float("nan"),
+        "train/nonfinite_steps": float(len(grad_norms) - len(finite)),
         "train/lr": engine.lr,
         "train/optimizer_steps": float(len(minis)),
         "train/answers": float(len(batch["prompt_ids"])),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import nft_cli
@@ -228,3 +230,60 @@ def test_bad_inputs_fail_before_work(tiny_study, tmp_path):
                 "--set", "train.loss={nft: {epsilon: 0.5}}", check=False)
     assert r.returncode == 2 and "epsilon" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def _damage(run: Path, how: str) -> None:
+    """Damage a finished run's last checkpoint the way a full disk, a partial copy or a crash would, and make the
+    run unfinished again (so that a rerun resumes)."""
+    (run / "metrics.json").unlink()
+    shutil.rmtree(run / "model")
+    latest = run / "checkpoint"
+    if how in ("state", "both"):
+        p = latest / "state.pt"
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    if how == "weights":
+        p = latest / "model" / "model.safetensors"
+        p.write_bytes(p.read_bytes()[:-100])
+    if how == "manifest":
+        (latest / "manifest.json").unlink()
+    if how == "both":
+        p = run / "checkpoint.prev" / "model" / "model.safetensors"
+        p.write_bytes(p.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("how", ["state", "weights", "manifest", "both"])
+def test_damaged_checkpoint_falls_back(tiny_study, tmp_path, how):
+    """A checkpoint that fails its manifest or does not load is set aside (one line) and the previous one is used,
+    which resumes bit-identically; with both damaged the run restarts from step 0 (same weights again: seeded)."""
+    params, _, _ = tiny_study
+    sets = ["--set", "train.steps=3"]
+    ref = tmp_path / "ref"
+    nft_cli("train", "--config", params, "--algo", "grpo", "--seed", "1", "--out", ref, "--quiet", *sets)
+    assert json.loads((ref / "checkpoint" / "manifest.json").read_text())["step"] == 3
+    assert json.loads((ref / "checkpoint.prev" / "manifest.json").read_text())["step"] == 2
+    shutil.copytree(ref, tmp_path / "run")
+    run = tmp_path / "run"
+    _damage(run, how)
+    r = nft_cli("train", "--config", params, "--algo", "grpo", "--seed", "1", "--out", run, "--quiet", *sets)
+    assert "failed its check" in r.stderr and (run / "checkpoint.bad-0").is_dir()
+    if how == "both":
+        assert (run / "checkpoint.bad-1").is_dir() and "starting the run afresh" in r.stderr
+    a, b = _weights(ref / "model"), _weights(run / "model")
+    assert all((a[k] == b[k]).all() for k in a)
+    assert _comparable(_history(run)) == _comparable(_history(ref))
+
+
+def test_nonfinite_gradient_is_not_applied():
+    """TorchEngine: a NaN gradient leaves weights, optimizer and schedule untouched and reports the norm."""
+    from nft.train.config import TrainConfig
+    from nft.train.engines import TorchEngine
+
+    model = torch.nn.Linear(3, 1)
+    eng = TorchEngine(model, TrainConfig(warmup_steps=2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    (model(torch.ones(1, 3)).sum() * float("nan")).backward()
+    assert math.isnan(eng.step())
+    assert all((before[k] == v).all() for k, v in model.state_dict().items())
+    assert eng.sched.last_epoch == 0 and all(p.grad is None for p in model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    assert math.isfinite(eng.step()) and eng.sched.last_epoch == 1

@@ -1,0 +1,82 @@
+"""Checkpoint integrity without a model: the manifest, the rotation of the last two, a full disk mid-write, and the
+fallback order (fast; the end-to-end fallbacks are in test_loop.py)."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nft.dist import Dist
+from nft.io import atomic_write_json
+from nft.train import checkpoint as ck
+from nft.train.seeds import Cursor
+
+
+class _Engine:
+    dist = Dist()
+
+    def save_model(self, path: Path, tokenizer) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "model.safetensors").write_bytes(b"w" * 64)
+
+    def save_state(self, path: Path) -> dict:
+        return {"optimizer": {"lr": 1.0}}
+
+
+def _save(run: Path, step: int) -> None:
+    ck.save_checkpoint(run, None, _Engine(), Cursor(10, 0), step)
+
+
+def test_manifest_and_the_last_two(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step)
+    assert json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "checkpoint.prev" / "manifest.json").read_text())["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoint.prev"]
+    assert ck.check_manifest(tmp_path / "checkpoint") is None
+    (tmp_path / "checkpoint" / "model" / "model.safetensors").write_bytes(b"x" * 64)  # same size, other bytes
+    assert "fails its sha256" in ck.check_manifest(tmp_path / "checkpoint")
+    assert ck.usable_checkpoint(tmp_path) == tmp_path / "checkpoint.prev"
+    assert (tmp_path / "checkpoint.bad-0").is_dir()
+
+
+def test_full_disk_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    _save(tmp_path, 1)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        _save(tmp_path, 2)
+    monkeypatch.undo()
+    assert ck.usable_checkpoint(tmp_path) == tmp_path / "checkpoint"  # step 1, intact
+    assert json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())["step"] == 1
+    assert not (tmp_path / "checkpoint.prev").exists()
+    _save(tmp_path, 2)  # the next checkpoint replaces the half-built staging folder
+    assert json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())["step"] == 2
+
+
+def test_full_disk_mid_result_write_keeps_the_old_file(tmp_path, monkeypatch):
+    out = tmp_path / "eval.json"
+    atomic_write_json(out, {"avg@4": 0.5})
+
+    def full(self, data, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError):
+        atomic_write_json(out, {"avg@4": 0.9})
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == {"avg@4": 0.5} and [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+def test_no_checkpoint_left_means_a_fresh_start(tmp_path):
+    _save(tmp_path, 1)
+    (tmp_path / "checkpoint" / "manifest.json").unlink()
+    assert ck.usable_checkpoint(tmp_path) is None and (tmp_path / "checkpoint.bad-0").is_dir()
+    assert not ck.has_checkpoint(tmp_path)
