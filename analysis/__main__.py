@@ -57,7 +57,8 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "figures").mkdir(parents=True)
     benchmarks = sorted(final.benchmark.unique(), key=lambda b: (ORDER.get(b, 99), b))
-    metric_for = headline_metrics(final, benchmarks, k)
+    arms_final = final[final.variant != BASE] if (final.variant != BASE).any() else final
+    metric_for = headline_metrics(arms_final, benchmarks, k)  # the arms' k (a base row evaluated otherwise is blank)
     metric = metric_label(metric_for)
     kval = max([int(m.split("@")[1]) for m in metric_for.values()] or [1])
     val_k = sorted({int(m.split("@")[1]) for m in history.metric.unique() if m.startswith("val/mean/avg@")})
@@ -144,8 +145,11 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
 def _gains(mats: dict, numbers: dict, seed: int) -> list[str]:
     """Each arm's gain over the base model (average over benchmarks, points): mean over seeds, std over seeds, 95%
     bootstrap interval (the arm's seeds resampled; the base is one evaluation); into ``numbers`` and summary lines."""
-    base = np.nanmean(mats[BASE], axis=1)
+    base = np.nanmean(mats[BASE], axis=1) if not np.isnan(mats[BASE]).all() else np.array([])
     base = base[~np.isnan(base)]
+    if not base.size:  # the base model was evaluated with other metrics than the arms: no gain to compute
+        return ["### Gain over the base model\n", "Not computed: the base model's evaluation lacks the arms' headline "
+                "metrics (evaluate it with the same `eval` settings).\n"]
     lines = ["### Gain over the base model\n", f"Base model: {base.mean():.1f} (one evaluation). Gain = arm − base, "
              "average over benchmarks, in points.\n", "| variant | gain | std over seeds | 95% CI | seeds |",
              "|---|---|---|---|---|"]
@@ -180,7 +184,8 @@ def study_metrics(numbers: dict) -> dict:
     """The summary as ``dvc exp show`` tabulates it: ``{metric: {arm: {mean, std, ci_low, ci_high, seeds,
     gain_over_base}}}`` (percent; numbers only; the base model is an arm, ``base``)."""
     keys = ("mean", "std", "ci_low", "ci_high", "seeds", "gain_over_base")
-    return {numbers["metric"]: {v: {k: float(m[k]) if k != "seeds" else int(m[k]) for k in keys if k in m}
+    return {numbers["metric"]: {v: {k: float(m[k]) if k != "seeds" else int(m[k]) for k in keys
+                                    if k in m and np.isfinite(m[k])}  # strict JSON: no NaN
                                 for v, m in numbers["variants"].items()}}
 
 

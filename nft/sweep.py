@@ -7,7 +7,7 @@
 Every worker runs the same command against one storage, with Optuna's own machinery only: ``study.optimize`` on an
 ``RDBStorage`` with heartbeats, so that a worker that dies (kill -9, a lost machine) leaves a trial that the other
 workers mark failed once its heartbeat is stale (``heartbeat.grace`` seconds) and retry
-(``RetryFailedTrialCallback``: the copy records the trial it retries); ``MaxTrialsCallback`` bounds the study at
+(``RetryHeartbeatStaleTrialCallback``: the copy records the trial it retries); ``MaxTrialsCallback`` bounds the study at
 ``--trials`` finished (complete or pruned) trials; each worker's TPE sampler has its own seed, derived from the space's
 ``sampler_seed`` and the worker's id (recorded on its trials), so workers do not suggest the same points. A ``grid``
 space runs each point once (Optuna's ``GridSampler``). A trial trains one short run per algorithm and seed
@@ -36,6 +36,7 @@ import dataclasses
 import math
 import os
 import socket
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -104,6 +105,8 @@ class SweepSpace:
         if unknown:
             raise ValueError(f"heartbeat: unknown key(s) {unknown}; valid: interval, grace, retries")
         hb = {"interval": 60, "grace": 180, "retries": 1, **self.heartbeat}
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in hb.values()):
+            raise ValueError(f"heartbeat: interval, grace and retries are whole numbers (seconds, count), got {hb}")
         if not (0 < hb["interval"] < hb["grace"]) or hb["retries"] < 0:
             raise ValueError(f"heartbeat: need 0 < interval < grace and retries >= 0, got {hb}")
         self.heartbeat = hb
@@ -171,8 +174,8 @@ def _storage(url: str, space: SweepSpace):
 
     hb = space.heartbeat
     return optuna.storages.RDBStorage(
-        url, heartbeat_interval=int(hb["interval"]), grace_period=int(hb["grace"]),
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=int(hb["retries"])))
+        url, heartbeat_interval=hb["interval"], grace_period=hb["grace"],
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=hb["retries"]))
 
 
 def _sampler(space: SweepSpace, worker: str):
@@ -215,6 +218,13 @@ def grid_points(space: SweepSpace) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(space.params[k].choices for k in keys))]
 
 
+def _max_wait(study, space: SweepSpace) -> float:
+    """How long a worker waits for the last trials running elsewhere: ten grace periods, or twice the longest
+    finished trial (a RUNNING trial without any heartbeat, its worker dead before the first, is never stale)."""
+    longest = max((t.duration.total_seconds() for t in study.get_trials(deepcopy=False) if t.duration), default=0.0)
+    return max(10 * space.heartbeat["grace"], 2 * longest)
+
+
 class FinishedTrials:
     """Optuna callback bounding a study at ``n`` finished trials, all workers together. Finished: complete, pruned,
     or failed and not retried (a dead worker's trial that was retried counts through its copy), so a setting that
@@ -232,7 +242,8 @@ class FinishedTrials:
         from optuna.trial import TrialState
 
         trials = study.get_trials(deepcopy=False)
-        retried = {optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
+        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
+        retried = {n for t in trials for n in history(t)}  # every trial a later copy retries, chains included
         finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                        or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
         return (finished, sum(t.state == TrialState.RUNNING for t in trials),
@@ -283,15 +294,27 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
 
     worker = worker or f"{socket.gethostname()}-{os.getpid()}"
     study = _create_or_load(study_name, storage, space, worker, setup)
-    parent_id = study.user_attrs.get("mlflow_parent_run_id") if tcfg.tracking else None
+
+    def parent_run() -> str | None:
+        """The sweep's MLflow run (set by the worker that created the study; waited for, 60 s at most)."""
+        deadline = time.time() + 60
+        while tcfg.tracking:
+            pid = study.user_attrs.get("mlflow_parent_run_id")
+            if pid or time.time() > deadline:
+                return pid
+            time.sleep(0.5)
+        return None
+
     steps_per_seed = tcfg.steps + 1
 
     def objective(trial):
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("sampler_seed", worker_seed(space.sampler_seed, worker))
-        retried = optuna.storages.RetryFailedTrialCallback.retried_trial_number(trial)
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
+        retried = history[-1] if history else None
         if retried is not None:  # the copy of a dead worker's trial: say which and why
-            dead = study.get_trials(deepcopy=False)[retried]
+            dead = next(t for t in study.get_trials(deepcopy=False) if t.number == retried)
             trial.set_user_attr("retry_of", retried)
             trial.set_user_attr("retry_reason", f"trial {retried} of worker {dead.user_attrs.get('worker', '?')} "
                                                 f"failed: its heartbeat stopped (the worker died)")
@@ -303,6 +326,7 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
             raise
         full = {k: dataclasses.asdict(v) for k, v in cfg.items() if not k.startswith("_")}
         tracker = None
+        parent_id = parent_run()
         if tcfg.tracking and parent_id:
             tracker = MLflowTracker(tcfg.tracking_uri, sweep_exp, f"{study_name}-trial{trial.number}",
                                     parent_run_id=parent_id)
@@ -347,15 +371,26 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
                 tracker.finish(status)
 
     bound = FinishedTrials(min(trials, len(grid_points(space))) if space.sampler == "grid" else trials)
+    waited_since = None
     while True:
         optuna.storages.fail_stale_trials(study)  # a dead worker's trial past its grace period: failed, retried
         finished, running, waiting = bound.counts(study)
         if finished >= bound.n:
             break
         if finished + running >= bound.n and not waiting:  # the last trials run elsewhere; their worker may die
+            waited_since = waited_since or time.time()
+            if time.time() - waited_since > _max_wait(study, space):
+                print(f"sweep: {running} trial(s) still RUNNING with no sign of their worker's end; this worker stops "
+                      f"waiting (they are failed once their heartbeat is stale, when a worker next starts a trial)")
+                break
             time.sleep(space.heartbeat["interval"])
             continue
-        study.optimize(objective, callbacks=[bound], catch=(Exception,), gc_after_trial=False)
+        waited_since = None
+        try:
+            study.optimize(objective, callbacks=[bound], catch=(Exception,), gc_after_trial=False)
+        except optuna.exceptions.UpdateFinishedTrialError as e:
+            # this worker's trial was failed by a peer (its heartbeat looked stale) and retried there: go on
+            print(f"sweep: {e}; its retry runs elsewhere", file=sys.stderr)
     done = study.get_trials(deepcopy=False)
     summary = {"study": study_name, "storage": storage,
                "complete": sum(t.state == TrialState.COMPLETE for t in done),

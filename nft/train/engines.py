@@ -43,8 +43,9 @@ class Engine(Protocol):
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         """Accumulate the gradient of ``loss``; ``last``: the mini-batch's last micro-batch."""
 
-    def step(self) -> float:
-        """Clip, apply the optimizer and the schedule, zero the gradients; returns the gradient norm."""
+    def step(self) -> float | None:
+        """Clip, apply the optimizer and the schedule, zero the gradients; returns the gradient norm (None: not
+        measured). A non-finite norm means the step was not applied (TorchEngine)."""
 
     @property
     def lr(self) -> float: ...
@@ -252,10 +253,12 @@ class DeepSpeedEngine:
         self.ds.set_gradient_accumulation_boundary(last)
         self.ds.backward(loss * (self.dist.world if self.cfg.dp_reduce == "sum" else 1), scale_wrt_gas=False)
 
-    def step(self) -> float:
+    def step(self) -> float | None:
+        """DeepSpeed's step (its fp16 loss scaler skips overflow steps; bf16/fp32 steps are applied as they come);
+        the global gradient norm, or None where DeepSpeed does not report one (not measured, not non-finite)."""
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return float(norm) if norm is not None else None
 
     @property
     def lr(self) -> float:

@@ -47,7 +47,8 @@ from ..progress import Progress
 from ..reward import GraderPool
 from ..rollout import Sampler, make_sampler
 from ..tracking import MLflowTracker, NullTracker, Tracker, dvc_experiment, git_state, study_run
-from .checkpoint import fingerprint, has_checkpoint, restore_checkpoint, save_checkpoint, truncate_history, usable_checkpoint
+from .checkpoint import (fingerprint, has_checkpoint, restore_checkpoint, save_checkpoint, truncate_history,
+                         usable_checkpoint)
 from .config import TrainConfig
 from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed, model_hidden_size, resolve_deepspeed_config
 from .rollout import collect_rollout, reference_batch
@@ -218,11 +219,11 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
         return done
     torch.set_num_threads(cfg.threads)
     seeds = seed_block(seed)
-    ckpt = None
-    if has_checkpoint(run_dir):  # rank 0 checks (and sets aside damaged ones); every rank takes its answer
-        ckpt = dist.broadcast(str(usable_checkpoint(run_dir) or "") if dist.is_main else None) or None
-        if ckpt is None and dist.is_main:
-            print(f"train: {run_dir} has no usable checkpoint; starting the run afresh", file=sys.stderr)
+    # rank 0 checks the checkpoints (and sets damaged ones aside); every rank takes its answer
+    had = has_checkpoint(run_dir) if dist.is_main else False
+    ckpt = dist.broadcast(str(usable_checkpoint(run_dir) or "") if dist.is_main else None) or None
+    if had and ckpt is None and dist.is_main:
+        print(f"train: {run_dir} has no usable checkpoint; starting the run afresh", file=sys.stderr)
     resume = ckpt is not None
     source = str(Path(ckpt) / "model") if resume else cfg.model  # the weights this process starts from
     model, tokenizer = load_policy(source)

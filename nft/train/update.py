@@ -136,8 +136,9 @@ def old_logprobs(model, batch: dict, minis, plan, cfg: TrainConfig, pad_id: int)
 
 
 def _train_minibatch(engine: Engine, batch, rows, micros, old, ctx_all, algo, params, cfg, pad_id, first: bool,
-                     stats: UpdateStats, reference: bool = False) -> float:
-    """Forward/backward of the mini-batch's micro-batches and one optimizer step; returns the grad norm."""
+                     stats: UpdateStats, reference: bool = False) -> float | None:
+    """Forward/backward of the mini-batch's micro-batches and one optimizer step; returns the grad norm (None: not
+    measured by the engine)."""
     at_mini = torch.tensor(rows)
     # the mini-batch's denominator (split-invariant), or None: each micro-batch reduced on its own, its losses summed
     # (train.normalizer "micro_batch": verl's token mean as the official code runs it)
@@ -187,7 +188,9 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
     grad_norms = [_train_minibatch(engine, batch, rows, micros, old, ctx_all, algo, params, cfg, pad_id, m == 0,
                                    stats, reference) for m, (rows, micros) in enumerate(zip(minis, plan))]
     t_update = time.perf_counter() - t1
-    finite = [g for g in grad_norms if math.isfinite(g)]  # a non-finite norm: that optimizer step was not applied
+    # a non-finite norm: that optimizer step was not applied (None: the engine did not measure it)
+    finite = [g for g in grad_norms if g is not None and math.isfinite(g)]
+    nonfinite = sum(g is not None and not math.isfinite(g) for g in grad_norms)
     mine = [i for micros in plan for idx in micros for i in idx]
     mismatch = (old[mine] - batch["sampler_logprobs"][mine]).abs()[batch["mask"][mine] > 0]
     stats.mismatch_sum, stats.mismatch_count = float(mismatch.sum()), int(mismatch.numel())
@@ -200,7 +203,7 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
         "train/batch_entropy": stats.entropy_sum / max(stats.tokens, 1.0),
         "train/grad_norm": float(np.mean(finite)) if finite else float("nan"),
         "train/grad_norm_max": float(np.max(finite)) if finite else float("nan"),
-        "train/nonfinite_steps": float(len(grad_norms) - len(finite)),
+        "train/nonfinite_steps": float(nonfinite),
         "train/lr": engine.lr,
         "train/optimizer_steps": float(len(minis)),
         "train/answers": float(len(batch["prompt_ids"])),
