@@ -199,6 +199,7 @@ def _create_or_load(study_name: str, storage: str, space: SweepSpace, worker: st
         try:
             store = _storage(storage, space)
             study = optuna.create_study(storage=store, direction=space.direction, load_if_exists=False, **kw)
+            study.set_user_attr("algos", list(space.algos))  # the order `sweep table` lists them in
             setup(study)
             return study
         except optuna.exceptions.DuplicatedStudyError:
@@ -264,11 +265,16 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
               progress: bool = False, worker: str | None = None) -> dict:
     """Run trials until the study holds ``trials`` finished ones (:class:`FinishedTrials`), all workers together.
     ``worker``: this worker's id (default host-pid), which seeds its sampler. Returns a summary of the study."""
+    import warnings
+
     import optuna
     from optuna.trial import TrialState
 
     from .tracking import MLflowTracker
     from .train.run import run_training
+
+    # heartbeats, stale-trial retries and their helpers are marked experimental in Optuna 5; they are what we use
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     space = load_space(space_path)
     seeds = seeds or [0]
@@ -413,7 +419,9 @@ def sweep_table(study_name: str, storage: str) -> str:
     study = optuna.load_study(study_name=study_name, storage=storage)
     trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
     params = sorted({k for t in trials for k in t.params})
-    algos = list(dict.fromkeys(k.split("/")[1] for t in trials for k in t.user_attrs if k.startswith("value/")))
+    seen = list(dict.fromkeys(k.split("/")[1] for t in trials for k in t.user_attrs if k.startswith("value/")))
+    algos = [a for a in study.user_attrs.get("algos", []) if a in seen] + sorted(
+        set(seen) - set(study.user_attrs.get("algos", [])))
     sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
     trials.sort(key=lambda t: (t.value is None, sign * (t.value or 0.0), t.number))
     lines = ["| trial | " + " | ".join(params + algos) + " | objective | state |", "|---" * (len(params) + len(algos) + 3) + "|"]

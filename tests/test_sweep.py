@@ -130,12 +130,14 @@ def _kill_one_worker_mid_trial(params, space, storage, study, tmp_path):
     assert first["a"].user_attrs["sampler_seed"] != first["b"].user_attrs["sampler_seed"]
 
 
+@pytest.mark.slow  # two workers, one killed, the other waits out the heartbeat grace: CI's slow suite runs it
 def test_a_worker_killed_mid_trial_sqlite(tiny_study, tmp_path):
     params, _, _ = tiny_study
     space = _space(tmp_path, base={"train.steps": 3, "train.val_every": 1})
     _kill_one_worker_mid_trial(params, space, f"sqlite:///{tmp_path}/kill.db", "k", tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("NFT_TEST_PG_URL"), reason="no PostgreSQL server (.ci/run starts one)")
 def test_a_worker_killed_mid_trial_postgres(tiny_study, tmp_path):
     params, _, _ = tiny_study

@@ -251,7 +251,8 @@ def _damage(run: Path, how: str) -> None:
         p.write_bytes(p.read_bytes()[:100])
 
 
-@pytest.mark.parametrize("how", ["state", "weights", "manifest", "both"])
+@pytest.mark.parametrize("how", ["state", pytest.param("weights", marks=pytest.mark.slow),
+                                 pytest.param("manifest", marks=pytest.mark.slow), "both"])
 def test_damaged_checkpoint_falls_back(tiny_study, tmp_path, how):
     """A checkpoint that fails its manifest or does not load is set aside (one line) and the previous one is used,
     which resumes bit-identically; with both damaged the run restarts from step 0 (same weights again: seeded)."""
