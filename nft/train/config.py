@@ -81,6 +81,9 @@ class TrainConfig:
     """questions per validation set (0: all)."""
     val_temperature: float = 1.0
     val_top_p: float = 1.0
+    max_skipped_steps: int = 3
+    """rollout steps in a row whose every optimizer step was skipped (a non-finite loss or gradient norm) before the
+    run stops with its last checkpoint intact."""
     checkpoint_every: int = 10
     """checkpoint every N rollout steps (and at the end)."""
     threads: int = 2
@@ -110,7 +113,8 @@ class TrainConfig:
         if self.mini_batch_prompts == 0:
             self.mini_batch_prompts = self.prompts_per_step
         for name in ("steps", "prompts_per_step", "answers_per_prompt", "mini_batch_prompts", "micro_batch_size",
-                     "max_new_tokens", "max_num_gen_batches", "val_k", "threads", "grader_workers"):
+                     "max_new_tokens", "max_num_gen_batches", "val_k", "threads", "grader_workers",
+                     "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.mini_batch_prompts > self.prompts_per_step:

@@ -47,6 +47,9 @@ class Engine(Protocol):
         """Clip, apply the optimizer and the schedule, zero the gradients; returns the gradient norm (None: not
         measured). A non-finite norm means the step was not applied (TorchEngine)."""
 
+    def discard(self) -> None:
+        """Drop the accumulated gradient without a step (a mini-batch with a non-finite loss)."""
+
     @property
     def lr(self) -> float: ...
 
@@ -139,6 +142,9 @@ class TorchEngine:
             self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return float(norm)
+
+    def discard(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
 
     @property
     def lr(self) -> float:
@@ -252,6 +258,10 @@ class DeepSpeedEngine:
         # train.dp_reduce "mean" (the official code): no factor, the ranks' gradients are averaged
         self.ds.set_gradient_accumulation_boundary(last)
         self.ds.backward(loss * (self.dist.world if self.cfg.dp_reduce == "sum" else 1), scale_wrt_gas=False)
+
+    def discard(self) -> None:
+        raise RuntimeError("a non-finite loss under DeepSpeed cannot be skipped here (every rank must take the same "
+                           "step); lower train.lr and resume from the last checkpoint")
 
     def step(self) -> float | None:
         """DeepSpeed's step (its fp16 loss scaler skips overflow steps; bf16/fp32 steps are applied as they come);

@@ -101,9 +101,6 @@ def validate(sampler: Sampler, tokenizer, val_sets: dict, pools: dict[str, Grade
     return out
 
 
-#: rollout steps in a row whose every optimizer step had a non-finite gradient norm before the run stops
-MAX_NONFINITE_STEPS = 3
-
 #: train settings that say where results are logged, not what they are: left out of the run's fingerprint
 TRACKING_KEYS = ("experiment", "tracking_uri", "tracking")
 
@@ -326,15 +323,15 @@ def _steps(run: Run, history, progress: bool, on_validate: Callable | None) -> d
     for step in range(run.start_step, cfg.steps):
         metrics = _rollout_step(run, step)
         done = step + 1
-        skipped = int(metrics.get("train/nonfinite_steps", 0))
+        skipped = int(metrics.get("train/skipped_steps", 0))
         bad_in_a_row = bad_in_a_row + 1 if skipped and skipped == metrics.get("train/optimizer_steps") else 0
         if skipped and dist.is_main:
-            print(f"train: step {done}: {skipped} optimizer step(s) with a non-finite gradient norm were not applied",
+            print(f"train: step {done}: {skipped} optimizer step(s) skipped (non-finite loss or gradient norm)",
                   file=sys.stderr)
-        if bad_in_a_row >= MAX_NONFINITE_STEPS:
-            raise RuntimeError(f"train: every optimizer step of {bad_in_a_row} rollout steps in a row had a non-finite "
-                               f"gradient norm (last: step {done}); nothing was applied, the last checkpoint is intact: "
-                               f"lower train.lr (or fix the data) and rerun to resume")
+        if bad_in_a_row >= cfg.max_skipped_steps:
+            raise RuntimeError(f"train: every optimizer step of {bad_in_a_row} rollout steps in a row was skipped "
+                               f"(non-finite loss or gradient norm; last: step {done}); nothing was applied, the last "
+                               f"checkpoint is intact: lower train.lr (or fix the data) and rerun to resume")
         if (cfg.val_every and done % cfg.val_every == 0) or done == cfg.steps:
             metrics.update(run.validate())
         last = {"step": done, **metrics}

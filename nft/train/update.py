@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -155,17 +156,34 @@ def _train_minibatch(engine: Engine, batch, rows, micros, old, ctx_all, algo, pa
         dev = logp.device  # the loss is computed where the model is (inputs stay on the CPU)
         if first and idx and not reference:
             old[at] = logp.detach().cpu()
+        if engine.dist.world == 1 and not torch.isfinite(logp.detach()[micro["mask"].to(dev) > 0]).all():
+            return _skip(engine, batch, rows, "non-finite log-probs")
         loss, met = policy_loss(algo, logp=logp, old_logp=old[at].to(dev), mask=micro["mask"].to(dev),
                                 rewards=micro["rewards"].to(dev), group_ids=micro["group_ids"].to(dev),
                                 group_rate=ctx_all["group_rate"][at].to(dev),
                                 group_std=ctx_all["group_std"][at].to(dev), normalizer=normalizer, params=params)
+        if engine.dist.world == 1 and not torch.isfinite(loss.detach()):
+            return _skip(engine, batch, rows, "a non-finite loss")
         engine.backward(loss, last=j == len(micros) - 1)
         if not idx:
             continue
         mini_loss += met["loss"]
         stats.add_micro(met, float(micro["mask"].sum()), float((ent.float().cpu() * micro["mask"]).sum()))
     stats.step_losses.append(mini_loss)
-    return engine.step()
+    norm = engine.step()
+    if norm is not None and not math.isfinite(norm):
+        print(f"train: optimizer step skipped (a non-finite gradient norm) on the step's questions "
+              f"{sorted(set(batch['group_ids'][torch.tensor(rows)].tolist()))}", file=sys.stderr)
+    return norm
+
+
+def _skip(engine: Engine, batch: dict, rows: list[int], why: str) -> float:
+    """Drop the mini-batch's accumulated gradient without an optimizer step (one process: nothing to keep in step
+    with), say which questions of the step's batch it held; NaN tells the loop it was skipped."""
+    engine.discard()
+    print(f"train: optimizer step skipped ({why}) on the step's questions "
+          f"{sorted(set(batch['group_ids'][torch.tensor(rows)].tolist()))}", file=sys.stderr)
+    return float("nan")
 
 
 def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pad_id: int, seed: int,
@@ -203,7 +221,7 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
         "train/batch_entropy": stats.entropy_sum / max(stats.tokens, 1.0),
         "train/grad_norm": float(np.mean(finite)) if finite else float("nan"),
         "train/grad_norm_max": float(np.max(finite)) if finite else float("nan"),
-        "train/nonfinite_steps": float(nonfinite),
+        "train/skipped_steps": float(nonfinite),
         "train/lr": engine.lr,
         "train/optimizer_steps": float(len(minis)),
         "train/answers": float(len(batch["prompt_ids"])),

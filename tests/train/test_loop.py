@@ -288,3 +288,38 @@ def test_nonfinite_gradient_is_not_applied():
     assert eng.sched.last_epoch == 0 and all(p.grad is None for p in model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     assert math.isfinite(eng.step()) and eng.sched.last_epoch == 1
+
+
+def test_injected_nan_is_skipped_then_stops_the_run(tiny_study, tmp_path, monkeypatch):
+    """A NaN injected into the trainer's log-probs: that optimizer step is skipped (counted in train/skipped_steps,
+    the run goes on and finishes); NaN at every call: the run stops after train.max_skipped_steps rollout steps in a
+    row with nothing applied, its last checkpoint intact and usable."""
+    import nft.train.update as upd
+    from nft.config import load_study
+    from nft.tracking import NullTracker
+    from nft.train.checkpoint import usable_checkpoint
+    from nft.train.run import run_training
+
+    params, _, _ = tiny_study
+    real = upd.response_logprobs
+    calls = {"n": 0}
+
+    def poisoned(*a, every=False, **k):
+        lp, ent = real(*a, **k)
+        if k.get("with_entropy"):  # a training forward (the old log-prob pass has none)
+            calls["n"] += 1
+            if every or calls["n"] == 1:
+                lp = lp + float("nan")
+        return lp, ent
+
+    monkeypatch.setattr(upd, "response_logprobs", poisoned)
+    cfg = load_study(params, ["train.steps=2"])["train"]
+    final = run_training(cfg, "grpo", 0, tmp_path / "once", progress=False, tracker=NullTracker())
+    rows = _history(tmp_path / "once")
+    assert "val/synth-easy/avg@2" in final and sum(r.get("train/skipped_steps", 0) for r in rows) == 1
+
+    monkeypatch.setattr(upd, "response_logprobs", lambda *a, **k: poisoned(*a, every=True, **k))
+    cfg = load_study(params, ["train.steps=4", "train.max_skipped_steps=2"])["train"]
+    with pytest.raises(RuntimeError, match="2 rollout steps in a row was skipped"):
+        run_training(cfg, "grpo", 0, tmp_path / "always", progress=False, tracker=NullTracker())
+    assert usable_checkpoint(tmp_path / "always") is not None and not (tmp_path / "always" / "metrics.json").exists()
