@@ -249,6 +249,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"nft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # every result and checkpoint write goes through a temporary file or folder: the previous one is intact
+        print(f"nft {args.command}: error: disk full ({e.strerror}{': ' + str(e.filename) if e.filename else ''}); "
+              f"the previous results and checkpoints are intact, free space and rerun to resume", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

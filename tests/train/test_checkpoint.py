@@ -80,3 +80,18 @@ def test_no_checkpoint_left_means_a_fresh_start(tmp_path):
     (tmp_path / "checkpoint" / "manifest.json").unlink()
     assert ck.usable_checkpoint(tmp_path) is None and (tmp_path / "checkpoint.bad-0").is_dir()
     assert not ck.has_checkpoint(tmp_path)
+
+
+def test_disk_full_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """`nft` turns a full disk into one line naming it (no traceback), exit code 1."""
+    import nft.cli as cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "checkpoint"))
+
+    monkeypatch.setattr(cli, "_cmd_prepare", full)
+    params = tmp_path / "params.yaml"
+    params.write_text("data: {train_size: 10, eval_size: 5}\n")
+    assert cli.main(["prepare", "--config", str(params), "--out", str(tmp_path / "data")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk full" in err[0] and "intact" in err[0]
