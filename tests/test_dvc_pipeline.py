@@ -294,7 +294,7 @@ def test_queued_experiments_keep_metrics_and_mlflow_runs(repo_copy):
         data = exps[name]["data"]
         metrics = data["metrics"]
         assert metrics["evals/nft-s0.json"]["data"]["synth-easy"]["avg@2"] >= 0
-        assert set(metrics["metrics.json"]["data"]["avg@2"]) == {"nft", "grpo"}
+        assert set(metrics["metrics.json"]["data"]["avg@2"]) == {"base", "nft", "grpo"}  # the base model is a row
     diff = _dvc(repo_copy, "exp", "diff", "q1", "q2").stdout
     assert "train.lr" in diff
     client = MlflowClient(tracking_uri=f"sqlite:///{repo_copy / 'mlflow.db'}")
