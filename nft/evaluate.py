@@ -125,7 +125,7 @@ def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: Grade
         texts += ro.texts
         finished += ro.finished.tolist()
         lengths += ro.lengths.tolist()
-        ent_sum += float((ro.entropy if ro.entropy is not None else -ro.logprobs * ro.mask).sum())
+        ent_sum += ro.entropy_sum()
         ent_tokens += int(ro.mask.sum())
     golds = [p.answer for p in problems for _ in range(k)]
     verdicts, stats = pool.grade_many(texts, golds, only=finished)

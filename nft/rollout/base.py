@@ -39,6 +39,10 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(-1).long()
 
+    def entropy_sum(self) -> float:
+        """The policy's entropy summed over every generated token (exact, or the ``-logprobs`` estimate)."""
+        return float((self.entropy if self.entropy is not None else -self.logprobs * self.mask).sum())
+
     def __len__(self) -> int:
         return len(self.prompt_ids)
 

@@ -114,7 +114,7 @@ def _generation_batch(sampler, tokenizer, questions, positions, pool, cfg, rule,
     out.t_sample += t1 - t0
     out.t_grade += time.perf_counter() - t1
     out.tokens += int(ro.mask.sum())
-    out.entropy_sum += float((ro.entropy if ro.entropy is not None else -ro.logprobs * ro.mask).sum())
+    out.entropy_sum += ro.entropy_sum()
     rewards = torch.tensor(verdicts, dtype=torch.bool)
     if not cfg.grade_truncated:  # cut at the length limit: wrong (train.grade_truncated: graded like the others)
         rewards = rewards & ro.finished

@@ -172,17 +172,20 @@ def _train_minibatch(engine: Engine, batch, rows, micros, old, ctx_all, algo, pa
     stats.step_losses.append(mini_loss)
     norm = engine.step()
     if norm is not None and not math.isfinite(norm):
-        print(f"train: optimizer step skipped (a non-finite gradient norm) on the step's questions "
-              f"{sorted(set(batch['group_ids'][torch.tensor(rows)].tolist()))}", file=sys.stderr)
+        _say_skipped(batch, rows, "a non-finite gradient norm")
     return norm
+
+
+def _say_skipped(batch: dict, rows: list[int], why: str) -> None:
+    print(f"train: optimizer step skipped ({why}) on the step's questions "
+          f"{sorted(set(batch['group_ids'][torch.tensor(rows)].tolist()))}", file=sys.stderr)
 
 
 def _skip(engine: Engine, batch: dict, rows: list[int], why: str) -> float:
     """Drop the mini-batch's accumulated gradient without an optimizer step (one process: nothing to keep in step
     with), say which questions of the step's batch it held; NaN tells the loop it was skipped."""
     engine.discard()
-    print(f"train: optimizer step skipped ({why}) on the step's questions "
-          f"{sorted(set(batch['group_ids'][torch.tensor(rows)].tolist()))}", file=sys.stderr)
+    _say_skipped(batch, rows, why)
     return float("nan")
 
 

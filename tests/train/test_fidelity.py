@@ -21,6 +21,7 @@ from nft.train.rollout import collect_rollout
 from nft.train.run import validate
 from nft.train.seeds import Cursor
 from tests.conftest import REPO
+from tests.train.fakes import BoxedOnePool, ChatTokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -163,16 +164,6 @@ class _Sampler:
         return 0, 1, True
 
 
-class _Tok:
-    def apply_chat_template(self, msgs, **kw):
-        return msgs[-1]["content"]
-
-
-class _Pool:
-    def grade_many(self, texts, golds, only=None):
-        from nft.reward import GradeStats
-
-        return [t == "\\boxed{1}" and (only is None or only[i]) for i, t in enumerate(texts)], GradeStats()
 
 
 def _problems(names):
@@ -184,7 +175,7 @@ def test_generation_batches_of_three_p_keep_the_first_p_mixed_groups():
     cfg = TrainConfig(prompts_per_step=2, answers_per_prompt=2, mini_batch_prompts=1, gen_batch_prompts=6,
                       max_num_gen_batches=10, short_batch="error")
     sampler = _Sampler()
-    batch, m = collect_rollout(sampler, _Tok(), probs, Cursor(6, 0, pos=0), _Pool(), cfg, "dynamic", 0, 0)
+    batch, m = collect_rollout(sampler, ChatTokenizer(), probs, Cursor(6, 0, pos=0), BoxedOnePool(), cfg, "dynamic", 0, 0)
     cursor = Cursor(6, 0)
     order = [probs[i].question for i in cursor.take(6)]
     assert sampler.asked == [6] and m["rollout/gen_batches"] == 1.0  # one batch of 3 x P questions
@@ -198,16 +189,16 @@ def test_short_dynamic_batch_is_an_error_when_asked():
     cfg = TrainConfig(prompts_per_step=2, answers_per_prompt=2, mini_batch_prompts=1, max_num_gen_batches=2,
                       short_batch="error")
     with pytest.raises(ValueError, match="1 of 2 mixed groups after 2 generation batches"):
-        collect_rollout(_Sampler(), _Tok(), probs, Cursor(4, 0), _Pool(), cfg, "dynamic", 0, 0)
+        collect_rollout(_Sampler(), ChatTokenizer(), probs, Cursor(4, 0), BoxedOnePool(), cfg, "dynamic", 0, 0)
     cfg = dataclasses.replace(cfg, short_batch="train")
-    batch, m = collect_rollout(_Sampler(), _Tok(), probs, Cursor(4, 0), _Pool(), cfg, "dynamic", 0, 0)
+    batch, m = collect_rollout(_Sampler(), ChatTokenizer(), probs, Cursor(4, 0), BoxedOnePool(), cfg, "dynamic", 0, 0)
     assert m["rollout/groups_kept"] == 1.0
 
 
 @pytest.mark.parametrize("graded, reward", [(False, 0.0), (True, 1.0)])
 def test_truncated_answers_graded_when_asked(graded, reward):
     cfg = TrainConfig(prompts_per_step=1, answers_per_prompt=2, mini_batch_prompts=1, grade_truncated=graded)
-    batch, _ = collect_rollout(_Sampler(), _Tok(), _problems(["cut"]), Cursor(1, 0), _Pool(), cfg, "all", 0, 0)
+    batch, _ = collect_rollout(_Sampler(), ChatTokenizer(), _problems(["cut"]), Cursor(1, 0), BoxedOnePool(), cfg, "all", 0, 0)
     assert batch["rewards"].tolist() == [reward, 0.0]
 
 
@@ -226,7 +217,7 @@ def test_validation_k_and_grader_per_set():
     cfg = TrainConfig(val_k=1, val_k_per_benchmark={"amc23": 4}, grader_per_set={"amc23": "dapo_strict"},
                       val_limit=0, max_new_tokens=4)
     sets = {"math500": _problems(["mixed0", "none"]), "amc23": _problems(["mixed1"])}
-    out = validate(_Sampler(), _Tok(), sets, pools, cfg, 0)
+    out = validate(_Sampler(), ChatTokenizer(), sets, pools, cfg, 0)
     assert out["val/math500/avg@1"] == 0.5 and out["val/amc23/avg@4"] == 0.25
     assert out["val/mean/avg@1"] == pytest.approx((0.5 + 0.25) / 2)
     assert pools["math_verify"].calls == 1 and pools["dapo_strict"].calls == 1

@@ -12,6 +12,7 @@ from nft.rollout.torch_sampler import TorchSampler
 from nft.train.config import TrainConfig
 from nft.train.rollout import collect_rollout
 from nft.train.seeds import Cursor
+from tests.train.fakes import BoxedOnePool, ChatTokenizer
 
 
 class _Fixed:
@@ -31,16 +32,6 @@ class _Fixed:
         return 0, 1, True
 
 
-class _Tok:
-    def apply_chat_template(self, msgs, **kw):
-        return msgs[-1]["content"]
-
-
-class _Pool:
-    def grade_many(self, texts, golds, only=None):
-        from nft.reward import GradeStats
-
-        return [t == "\\boxed{1}" for t in texts], GradeStats()
 
 
 def test_policy_entropy_does_not_depend_on_the_batch_rule():
@@ -48,7 +39,7 @@ def test_policy_entropy_does_not_depend_on_the_batch_rule():
     cfg = TrainConfig(prompts_per_step=2, answers_per_prompt=4, mini_batch_prompts=1, max_num_gen_batches=1)
     out = {}
     for rule in ("all", "dynamic", "positives"):
-        batch, m = collect_rollout(_Fixed(), _Tok(), problems, Cursor(2, 0), _Pool(), cfg, rule, 0, 0)
+        batch, m = collect_rollout(_Fixed(), ChatTokenizer(), problems, Cursor(2, 0), BoxedOnePool(), cfg, rule, 0, 0)
         out[rule] = (m["policy/entropy"], len(batch["rewards"]))
     ent = float(_Fixed().ro.entropy.mean())
     assert all(abs(e - ent) < 1e-6 for e, _ in out.values()), out
