@@ -158,7 +158,7 @@ def trl_step(model, tok, prompts, problems, repeats: int) -> float:
         cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=P * K, num_generations=K,
                          max_completion_length=NEW_TOKENS, gradient_accumulation_steps=1, beta=0.0,
                          loss_type="dapo", learning_rate=1e-6, max_steps=repeats + 1, logging_steps=1000,
-                         save_strategy="no", report_to=[], temperature=1.0, use_cpu=True, seed=0,
+                         save_strategy="no", report_to=[], temperature=1.0, use_cpu=True, seed=0, bf16=False,
                          dataloader_num_workers=0, disable_tqdm=True)
         ds = Dataset.from_dict({"prompt": prompts * (repeats + 2)})
         trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=reward, args=cfg, train_dataset=ds,

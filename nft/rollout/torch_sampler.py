@@ -1,15 +1,19 @@
 """A lean KV-cache sampler on plain torch/transformers (the CPU backend of the sampler protocol).
 
 Why not ``generate``: each of its decoding steps runs logits processors, stopping criteria and cache bookkeeping
-that cost more than a tiny model's forward pass. Here a step is one forward of the new tokens, one log-softmax and
-one ``multinomial``. Each distinct prompt is prefilled once and its KV cache repeated n times (the K answers to a
-question share the prompt), and rows that have finished are dropped from the batch.
+that cost more than a tiny model's forward pass, and its cache grows by concatenation (every step copies the whole
+cache). Here each distinct prompt is prefilled once and its keys/values copied into a cache preallocated for the
+K answers and the longest answer (:class:`SlabCache`); a decoding step writes one position in place, attends to a
+view of the filled part, and takes one log-softmax and one Gumbel-max draw. Finished rows are dropped by moving the
+last live rows into their slots (only those rows are copied), and the attention mask is built once, not per step.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
 
 from ..modeling import model_device, stop_token_ids
 from .base import Rollout
@@ -25,6 +29,84 @@ def _top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
     out = torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp)
     return out - torch.logsumexp(out, dim=-1, keepdim=True)
+
+
+def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention of one decoding step: torch's SDPA on the cache views with the prepared boolean key mask, grouped
+    query heads handled by SDPA itself (transformers' ``sdpa`` repeats every key and value head when a mask is given,
+    a copy of the whole cache per layer per step)."""
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+DECODE_ATTENTION = "nft_decode_sdpa"
+AttentionInterface.register(DECODE_ATTENTION, _decode_sdpa)
+
+
+class SlabLayer(DynamicLayer):
+    """One layer's keys and values in a buffer of ``rows`` x ``capacity`` positions, written in place.
+
+    ``update`` writes the new positions of the first ``n`` rows and returns views of the filled part (no copy, no
+    concatenation); ``batch_repeat_interleave`` spreads the prefilled prompts over their answers' rows once;
+    ``move_rows`` copies the given rows into other slots (compaction of finished rows)."""
+
+    def __init__(self, rows: int, capacity: int):
+        super().__init__()
+        self.rows, self.capacity, self.length = rows, capacity, 0
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        h, d, dv = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
+        self.keys = torch.empty((self.rows, h, self.capacity, d), dtype=self.dtype, device=self.device)
+        self.values = torch.empty((self.rows, h, self.capacity, dv), dtype=self.dtype, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, q = key_states.shape[0], key_states.shape[-2]
+        if self.length + q > self.capacity:
+            raise RuntimeError(f"SlabLayer: {self.length + q} positions exceed the capacity {self.capacity}")
+        self.keys[:n, :, self.length:self.length + q] = key_states
+        self.values[:n, :, self.length:self.length + q] = value_states
+        self.length += q
+        return self.keys[:n, :, :self.length], self.values[:n, :, :self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        p = self.rows // repeats
+        self.keys[:, :, :self.length] = self.keys[:p, :, :self.length].repeat_interleave(repeats, dim=0)
+        self.values[:, :, :self.length] = self.values[:p, :, :self.length].repeat_interleave(repeats, dim=0)
+
+    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.keys[dst, :, :self.length] = self.keys[src, :, :self.length]
+        self.values[dst, :, :self.length] = self.values[src, :, :self.length]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("SlabLayer compacts with move_rows")
+
+
+class SlabCache(Cache):
+    """A transformers ``Cache`` of :class:`SlabLayer` s (one per decoder layer)."""
+
+    def __init__(self, num_layers: int, rows: int, capacity: int):
+        super().__init__(layers=[SlabLayer(rows, capacity) for _ in range(num_layers)])
+
+    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.move_rows(dst, src)
+
+
+def _compaction(live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Slots to fill and the rows to fill them with so that the live rows are the first ``m``: each dead slot below
+    ``m`` takes one live row from ``m`` on (the fewest rows moved)."""
+    m = int(live.sum())
+    dst = (~live[:m]).nonzero().squeeze(-1)
+    src = live[m:].nonzero().squeeze(-1) + m
+    return dst, src, m
 
 
 class TorchSampler:
@@ -67,7 +149,7 @@ class TorchSampler:
         if temperature <= 0:
             raise ValueError(f"temperature: must be > 0 for sampling, got {temperature}")
         model = self.model
-        was_training = model.training
+        was_training, attention = model.training, getattr(model.config, "_attn_implementation", None)
         model.eval()
         try:
             enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -81,12 +163,22 @@ class TorchSampler:
                 attn[i, Lp - len(e):] = 1
             ids, attn = ids.to(dev), attn.to(dev)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache = SlabCache(model.config.get_text_config(decoder=True).num_hidden_layers, B, Lp + max_new_tokens)
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
             if n > 1:
                 cache.batch_repeat_interleave(n)
             logits = out.logits[:, -1, :].float().repeat_interleave(n, dim=0)
-            attn = attn.repeat_interleave(n, dim=0)
+            # the key mask of every row over every position it can reach: the prompt's padding, then its answer
+            keymask = torch.ones((B, Lp + max_new_tokens), dtype=torch.bool, device=dev)
+            keymask[:, :Lp] = attn.repeat_interleave(n, dim=0).bool()
+            # with sdpa, each step's attention takes an additive (rows, 1, 1, keys) view of one buffer built here (a
+            # float mask runs faster than a boolean one on CPU), not a mask built by transformers per step
+            prepared = getattr(model.config, "_attn_implementation", None) == "sdpa"
+            if prepared:
+                dtype = next(model.parameters()).dtype
+                bias = torch.zeros(keymask.shape, dtype=dtype, device=dev).masked_fill_(~keymask, torch.finfo(dtype).min)
+                bias4 = bias[:, None, None, :]
             next_pos = pos[:, -1:].repeat_interleave(n, dim=0) + 1
 
             gen = torch.Generator(device=dev).manual_seed(int(seed))
@@ -96,13 +188,18 @@ class TorchSampler:
             ents = torch.zeros((B, max_new_tokens), device=dev)
             lengths = torch.zeros(B, dtype=torch.long, device=dev)
             finished = torch.zeros(B, dtype=torch.bool, device=dev)
-            alive = torch.arange(B, device=dev)  # rows in the batch, in cache order
-            live = torch.ones(B, dtype=torch.bool, device=dev)  # rows of the batch still generating
+            alive = torch.arange(B, device=dev)  # the answer each slot of the batch holds
+            live = torch.ones(B, dtype=torch.bool, device=dev)  # slots still generating
+            rank = None  # each slot's place in answer order, once compaction has permuted them
             for t in range(max_new_tokens):
                 logp = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
                 draw = _top_p_filter(logp, top_p) if top_p < 1.0 else logp
-                # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p (cheaper than multinomial on CPU)
-                noise = -torch.log(-torch.log(torch.rand(draw.shape, generator=gen, device=dev).clamp_(min=1e-20)))
+                # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p (cheaper than multinomial on CPU); the
+                # noise rows follow answer order, so the draws do not depend on where compaction put each answer
+                u = torch.rand(draw.shape, generator=gen, device=dev)
+                if rank is not None:
+                    u = u[rank]
+                noise = -torch.log(-torch.log(u.clamp_(min=1e-20)))
                 tok = (draw + noise).argmax(-1)
                 rows = alive[live]
                 tokens[rows, t] = tok[live]
@@ -114,19 +211,33 @@ class TorchSampler:
                 live &= ~stop
                 if t + 1 == max_new_tokens or not bool(live.any()):
                     break
-                # drop finished rows from the batch and its cache once they are a quarter of it (each compaction
-                # copies the whole cache; in between they ride along and their tokens are ignored)
+                # drop finished rows once they are a quarter of the batch (in between they ride along and their
+                # tokens are ignored): the last live rows move into their slots, the batch is its first m slots
                 if int((~live).sum()) * 4 >= len(live):
-                    keep = live.nonzero().squeeze(-1)
-                    cache.batch_select_indices(keep)
-                    alive, tok, attn, next_pos, live = alive[keep], tok[keep], attn[keep], next_pos[keep], live[keep]
-                attn = torch.cat([attn, torch.ones((attn.shape[0], 1), dtype=attn.dtype, device=dev)], dim=-1)
-                out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
+                    dst, src, m = _compaction(live)
+                    cache.move_rows(dst, src)
+                    for a in (alive, tok, next_pos):
+                        a[dst] = a[src]
+                    keymask[dst] = keymask[src]
+                    if prepared:
+                        bias[dst] = bias[src]
+                    alive, tok, next_pos = alive[:m], tok[:m], next_pos[:m]
+                    live = torch.ones(m, dtype=torch.bool, device=dev)
+                    rank = alive.argsort().argsort()
+                L = Lp + t + 1
+                if prepared:
+                    model.config._attn_implementation = DECODE_ATTENTION
+                    mask = {"full_attention": bias4[:len(live), :, :, :L]}
+                else:
+                    mask = keymask[:len(live), :L]
+                out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
                             past_key_values=cache, use_cache=True)
                 logits = out.logits[:, -1, :].float()
                 next_pos = next_pos + 1
         finally:
             model.train(was_training)
+            if attention is not None:
+                model.config._attn_implementation = attention
         tokens, logps, lengths, finished = tokens.cpu(), logps.float().cpu(), lengths.cpu(), finished.cpu()
         ents = ents.float().cpu()
         T = max(int(lengths.max()), 1)

@@ -1,0 +1,78 @@
+"""The preallocated-cache sampler: in-place compaction moves only the rows it must, its log-probs are the trainer's
+on every row however the batch was compacted, both attention paths (prepared sdpa mask, transformers' mask) draw
+the same answers, and the model's attention setting is left as it was."""
+
+import pytest
+import torch
+
+from nft.data.prompts import render_prompt
+from nft.data.synthetic import SyntheticConfig, build_splits
+from nft.modeling import load_policy, response_logprobs
+from nft.rollout.torch_sampler import SlabCache, TorchSampler, _compaction
+
+
+def test_compaction_fills_each_hole_with_one_live_row_from_the_tail():
+    live = torch.tensor([True, False, True, False, True, True, False, True])
+    dst, src, m = _compaction(live)
+    assert m == 5 and dst.tolist() == [1, 3] and src.tolist() == [5, 7]
+    slots = torch.arange(8)
+    slots[dst] = slots[src]
+    assert sorted(slots[:m].tolist()) == live.nonzero().squeeze(-1).tolist()  # every live row, once, in front
+    assert _compaction(torch.ones(4, dtype=torch.bool))[0].numel() == 0  # nothing to move
+
+
+def test_slab_cache_writes_in_place_and_moves_rows():
+    cache = SlabCache(num_layers=1, rows=4, capacity=6)
+    layer = cache.layers[0]
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float).view(2, 1, 3, 2)  # 2 prompts, 1 head, 3 positions
+    keys, _ = cache.update(k, -k, 0)
+    assert torch.equal(keys, k) and cache.get_seq_length() == 3
+    cache.batch_repeat_interleave(2)  # 2 prompts -> 4 rows
+    assert torch.equal(layer.keys[:, :, :3], k.repeat_interleave(2, 0))
+    buffer = layer.keys.data_ptr()
+    step = torch.full((4, 1, 1, 2), 7.0)
+    keys, values = cache.update(step, -step, 0)
+    assert layer.keys.data_ptr() == buffer and keys.shape == (4, 1, 4, 2)  # a view of the same buffer, no copy
+    assert torch.equal(keys[:, :, 3], step[:, :, 0]) and torch.equal(values[:, :, 3], -step[:, :, 0])
+    row3 = layer.keys[3, :, :4].clone()
+    cache.move_rows(torch.tensor([0]), torch.tensor([3]))
+    assert torch.equal(layer.keys[0, :, :4], row3)
+    with pytest.raises(RuntimeError, match="capacity"):
+        cache.update(torch.zeros(4, 1, 3, 2), torch.zeros(4, 1, 3, 2), 0)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_study):
+    _, _, base = tiny_study
+    model, tok = load_policy(str(base))
+    problems = build_splits(SyntheticConfig(train_size=200, eval_size=8))["train"]
+    prompts = [render_prompt(tok, p.question) for p in problems[:6]]  # different lengths: left padding
+    return model, tok, prompts
+
+
+def test_every_row_matches_the_trainer_through_compactions(policy, monkeypatch):
+    model, tok, prompts = policy
+    moves = []
+    real = SlabCache.move_rows
+    monkeypatch.setattr(SlabCache, "move_rows", lambda self, dst, src: (moves.append(len(dst)), real(self, dst, src)))
+    ro = TorchSampler(model, tok).sample(prompts, 4, max_new_tokens=48, temperature=1.2, seed=11)
+    lengths = ro.mask.sum(-1)
+    assert ro.finished.any() and lengths.min() < lengths.max()  # rows ended at different steps
+    assert moves and sum(moves) > 0  # the batch was compacted, rows moved
+    assert sum(moves) < len(moves) * 24  # ... by moving some rows, not the whole batch each time
+    lp, _ = response_logprobs(model, ro.prompt_ids, ro.response, ro.mask, tok.pad_token_id, temperature=1.2)
+    on = ro.mask > 0
+    assert (lp - ro.logprobs)[on].abs().max() < 1e-5
+
+
+def test_prepared_mask_and_transformers_mask_draw_the_same_answers(policy, tiny_study):
+    model, tok, prompts = policy
+    assert model.config._attn_implementation == "sdpa"
+    a = TorchSampler(model, tok).sample(prompts, 3, max_new_tokens=32, seed=5)
+    assert model.config._attn_implementation == "sdpa"  # switched for the decoding steps only, then restored
+    eager, _ = load_policy(str(tiny_study[2]))
+    eager.config._attn_implementation = "eager"  # the other path: transformers builds the mask each step
+    b = TorchSampler(eager, tok).sample(prompts, 3, max_new_tokens=32, seed=5)
+    assert eager.config._attn_implementation == "eager"
+    assert torch.equal(a.response, b.response) and torch.equal(a.finished, b.finished)
+    assert (a.logprobs - b.logprobs).abs().max() < 1e-5
