@@ -78,7 +78,8 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def bench(model_dir: Path, P: int, K: int, new_tokens: int, micro: int) -> dict:
+def bench(model_dir: Path, P: int, K: int, new_tokens: int, micro: int, modes: list[str] | None = None,
+          train: bool = True) -> dict:
     """Sampler vs ``generate`` tokens/s, then trainer tokens/s and MFU, on the bf16 model (see the module doc)."""
     from nft.data.prompts import render_prompt
     from nft.data.synthetic import SyntheticConfig, build_splits
@@ -106,9 +107,20 @@ def bench(model_dir: Path, P: int, K: int, new_tokens: int, micro: int) -> dict:
         first = torch.where(stop.any(-1), stop.float().argmax(-1) + 1, torch.full_like(gen[:, 0], gen.shape[1]))
         return int(first.sum())
 
+    from nft.rollout import torch_sampler
+
     sampler = TorchSampler(model, tok)
-    for name, fn in (("generate", lambda n: hf_generate(n)),
-                     ("ours", lambda n: int(sampler.sample(prompts, K, max_new_tokens=n, seed=0).mask.sum()))):
+
+    def ours(mode):
+        def run(n):
+            if mode:
+                torch_sampler.DECODE_GQA[model.device.type] = mode
+            return int(sampler.sample(prompts, K, max_new_tokens=n, seed=0).mask.sum())
+        return run
+
+    default = torch_sampler.DECODE_GQA.get(torch.device(dev).type)
+    for name, fn in (("generate", lambda n: hf_generate(n)), ("ours", ours(None)),
+                     *((f"ours_{m}", ours(m)) for m in (modes or []) if m != default)):
         fn(16)  # warm-up (kernels, allocator)
         if gpu:
             torch.cuda.reset_peak_memory_stats()
@@ -121,7 +133,12 @@ def bench(model_dir: Path, P: int, K: int, new_tokens: int, micro: int) -> dict:
                                  "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
         print(f"bench: sampling {name}: {n:,} tokens in {dt:.2f} s = {n / dt:,.0f} tokens/s", flush=True)
     out["sampler_speedup"] = out["sample_ours"]["tokens_per_s"] / out["sample_generate"]["tokens_per_s"]
-    print(f"bench: sampler / generate = {out['sampler_speedup']:.2f}x", flush=True)
+    out["decode_gqa"] = default
+    print(f"bench: sampler ({default} attention) / generate = {out['sampler_speedup']:.2f}x", flush=True)
+    if default:
+        torch_sampler.DECODE_GQA[torch.device(dev).type] = default
+    if not train:
+        return out
 
     ro = sampler.sample(prompts, K, max_new_tokens=new_tokens, seed=1)
     cfg = model.config
@@ -187,6 +204,8 @@ def main() -> int:
     ap.add_argument("--bench-answers", type=int, default=8)
     ap.add_argument("--bench-tokens", type=int, default=512)
     ap.add_argument("--bench-micro", type=int, default=16)
+    ap.add_argument("--bench-modes", default="", help="also sample with these DECODE_GQA modes (fold,gqa,repeat)")
+    ap.add_argument("--bench-no-train", action="store_true", help="the sampling part of the bench alone")
     args = ap.parse_args()
     from nft.train.config import TrainConfig
     from nft.train.run import run_training
@@ -199,7 +218,8 @@ def main() -> int:
     else:
         data, model_dir = build(out, TINY if args.tiny else QWEN25_05B)
     if args.bench or args.bench_only:
-        res = bench(model_dir, args.bench_prompts, args.bench_answers, args.bench_tokens, args.bench_micro)
+        res = bench(model_dir, args.bench_prompts, args.bench_answers, args.bench_tokens, args.bench_micro,
+                    [m for m in args.bench_modes.split(",") if m], not args.bench_no_train)
         res["device"] = torch.cuda.get_device_name(0) if gpu else "cpu"
         res["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
         (out / "bench.json").write_text(json.dumps(res, indent=2))

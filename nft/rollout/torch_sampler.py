@@ -31,12 +31,32 @@ def _top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     return out - torch.logsumexp(out, dim=-1, keepdim=True)
 
 
+#: how one decoding step's attention serves grouped query heads, by device type: "gqa" lets SDPA do it
+#: (``enable_gqa``), "fold" turns the G query heads of a key/value head into G query positions of one head (no copy
+#: of the cache), "repeat" copies each key/value head G times; "transformers" leaves the attention and its per-step
+#: mask to transformers (still on the preallocated cache). Measured (README): on 2 CPU cores "gqa" is fastest; on an
+#: H100 (bf16) "transformers" samples 2.7x faster than "fold" or "repeat" with the prepared additive mask.
+DECODE_GQA = {"cpu": "gqa", "cuda": "transformers"}
+
+
 def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention of one decoding step: torch's SDPA on the cache views with the prepared boolean key mask, grouped
-    query heads handled by SDPA itself (transformers' ``sdpa`` repeats every key and value head when a mask is given,
-    a copy of the whole cache per layer per step)."""
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-                                         enable_gqa=query.shape[1] != key.shape[1])
+    """Attention of one decoding step (one query position per row) on the cache views with the prepared additive key
+    mask; grouped query heads as :data:`DECODE_GQA` says (transformers' ``sdpa`` repeats every key and value head
+    whenever a mask is given: a copy of the whole cache per layer per step)."""
+    b, h, q, d = query.shape
+    g = h // key.shape[1]
+    mode = "none" if g == 1 else DECODE_GQA.get(query.device.type, "repeat")
+    if mode == "fold" and q == 1:  # (b, h, 1, d) -> (b, h_kv, g, d): g query positions against their shared head
+        out = F.scaled_dot_product_attention(query.view(b, h // g, g, d), key, value, attn_mask=attention_mask,
+                                             dropout_p=dropout, scale=scaling).view(b, h, 1, d)
+    elif mode == "gqa":
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, enable_gqa=True)
+    else:
+        if g > 1:
+            key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -163,18 +183,19 @@ class TorchSampler:
                 attn[i, Lp - len(e):] = 1
             ids, attn = ids.to(dev), attn.to(dev)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            cache = SlabCache(model.config.get_text_config(decoder=True).num_hidden_layers, B, Lp + max_new_tokens)
+            cap = -(-(Lp + max_new_tokens) // 16) * 16  # rows of the mask aligned for fused GPU attention kernels
+            cache = SlabCache(model.config.get_text_config(decoder=True).num_hidden_layers, B, cap)
             out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
                         logits_to_keep=1)
             if n > 1:
                 cache.batch_repeat_interleave(n)
             logits = out.logits[:, -1, :].float().repeat_interleave(n, dim=0)
             # the key mask of every row over every position it can reach: the prompt's padding, then its answer
-            keymask = torch.ones((B, Lp + max_new_tokens), dtype=torch.bool, device=dev)
+            keymask = torch.ones((B, cap), dtype=torch.bool, device=dev)
             keymask[:, :Lp] = attn.repeat_interleave(n, dim=0).bool()
             # with sdpa, each step's attention takes an additive (rows, 1, 1, keys) view of one buffer built here (a
             # float mask runs faster than a boolean one on CPU), not a mask built by transformers per step
-            prepared = getattr(model.config, "_attn_implementation", None) == "sdpa"
+            prepared = attention == "sdpa" and DECODE_GQA.get(dev.type) != "transformers"
             if prepared:
                 dtype = next(model.parameters()).dtype
                 bias = torch.zeros(keymask.shape, dtype=dtype, device=dev).masked_fill_(~keymask, torch.finfo(dtype).min)

@@ -8,6 +8,7 @@ import torch
 from nft.data.prompts import render_prompt
 from nft.data.synthetic import SyntheticConfig, build_splits
 from nft.modeling import load_policy, response_logprobs
+from nft.rollout import torch_sampler
 from nft.rollout.torch_sampler import SlabCache, TorchSampler, _compaction
 
 
@@ -76,3 +77,14 @@ def test_prepared_mask_and_transformers_mask_draw_the_same_answers(policy, tiny_
     assert eager.config._attn_implementation == "eager"
     assert torch.equal(a.response, b.response) and torch.equal(a.finished, b.finished)
     assert (a.logprobs - b.logprobs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["fold", "repeat", "transformers"])
+def test_every_decode_attention_mode_draws_the_same_answers(policy, monkeypatch, mode):
+    model, tok, prompts = policy
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # grouped query heads to serve
+    ref = TorchSampler(model, tok).sample(prompts, 3, max_new_tokens=32, seed=7)
+    monkeypatch.setitem(torch_sampler.DECODE_GQA, "cpu", mode)
+    got = TorchSampler(model, tok).sample(prompts, 3, max_new_tokens=32, seed=7)
+    assert torch.equal(ref.response, got.response)
+    assert (ref.logprobs - got.logprobs).abs().max() < 1e-5
