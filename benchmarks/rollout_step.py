@@ -1,12 +1,16 @@
-"""Benchmark: one rollout step (sample + grade + update) on a fixed tiny workload, side by side with
-transformers' ``generate`` and (if installed: ``pip install -e '.[bench]'``) TRL's GRPOTrainer.
+"""Benchmark: one rollout step (sample + grade + update) side by side with transformers' ``generate`` and (if
+installed: ``pip install -e '.[bench]'``) TRL's GRPOTrainer, on two workloads, 2 CPU threads:
 
-Workload: P=16 questions x K=8 answers, up to 32 new tokens, a Qwen2 of hidden size 128 and 4 layers, 2 CPU threads,
-one optimizer step over all 128 answers (TRL: loss_type "dapo", beta 0, so no extra old-log-prob pass).
+- small: P=16 questions x K=8 answers, up to 32 new tokens, a random Qwen2 of hidden size 128 and 4 layers;
+- large: P=64 x K=8, up to 128 new tokens, hidden size 256 and 4 layers (so a ratio is not an artefact of a toy).
 
-    python benchmarks/rollout_step.py [--model models/base] [--repeats 5] [--no-trl]
+One optimizer step over all P x K answers (TRL: loss_type "dapo", beta 0, fp32 as ours, so no extra old-log-prob
+pass). Each run takes the median over ``--repeats`` after a warm-up; ``--runs`` whole runs give the min-max printed
+in the table (markdown, for the README) and written with the machine and versions to ``--json``.
 
-Prints medians over the repeats. Any other process on the cores ruins the figures: check the load first.
+    python benchmarks/rollout_step.py [--workloads small,large] [--runs 3] [--repeats 3] [--no-trl] [--json F]
+
+Any other process on the cores ruins the figures: check the load first.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from pathlib import Path
 
 import torch
 
-P, K, NEW_TOKENS, THREADS = 16, 8, 32, 2
+THREADS = 2
+#: name -> (P, K, new tokens, hidden size, layers)
+WORKLOADS = {"small": (16, 8, 32, 128, 4), "large": (64, 8, 128, 256, 4)}
 
 
-def build_model(path: str | None):
-    """The base model if given, else a random Qwen2 (hidden 128, 4 layers) with the synthetic tokenizer."""
+def build_model(path: str | None, hidden: int = 128, layers: int = 4):
+    """The base model if given, else a random Qwen2 (``hidden`` x ``layers``) with the synthetic tokenizer."""
     from nft.modeling import load_policy
 
     if path:
@@ -36,7 +42,7 @@ def build_model(path: str | None):
 
     out = Path(tempfile.mkdtemp()) / "bench-model"
     # the issue's workload model: hidden 128, 4 layers (~1.07M parameters, as the TRL measurement it compares to)
-    arch = ModelConfig(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=512)
+    arch = ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=4, intermediate_size=4 * hidden)
     run_pretrain(SyntheticConfig(train_size=2000, eval_size=30), arch,
                  PretrainConfig(steps=1, batch_size=2, warmup=1, tokenizer_corpus=1000), out, progress=False)
     return load_policy(str(out))
@@ -52,15 +58,8 @@ def median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="save_pretrained folder (default: random tiny Qwen2)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--no-trl", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(THREADS)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
+def run_once(workload: str, model_path: str | None, repeats: int, with_trl: bool) -> dict:
+    """One run of a workload: seconds and tokens of each side (medians over the repeats)."""
     from nft.data.prompts import render_prompt
     from nft.data.synthetic import SyntheticConfig, build_splits
     from nft.reward import GraderPool
@@ -71,12 +70,15 @@ def main() -> int:
     from nft.train.seeds import Cursor
     from nft.train.update import update
 
-    model, tok = build_model(args.model)
+    P, K, NEW_TOKENS, hidden, layers = WORKLOADS[workload]
+    model, tok = build_model(model_path, hidden, layers)
     n_params = sum(p.numel() for p in model.parameters())
     problems = build_splits(SyntheticConfig(train_size=2000, eval_size=30))["train"]
     prompts = [render_prompt(tok, p.question) for p in problems[:P]]
-    print(f"model: Qwen2 {model.config.hidden_size}x{model.config.num_hidden_layers}, {n_params:,} parameters; "
-          f"workload P={P} K={K} <= {NEW_TOKENS} new tokens, {THREADS} threads")
+    res = {"workload": workload, "P": P, "K": K, "max_new_tokens": NEW_TOKENS,
+           "model": f"Qwen2 {model.config.hidden_size}x{model.config.num_hidden_layers}", "params": n_params}
+    print(f"{workload}: {res['model']}, {n_params:,} parameters; P={P} K={K} <= {NEW_TOKENS} new tokens, "
+          f"{THREADS} threads", flush=True)
 
     # 1. transformers generate
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
@@ -92,14 +94,15 @@ def main() -> int:
         first = torch.where(stop.any(-1), stop.float().argmax(-1) + 1, torch.full((gen.shape[0],), gen.shape[1]))
         return int(first.sum())
 
-    t_gen, n_gen = median_time(hf_generate, args.repeats)
+    t_gen, n_gen = median_time(hf_generate, repeats)
     sampler = TorchSampler(model, tok)
-    t_ours, ro = median_time(lambda: sampler.sample(prompts, K, max_new_tokens=NEW_TOKENS, seed=0), args.repeats)
+    t_ours, ro = median_time(lambda: sampler.sample(prompts, K, max_new_tokens=NEW_TOKENS, seed=0), repeats)
     n_ours = int(ro.mask.sum())
-    print(f"sampling   generate: {t_gen:.3f} s, {n_gen / t_gen:,.0f} tokens/s | ours: {t_ours:.3f} s, "
-          f"{n_ours / t_ours:,.0f} tokens/s | speed-up {n_ours / t_ours / (n_gen / t_gen):.2f}x")
+    res["generate_tokens_per_s"], res["sampler_tokens_per_s"] = n_gen / t_gen, n_ours / t_ours
+    print(f"  sampling   generate: {t_gen:.3f} s, {n_gen / t_gen:,.0f} tokens/s | ours: {t_ours:.3f} s, "
+          f"{n_ours / t_ours:,.0f} tokens/s | speed-up {n_ours / t_ours / (n_gen / t_gen):.2f}x", flush=True)
 
-    # 2. our full rollout step: sample + grade + one optimizer step over all 128 answers
+    # 2. our full rollout step: sample + grade + one optimizer step over all P x K answers
     cfg = TrainConfig(prompts_per_step=P, answers_per_prompt=K, mini_batch_prompts=P, micro_batch_size=P * K,
                       max_new_tokens=NEW_TOKENS, lr=1e-6, tracking=False, threads=THREADS)
     engine = TorchEngine(model, cfg)
@@ -114,23 +117,80 @@ def main() -> int:
             splits.append((m["time/sample"], m["time/grade"], u["time/old_logprob"], u["time/update"], t2 - t0))
             return t2 - t0
 
-        t_step, _ = median_time(ours_step, args.repeats)
+        t_step, _ = median_time(ours_step, repeats)
     med = [statistics.median(s[i] for s in splits[1:]) for i in range(5)]
-    print(f"ours       rollout step: {t_step:.3f} s  (sample {med[0]:.3f} / grade {med[1]:.3f} / "
-          f"old-logprob {med[2]:.3f} / update {med[3]:.3f})")
+    res.update(step_s=t_step, sample_s=med[0], grade_s=med[1], old_logprob_s=med[2], update_s=med[3])
+    print(f"  ours       rollout step: {t_step:.3f} s  (sample {med[0]:.3f} / grade {med[1]:.3f} / "
+          f"old-logprob {med[2]:.3f} / update {med[3]:.3f})", flush=True)
+    if with_trl:
+        try:
+            res["trl_step_s"] = trl_step(model, tok, prompts, problems[:P], repeats, P, K, NEW_TOKENS)
+            print(f"  TRL 1.16   GRPOTrainer step: {res['trl_step_s']:.3f} s | ours / TRL = "
+                  f"{t_step / res['trl_step_s']:.2f}", flush=True)
+        except ImportError as e:
+            print(f"  TRL        not installed ({e}); `pip install -e '.[bench]'` to compare")
+    return res
 
-    if args.no_trl:
-        return 0
+
+def table(runs: list[dict]) -> str:
+    """Markdown: per workload, ours, the peer, and the ratio as median [min-max] over the runs."""
+    def span(vals, fmt):
+        return f"{fmt(statistics.median(vals))} [{fmt(min(vals))}–{fmt(max(vals))}]"
+
+    lines = ["| workload | measure | ours | peer | ours / peer |", "|---|---|---|---|---|"]
+    for w in dict.fromkeys(r["workload"] for r in runs):
+        rs = [r for r in runs if r["workload"] == w]
+        r0 = rs[0]
+        desc = f"{w}: {r0['model']}, P×K = {r0['P']}×{r0['K']}, ≤ {r0['max_new_tokens']} tokens"
+        tps = lambda v: f"{v:,.0f}"
+        sec = lambda v: f"{v:.2f}"
+        lines.append(f"| {desc} | sampling tokens/s (peer: `generate`) | {span([r['sampler_tokens_per_s'] for r in rs], tps)} "
+                     f"| {span([r['generate_tokens_per_s'] for r in rs], tps)} | "
+                     f"{span([r['sampler_tokens_per_s'] / r['generate_tokens_per_s'] for r in rs], sec)}× |")
+        if all("trl_step_s" in r for r in rs):
+            lines.append(f"| {desc} | rollout step s (peer: TRL GRPOTrainer) | {span([r['step_s'] for r in rs], sec)} | "
+                         f"{span([r['trl_step_s'] for r in rs], sec)} | "
+                         f"{span([r['step_s'] / r['trl_step_s'] for r in rs], sec)}× |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    import json
+    import platform
+
+    import transformers
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="save_pretrained folder (default: a random Qwen2 per workload)")
+    ap.add_argument("--workloads", default="small,large")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--json", default=None, help="write the runs, machine and versions here")
+    args = ap.parse_args()
+    torch.set_num_threads(THREADS)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    names = [w for w in args.workloads.split(",") if w]
+    bad = [w for w in names if w not in WORKLOADS]
+    if bad:
+        ap.error(f"--workloads: unknown {bad}; expected some of {list(WORKLOADS)}")
+    runs = [run_once(w, args.model, args.repeats, not args.no_trl) for _ in range(args.runs) for w in names]
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:
-        t_trl = trl_step(model, tok, prompts, problems[:P], args.repeats)
-    except ImportError as e:
-        print(f"TRL        not installed ({e}); `pip install -e '.[bench]'` to compare")
-        return 0
-    print(f"TRL 1.16   GRPOTrainer step: {t_trl:.3f} s | ours / TRL = {t_step / t_trl:.2f}")
+        import trl
+        versions["trl"] = trl.__version__
+    except ImportError:
+        pass
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} threads"
+    print(f"\n{args.runs} runs, median [min–max]; {machine}; "
+          + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(table(runs))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "versions": versions, "runs": runs}, indent=2))
     return 0
 
 
-def trl_step(model, tok, prompts, problems, repeats: int) -> float:
+def trl_step(model, tok, prompts, problems, repeats: int, P: int, K: int, NEW_TOKENS: int) -> float:
     """Median seconds per GRPOTrainer step on the same workload (on-policy: one update per generation)."""
     import copy
 

@@ -4,11 +4,17 @@ process). Shared by ``nft.train`` and ``nft.rollout`` (a vLLM engine spanning se
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any
 
 
 class Dist:
-    """Rank, world size and the few collectives the loop needs; trivial in a single process."""
+    """Rank, world size and the few collectives the loop needs; trivial in a single process.
+
+    ``Dist.bytes_received`` counts the pickled bytes this process received from other ranks through these
+    collectives (all instances together), so the loop can log what a step moved."""
+
+    bytes_received = 0
 
     def __init__(self):
         import torch.distributed as td
@@ -31,8 +37,28 @@ class Dist:
         if self.world == 1:
             return [obj]
         out: list[Any] = [None] * self.world
-        self._td.all_gather_object(out, obj)
-        return out
+        self._td.all_gather_object(out, pickle.dumps(obj))  # pickled here, so the bytes can be counted
+        Dist.bytes_received += sum(len(b) for r, b in enumerate(out) if r != self.rank)
+        return [pickle.loads(b) for b in out]
+
+    def exchange(self, send: list[Any]) -> list[Any]:
+        """All-to-all: ``send[r]`` goes to rank ``r`` only; returns what each rank sent to this one, in rank order
+        (one scatter per source rank: nothing is broadcast to ranks it is not meant for)."""
+        if self.world == 1:
+            return [send[0]]
+        got: list[Any] = []
+        for src in range(self.world):
+            box: list[Any] = [None]
+            # this rank's own share is not sent (an empty placeholder keeps the scatter's shape)
+            blobs = ([b"" if r == self.rank else pickle.dumps(x) for r, x in enumerate(send)]
+                     if src == self.rank else None)
+            self._td.scatter_object_list(box, blobs, src=src)
+            if src == self.rank:
+                got.append(send[self.rank])
+            else:
+                Dist.bytes_received += len(box[0])
+                got.append(pickle.loads(box[0]))
+        return got
 
     def sum(self, x: float) -> float:
         return float(sum(self.gather(x))) if self.world > 1 else x
@@ -41,9 +67,11 @@ class Dist:
         """Rank 0's ``obj`` on every rank."""
         if self.world == 1:
             return obj
-        box = [obj]
+        box = [pickle.dumps(obj) if self.rank == 0 else None]
         self._td.broadcast_object_list(box, src=0)
-        return box[0]
+        if self.rank != 0:
+            Dist.bytes_received += len(box[0])
+        return pickle.loads(box[0])
 
 
 def launched_world_size() -> int:

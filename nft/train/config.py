@@ -103,6 +103,9 @@ class TrainConfig:
     prompt with its answer instead of sharing the prompt's KV cache."""
     deepspeed_config: str = ""
     """DeepSpeed JSON config (engine=deepspeed)."""
+    push_bucket_mb: float = 256.0
+    """ZeRO-3 weight push to the sampler: parameters are gathered a bucket of up to this many MB (full size, in the
+    training dtype) at a time, one all-gather per bucket; 0 gathers one parameter at a time."""
     experiment: str = ""
     """MLflow experiment; empty: the study's name (``study.name``)."""
     tracking_uri: str = ""
@@ -152,5 +155,7 @@ class TrainConfig:
         if self.gen_batch_prompts < 0 or (self.gen_batch_prompts and self.gen_batch_prompts < self.prompts_per_step):
             raise ValueError(f"train.gen_batch_prompts ({self.gen_batch_prompts}) is below train.prompts_per_step "
                              f"({self.prompts_per_step}); 0 means P")
+        if self.push_bucket_mb < 0:
+            raise ValueError(f"train.push_bucket_mb: expected >= 0 (0: one parameter at a time), got {self.push_bucket_mb}")
         if self.engine == "deepspeed" and not self.deepspeed_config:
             raise ValueError("train.deepspeed_config: required when train.engine is deepspeed")

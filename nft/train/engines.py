@@ -275,19 +275,40 @@ class DeepSpeedEngine:
         return float(self.ds.get_lr()[0])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full weights on every rank (ZeRO-3 gathers one parameter at a time; a collective: all ranks call)."""
+        """The full weights on every rank (a collective: all ranks call). ZeRO-3 gathers the parameters in buckets
+        of up to ``train.push_bucket_mb`` (one all-gather per bucket, not per parameter)."""
         if self.stage < 3:
             return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
         import deepspeed
 
-        out, done = {}, {}
+        limit = self.cfg.push_bucket_mb * 2**20
+        done: dict[int, torch.Tensor] = {}
+        names: list[tuple[str, torch.nn.Parameter]] = []
+        bucket: list[torch.nn.Parameter] = []
+        size = 0
+
+        def flush():
+            nonlocal bucket, size
+            if bucket:
+                with deepspeed.zero.GatheredParameters(bucket, modifier_rank=None):
+                    for q in bucket:
+                        done[id(q)] = q.detach().cpu().clone()
+            bucket, size = [], 0
+
         # every name of a tied parameter (lm_head.weight = embed_tokens.weight): vLLM's in-place reload leaves a
         # module it receives no weight for at its old values (measured: log-probs off by 0.5 without lm_head.weight)
+        seen: set[int] = set()
         for name, p in self.module.named_parameters(remove_duplicate=False):
-            if id(p) not in done:
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                    done[id(p)] = p.detach().cpu().clone()
-            out[name] = done[id(p)]
+            names.append((name, p))
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            bucket.append(p)
+            size += getattr(p, "ds_numel", p.numel()) * p.element_size()
+            if size >= limit:
+                flush()
+        flush()
+        out = {name: done[id(p)] for name, p in names}
         keys = set(self.module.state_dict())
         for name, b in self.module.named_buffers():
             if name in keys:

@@ -3,8 +3,9 @@
 The batch rule is the algorithm's (``nft.algorithms.keep_rows``): ``dynamic`` samples more generation batches until
 P groups with mixed answers are kept (or ``train.max_num_gen_batches`` is spent), ``positives`` keeps the correct
 answers only, ``all`` everything. Under several processes every rank draws the same P questions, samples and grades
-its share (``Sampler.shard``), and the ranks exchange :class:`RolloutShard` records so that every rank returns the
-same whole batch, ordered as one process would have kept it.
+its share (``Sampler.shard``), and the ranks exchange :class:`RolloutShard` records without tensors: every rank
+returns the same batch metadata (rewards, lengths, groups, who sampled each row), ordered as one process would have
+kept it, and the row tensors of the rows it sampled; the update moves each row to the rank that trains on it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ class RolloutShard:
     t_grade: float = 0.0
     grader_timeouts: int = 0
     grader_errors: int = 0
+
+    def metadata(self, rank: int) -> "RolloutShard":
+        """This record without its row tensors: each kept group's rewards, lengths, width and where its rows are
+        (the rank, and the group's index in that rank's ``kept``)."""
+        kept = [(gb, pos, {"rewards": g["rewards"].tolist(), "lengths": g["lengths"].tolist(),
+                           "width": g["response"].shape[1], "owner": rank, "slot": j})
+                for j, (gb, pos, g) in enumerate(self.kept)]
+        return RolloutShard(kept, self.rewards, self.lengths, self.finished, self.tokens, self.entropy_sum,
+                            self.t_sample, self.t_grade, self.grader_timeouts, self.grader_errors)
 
     @staticmethod
     def merge(parts: list["RolloutShard"]) -> "RolloutShard":
@@ -88,8 +98,14 @@ def collect_rollout(sampler: Sampler, tokenizer, problems, cursor: Cursor, pool:
         raise ValueError(f"dynamic sampling: {n_kept} of {P} mixed groups after {gen_batches} generation batches of {G} "
                          f"questions (step {step}); raise train.max_num_gen_batches or train.gen_batch_prompts, or "
                          f"set train.short_batch: train")
-    if dist.world > 1:
-        out = RolloutShard.merge([p for p in dist.gather(out if leader else None) if p is not None])
+    if dist.world > 1:  # metadata only: the row tensors stay where they were sampled
+        own = out.kept
+        out = RolloutShard.merge([p for p in dist.gather(out.metadata(dist.rank) if leader else None)
+                                  if p is not None])
+        out.kept.sort(key=lambda k: k[:2])
+        groups = [k[2] for k in out.kept[:P]]
+        batch = stack_metadata(groups, [g for _, _, g in own] if leader else [], dist.rank)
+        return batch, rollout_metrics(out, groups, gen_batches, cfg.answers_per_prompt)
     out.kept.sort(key=lambda k: k[:2])
     groups = [k[2] for k in out.kept[:P]]
     return stack_groups(groups), rollout_metrics(out, groups, gen_batches, cfg.answers_per_prompt)
@@ -181,6 +197,35 @@ def stack_groups(groups: list[dict]) -> dict | None:
         "rewards": torch.cat([g["rewards"] for g in groups]),
         "lengths": torch.cat([g["lengths"] for g in groups]),
         "group_ids": torch.cat([torch.full((len(g["rewards"]),), i, dtype=torch.long) for i, g in enumerate(groups)]),
+    }
+
+
+def stack_metadata(groups: list[dict], own: list[dict], rank: int) -> dict | None:
+    """Several processes: the batch's metadata for every row (rewards, lengths, group ids, ``owner``: the rank that
+    sampled it, ``local``: its place in this rank's row tensors, -1 if elsewhere) and the row tensors of this rank's
+    own rows, as wide as :func:`stack_groups` would make them (``T``)."""
+    if not groups:
+        return None
+    T = max(g["width"] for g in groups)
+    mine = [own[g["slot"]] for g in groups if g["owner"] == rank]
+    n = [len(g["rewards"]) for g in groups]
+    owner = torch.cat([torch.full((k,), g["owner"], dtype=torch.long) for k, g in zip(n, groups)])
+    local = torch.full((sum(n),), -1, dtype=torch.long)
+    local[owner == rank] = torch.arange(int((owner == rank).sum()))
+    rows = stack_groups(mine) if mine else None
+
+    def widen(t):
+        return torch.nn.functional.pad(t, (0, T - t.shape[1]))
+
+    return {
+        "prompt_ids": rows["prompt_ids"] if rows else [],
+        "response": widen(rows["response"]) if rows else torch.zeros((0, T), dtype=torch.long),
+        "mask": widen(rows["mask"]) if rows else torch.zeros((0, T)),
+        "sampler_logprobs": widen(rows["sampler_logprobs"]) if rows else torch.zeros((0, T)),
+        "rewards": torch.tensor([r for g in groups for r in g["rewards"]], dtype=torch.float64),
+        "lengths": torch.tensor([n for g in groups for n in g["lengths"]], dtype=torch.long),
+        "group_ids": torch.cat([torch.full((k,), i, dtype=torch.long) for i, k in enumerate(n)]),
+        "owner": owner, "local": local, "T": T,
     }
 
 

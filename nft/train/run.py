@@ -267,7 +267,7 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
 def _rollout_step(run: Run, step: int) -> dict:
     """Sample, grade, update, push the new weights to the sampler; returns the step's metrics."""
     cfg = run.cfg
-    t0 = time.perf_counter()
+    t0, bytes0 = time.perf_counter(), Dist.bytes_received
     batch, metrics = collect_rollout(run.sampler, run.tokenizer, run.train_set, run.cursor, run.pool, cfg, run.rule,
                                      run.seed, step, run.dist)
     if batch is not None and cfg.overlong_buffer and run.shaped_rewards:
@@ -275,7 +275,7 @@ def _rollout_step(run: Run, step: int) -> dict:
             batch["lengths"], cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty).double()
     if get_spec(run.algo).reference:  # the supervised control: sampled for its metrics, trained on solutions
         batch = reference_batch(run.tokenizer, run.train_set, run.cursor, cfg)
-    if batch is not None and len(batch["prompt_ids"]):
+    if batch is not None and len(batch["rewards"]):
         run.sampler.sleep()  # vllm.sleep: the GPU's memory to the trainer (woken by the push / sampling)
         metrics.update(update(run.engine, batch, run.algo, run.overrides, cfg, run.pad_id, run.seed, step))
         t_push = time.perf_counter()
@@ -284,6 +284,8 @@ def _rollout_step(run: Run, step: int) -> dict:
     else:
         metrics["train/skipped"] = 1.0
     metrics["time/step"] = time.perf_counter() - t0
+    if run.dist.world > 1:  # what this rank received from the others in the step's collectives
+        metrics["perf/bytes_received"] = float(Dist.bytes_received - bytes0)
     return metrics
 
 

@@ -1,8 +1,10 @@
 """Steps 2-3 of a rollout step: old log-probs, then one optimizer step per mini-batch of questions, each accumulated
 over micro-batches (exact: ``nft.algorithms.core``).
 
-Every rank holds the whole batch and trains on its share of each mini-batch (``nft.train.engines``); the normaliser
-is the whole mini-batch's, so the shares' losses add up to the one-process loss. How each logged metric combines
+Under several processes every rank knows every row's metadata (reward, length, group) but holds the tensors (prompt,
+answer, sampler log-probs) of the rows it trains on only: its share of each mini-batch (``nft.train.engines``), moved
+to it by :func:`localize` from the rank that sampled them. The normaliser is the whole mini-batch's (from the
+lengths), so the shares' losses add up to the one-process loss. How each logged metric combines
 over micro-batches and ranks is declared once, in :data:`REDUCTION`.
 """
 
@@ -86,15 +88,47 @@ class UpdateStats:
         return out
 
 
+#: a batch's per-row tensors (what a rank holds for its own rows only); the other keys are every row's metadata
+ROW_KEYS = ("prompt_ids", "response", "mask", "sampler_logprobs")
+
+
+def _at(batch: dict, idx) -> torch.Tensor:
+    """Where rows (global indices) are in the batch's row tensors: themselves, or (a rank's localized batch) the
+    positions ``batch["local"]`` gives."""
+    t = torch.as_tensor(idx, dtype=torch.long)
+    if "local" not in batch:
+        return t
+    at = batch["local"][t]
+    if (at < 0).any():
+        raise RuntimeError(f"update: rows {t[at < 0].tolist()[:5]} are not held by this rank")
+    return at
+
+
 def _rows(batch: dict, idx: list[int]) -> dict:
-    t = torch.tensor(idx, dtype=torch.long)
-    return {k: ([v[i] for i in idx] if isinstance(v, list) else v[t]) for k, v in batch.items()}
+    t, at = torch.tensor(idx, dtype=torch.long), _at(batch, idx)
+    out = {}
+    for k, v in batch.items():
+        if k in ("local", "T"):
+            continue
+        i = at if k in ROW_KEYS else t
+        out[k] = [v[j] for j in i.tolist()] if isinstance(v, list) else v[i]
+    return out
 
 
-def plan_minibatches(batch: dict, cfg: TrainConfig, seed: int, step: int, dist: Dist):
-    """``(minis, plan)``: the mini-batches (row lists of whole questions, in a seeded order) and this rank's
-    micro-batches of each (rows ``rank::world`` in chunks of ``micro_batch_size``; every rank gets the same number,
-    empty lists where it ran out, so the collectives of a sharded model line up)."""
+def _width(batch: dict) -> int:
+    """The batch's answer width (its longest answer: the row tensors' width)."""
+    return int(batch.get("T", batch["response"].shape[1]))
+
+
+def length_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """The response mask of rows of these lengths (answers are contiguous from their first token)."""
+    return (torch.arange(T)[None, :] < lengths[:, None]).float()
+
+
+def plan_minibatches(batch: dict, cfg: TrainConfig, seed: int, step: int, dist: Dist, rank: int | None = None):
+    """``(minis, plan)``: the mini-batches (row lists of whole questions, in a seeded order) and a rank's (default:
+    this one's) micro-batches of each (rows ``rank::world`` in chunks of ``micro_batch_size``; every rank gets the
+    same number, empty lists where it ran out, so the collectives of a sharded model line up)."""
     groups = batch["group_ids"].unique().tolist()
     random.Random(derive_seed(seed, "minibatch", step)).shuffle(groups)
     n_mini = max(1, math.ceil(len(groups) / cfg.mini_batch_prompts))
@@ -106,10 +140,69 @@ def plan_minibatches(batch: dict, cfg: TrainConfig, seed: int, step: int, dist: 
     mb = cfg.micro_batch_size
     plan = []
     for rows in minis:
-        share = rows[dist.rank::dist.world]
+        share = rows[(dist.rank if rank is None else rank)::dist.world]
         n = max(1, math.ceil(math.ceil(len(rows) / dist.world) / mb))
         plan.append([share[s * mb: (s + 1) * mb] for s in range(n)])
     return minis, plan
+
+
+def needed_rows(minis, plan) -> list[int]:
+    """The rows a rank's plan trains on, plus the first row of each mini-batch where it has an empty micro-batch (the
+    stand-in :func:`_micro` runs with an empty mask)."""
+    need = {i for micros in plan for idx in micros for i in idx}
+    need |= {rows[0] for rows, micros in zip(minis, plan) if any(not idx for idx in micros)}
+    return sorted(need)
+
+
+def _pack_rows(batch: dict, rows: list[int]) -> dict:
+    """Rows to send, as few tensors: each answer cut to its length and concatenated (token ids as int32; the mask
+    is not sent, it is the length), the prompts as lists."""
+    at = _at(batch, rows).tolist()
+    n = [int(batch["lengths"][i]) for i in rows]
+    return {"rows": rows, "lengths": n, "prompt_ids": [batch["prompt_ids"][j] for j in at],
+            "response": torch.cat([batch["response"][j, :k] for j, k in zip(at, n)]).int() if rows else None,
+            "sampler_logprobs": torch.cat([batch["sampler_logprobs"][j, :k] for j, k in zip(at, n)]) if rows else None}
+
+
+def _unpack_rows(piece: dict) -> dict[int, tuple]:
+    """``row -> (prompt ids, answer ids, sampler log-probs)`` from :func:`_pack_rows`."""
+    if not piece["rows"]:
+        return {}
+    resp = piece["response"].long().split(piece["lengths"])
+    lps = piece["sampler_logprobs"].split(piece["lengths"])
+    return {i: (p, r, lp) for i, p, r, lp in zip(piece["rows"], piece["prompt_ids"], resp, lps)}
+
+
+def localize(batch: dict, minis, cfg: TrainConfig, seed: int, step: int, dist: Dist) -> dict:
+    """This rank's batch: every row's metadata, and the row tensors of the rows its plan needs, nothing else. Rows
+    it sampled stay; the others come from the rank that sampled them (``batch["owner"]``), each row sent to the
+    ranks that need it only. A batch every rank holds whole (the supervised control's) is cut down without
+    exchange."""
+    plans = [plan_minibatches(batch, cfg, seed, step, dist, rank=r)[1] for r in range(dist.world)]
+    need = [needed_rows(minis, p) for p in plans]
+    B = len(batch["rewards"])
+    if "owner" not in batch:  # every row here: keep the needed ones
+        mine = torch.tensor(need[dist.rank], dtype=torch.long)
+        held = {k: ([batch[k][i] for i in mine.tolist()] if isinstance(batch[k], list) else batch[k][mine])
+                for k in ROW_KEYS}
+    else:
+        owner, at = batch["owner"], batch["local"]
+        send = [_pack_rows(batch, [i for i in need[r] if int(owner[i]) == dist.rank]) for r in range(dist.world)]
+        got: dict[int, tuple] = {}
+        for piece in dist.exchange(send):
+            got.update(_unpack_rows(piece))
+        mine = torch.tensor(need[dist.rank], dtype=torch.long)
+        rows = [got[i] for i in mine.tolist()]
+        T = _width(batch)
+        held = {"prompt_ids": [r[0] for r in rows]}
+        for j, k in enumerate(("response", "sampler_logprobs"), start=1):
+            t = [torch.nn.functional.pad(r[j], (0, T - r[j].shape[0])) for r in rows]
+            held[k] = torch.stack(t) if t else batch[k][:0]
+        held["mask"] = length_mask(batch["lengths"][mine], T)
+    local = torch.full((B,), -1, dtype=torch.long)
+    local[mine] = torch.arange(len(mine))
+    meta = {k: v for k, v in batch.items() if k not in ROW_KEYS and k not in ("owner", "local")}
+    return {**meta, **held, "local": local, "T": batch.get("T", held["response"].shape[1])}
 
 
 def _micro(batch: dict, rows: list[int], first: int) -> dict:
@@ -124,7 +217,7 @@ def _micro(batch: dict, rows: list[int], first: int) -> dict:
 def old_logprobs(model, batch: dict, minis, plan, cfg: TrainConfig, pad_id: int) -> torch.Tensor:
     """The trainer's log-probs before the step (as verl recomputes them). The first mini-batch's come from its own
     pre-update forward in :func:`update`; the others need this no-grad pass."""
-    old = torch.zeros_like(batch["sampler_logprobs"])
+    old = torch.zeros_like(batch["sampler_logprobs"])  # indexed like the batch's row tensors
     with torch.no_grad():
         for rows, micros in zip(minis[1:], plan[1:]):
             for idx in micros:
@@ -132,7 +225,7 @@ def old_logprobs(model, batch: dict, minis, plan, cfg: TrainConfig, pad_id: int)
                 lp, _ = response_logprobs(model, sub["prompt_ids"], sub["response"], sub["mask"], pad_id,
                                           cfg.temperature, shared_prefix=not cfg.gradient_checkpointing)
                 if idx:
-                    old[torch.tensor(idx)] = lp.float().cpu()
+                    old[_at(batch, idx)] = lp.float().cpu()
     return old
 
 
@@ -143,22 +236,24 @@ def _train_minibatch(engine: Engine, batch, rows, micros, old, ctx_all, algo, pa
     at_mini = torch.tensor(rows)
     # the mini-batch's denominator (split-invariant), or None: each micro-batch reduced on its own, its losses summed
     # (train.normalizer "micro_batch": verl's token mean as the official code runs it)
-    normalizer = (loss_normalizer(algo, mask=batch["mask"][at_mini], rewards=batch["rewards"][at_mini], params=params)
+    normalizer = (loss_normalizer(algo, mask=length_mask(batch["lengths"][at_mini], _width(batch)),
+                                  rewards=batch["rewards"][at_mini], params=params)
                   if cfg.normalizer == "mini_batch" else None)
     mini_loss = 0.0
     for j, idx in enumerate(micros):
         micro = _micro(batch, idx, rows[0])
         at = torch.tensor(idx or [rows[0]])
+        at_row = _at(batch, idx or [rows[0]])  # where its row tensors (and old log-probs) are
         logp, ent = response_logprobs(engine.model, micro["prompt_ids"], micro["response"], micro["mask"], pad_id,
                                       cfg.temperature, with_entropy=True,
                                       shared_prefix=not cfg.gradient_checkpointing)
         logp = logp.float()
         dev = logp.device  # the loss is computed where the model is (inputs stay on the CPU)
         if first and idx and not reference:
-            old[at] = logp.detach().cpu()
+            old[at_row] = logp.detach().cpu()
         if engine.dist.world == 1 and not torch.isfinite(logp.detach()[micro["mask"].to(dev) > 0]).all():
             return _skip(engine, batch, rows, "non-finite log-probs")
-        loss, met = policy_loss(algo, logp=logp, old_logp=old[at].to(dev), mask=micro["mask"].to(dev),
+        loss, met = policy_loss(algo, logp=logp, old_logp=old[at_row].to(dev), mask=micro["mask"].to(dev),
                                 rewards=micro["rewards"].to(dev), group_ids=micro["group_ids"].to(dev),
                                 group_rate=ctx_all["group_rate"][at].to(dev),
                                 group_std=ctx_all["group_std"][at].to(dev), normalizer=normalizer, params=params)
@@ -196,13 +291,16 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
     dist = engine.dist
     params = make_params(algo, **overrides)  # validated once per step, not per micro-batch
     minis, plan = plan_minibatches(batch, cfg, seed, step, dist)
+    if dist.world > 1:  # hold the rows this rank trains on, and only those
+        batch = localize(batch, minis, cfg, seed, step, dist)
     reference = get_spec(algo).reference  # supervised rows: no sampling policy, old log-probs stay 0
     t0 = time.perf_counter()
     old = torch.zeros_like(batch["sampler_logprobs"]) if reference else old_logprobs(engine.model, batch, minis, plan,
                                                                                       cfg, pad_id)
     t_old = time.perf_counter() - t0
     # group statistics of the whole rollout batch (full groups; RFT's rows are positives only)
-    ctx_all = batch_context(algo, mask=batch["mask"], rewards=batch["rewards"], group_ids=batch["group_ids"],
+    ctx_all = batch_context(algo, mask=length_mask(batch["lengths"], _width(batch)), rewards=batch["rewards"],
+                            group_ids=batch["group_ids"],
                             params=params)
     stats = UpdateStats()
     t1 = time.perf_counter()
@@ -213,7 +311,8 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
     finite = [g for g in grad_norms if g is not None and math.isfinite(g)]
     nonfinite = sum(g is not None and not math.isfinite(g) for g in grad_norms)
     mine = [i for micros in plan for idx in micros for i in idx]
-    mismatch = (old[mine] - batch["sampler_logprobs"][mine]).abs()[batch["mask"][mine] > 0]
+    at_mine = _at(batch, mine)
+    mismatch = (old[at_mine] - batch["sampler_logprobs"][at_mine]).abs()[batch["mask"][at_mine] > 0]
     stats.mismatch_sum, stats.mismatch_count = float(mismatch.sum()), int(mismatch.numel())
     stats.mismatch_max = float(mismatch.max()) if mismatch.numel() else 0.0
     if dist.world > 1:  # add up the ranks' shares
@@ -227,7 +326,7 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
         "train/skipped_steps": float(nonfinite),
         "train/lr": engine.lr,
         "train/optimizer_steps": float(len(minis)),
-        "train/answers": float(len(batch["prompt_ids"])),
+        "train/answers": float(len(batch["rewards"])),
         "train/tokens": stats.tokens,
         "logprob/mismatch_mean": stats.mismatch_sum / stats.mismatch_count if stats.mismatch_count else 0.0,
         "logprob/mismatch_max": stats.mismatch_max,
