@@ -87,6 +87,8 @@ class TrainConfig:
     checkpoint_every: int = 10
     """checkpoint every N rollout steps (and at the end)."""
     threads: int = 2
+    """CPU threads of each training process; several processes on one machine (a launcher's ranks) share its cores:
+    each takes at most cores / processes per node (2 ranks x 2 threads on 2 cores ran 2-7x slower steps here)."""
     grader: str = "math_verify"
     grader_per_set: dict[str, str] = field(default_factory=dict)
     """the grader of some sets (training set or validation sets) by name, as the official code picks a verifier per

@@ -214,7 +214,9 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
     done = _prepare_folder(run_dir, fingerprint(results_of, train_set, val_sets, cfg.model), dist)
     if done is not None:
         return done
-    torch.set_num_threads(cfg.threads)
+    # ranks on one machine share its cores: more threads than that only contend (and OpenMP spins)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+    torch.set_num_threads(max(1, min(cfg.threads, (os.cpu_count() or 1) // max(per_node, 1))))
     seeds = seed_block(seed)
     # rank 0 checks the checkpoints (and sets damaged ones aside); every rank takes its answer
     had = has_checkpoint(run_dir) if dist.is_main else False
