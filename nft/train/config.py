@@ -105,7 +105,7 @@ class TrainConfig:
     prompt with its answer instead of sharing the prompt's KV cache."""
     deepspeed_config: str = ""
     """DeepSpeed JSON config (engine=deepspeed)."""
-    push_bucket_mb: float = 256.0
+    push_bucket_mb: float = 64.0
     """ZeRO-3 weight push to the sampler: parameters are gathered a bucket of up to this many MB (full size, in the
     training dtype) at a time, one all-gather per bucket; 0 gathers one parameter at a time."""
     experiment: str = ""
