@@ -223,7 +223,7 @@ def stack_metadata(groups: list[dict], own: list[dict], rank: int) -> dict | Non
         "mask": widen(rows["mask"]) if rows else torch.zeros((0, T)),
         "sampler_logprobs": widen(rows["sampler_logprobs"]) if rows else torch.zeros((0, T)),
         "rewards": torch.tensor([r for g in groups for r in g["rewards"]], dtype=torch.float64),
-        "lengths": torch.tensor([n for g in groups for n in g["lengths"]], dtype=torch.long),
+        "lengths": torch.tensor([x for g in groups for x in g["lengths"]], dtype=torch.long),
         "group_ids": torch.cat([torch.full((k,), i, dtype=torch.long) for i, k in enumerate(n)]),
         "owner": owner, "local": local, "T": T,
     }
