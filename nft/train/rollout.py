@@ -98,17 +98,14 @@ def collect_rollout(sampler: Sampler, tokenizer, problems, cursor: Cursor, pool:
         raise ValueError(f"dynamic sampling: {n_kept} of {P} mixed groups after {gen_batches} generation batches of {G} "
                          f"questions (step {step}); raise train.max_num_gen_batches or train.gen_batch_prompts, or "
                          f"set train.short_batch: train")
+    own = [g for _, _, g in out.kept] if leader else []
     if dist.world > 1:  # metadata only: the row tensors stay where they were sampled
-        own = out.kept
         out = RolloutShard.merge([p for p in dist.gather(out.metadata(dist.rank) if leader else None)
                                   if p is not None])
-        out.kept.sort(key=lambda k: k[:2])
-        groups = [k[2] for k in out.kept[:P]]
-        batch = stack_metadata(groups, [g for _, _, g in own] if leader else [], dist.rank)
-        return batch, rollout_metrics(out, groups, gen_batches, cfg.answers_per_prompt)
     out.kept.sort(key=lambda k: k[:2])
     groups = [k[2] for k in out.kept[:P]]
-    return stack_groups(groups), rollout_metrics(out, groups, gen_batches, cfg.answers_per_prompt)
+    batch = stack_metadata(groups, own, dist.rank) if dist.world > 1 else stack_groups(groups)
+    return batch, rollout_metrics(out, groups, gen_batches, cfg.answers_per_prompt)
 
 
 def _generation_batch(sampler, tokenizer, questions, positions, pool, cfg, rule, sseed, step, gen_batch,

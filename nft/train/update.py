@@ -202,7 +202,7 @@ def localize(batch: dict, minis, cfg: TrainConfig, seed: int, step: int, dist: D
     local = torch.full((B,), -1, dtype=torch.long)
     local[mine] = torch.arange(len(mine))
     meta = {k: v for k, v in batch.items() if k not in ROW_KEYS and k not in ("owner", "local")}
-    return {**meta, **held, "local": local, "T": batch.get("T", held["response"].shape[1])}
+    return {**meta, **held, "local": local, "T": _width(batch)}
 
 
 def _micro(batch: dict, rows: list[int], first: int) -> dict:

@@ -29,17 +29,35 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*args, cwd=None):
-    """``deepspeed --num_gpus 2 ...`` (two CPU ranks here)."""
-    # a fresh group: drop what an in-process vLLM engine of an earlier test may have set (LOCAL_WORLD_SIZE, ...)
+def launch_env() -> dict:
+    """The environment of a fresh 2-rank CPU launch: drop what an in-process vLLM engine of an earlier test may have
+    set (LOCAL_WORLD_SIZE, ...)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                                                             "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    r = subprocess.run([LAUNCHER, "--num_gpus", "2", "--master_port", str(_port()), *map(str, args)],
-                       capture_output=True, text=True, env=env, cwd=cwd or REPO, timeout=600)
+    return env
+
+
+def launch_cmd(*args) -> list[str]:
+    """``deepspeed --num_gpus 2 ...`` (two CPU ranks here) on a free port."""
+    return [LAUNCHER, "--num_gpus", "2", "--master_port", str(_port()), *map(str, args)]
+
+
+def launch(*args, cwd=None):
+    r = subprocess.run(launch_cmd(*args), capture_output=True, text=True, env=launch_env(), cwd=cwd or REPO,
+                       timeout=600)
     if r.returncode != 0:
         raise AssertionError(f"launch failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
+
+
+def zero3_params(params, tmp_path, **train) -> Path:
+    """The tiny study's params with the DeepSpeed ZeRO-3 engine and these train keys, written under ``tmp_path``."""
+    cfg = yaml.safe_load(Path(params).read_text())
+    cfg["train"].update(engine="deepspeed", deepspeed_config=str(REPO / "experiments/deepspeed/zero3.json"), **train)
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
 
 
 def torch_reference(base, algo, drop=()):
@@ -84,11 +102,7 @@ def test_two_ranks_take_the_torch_engines_steps(tiny_study, tmp_path, stage, alg
 
 def test_nft_train_under_the_launcher_zero3(tiny_study, tmp_path):
     params, _, _ = tiny_study
-    cfg = yaml.safe_load(Path(params).read_text())
-    cfg["train"].update(engine="deepspeed", deepspeed_config=str(REPO / "experiments/deepspeed/zero3.json"),
-                        steps=2, checkpoint_every=1)
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump(cfg))
+    p = zero3_params(params, tmp_path, steps=2, checkpoint_every=1)
     out = tmp_path / "run"
     launch("--module", "nft.cli", "train", "--config", p, "--algo", "nft", "--seed", "0", "--out", out, "--quiet")
     rows = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
@@ -115,11 +129,7 @@ def test_zero3_with_vllm_sampler_under_the_launcher(tiny_study_vllm, tmp_path, t
     lm_head included, reached the engine after step 1."""
     pytest.importorskip("vllm")
     params, _, _ = tiny_study_vllm
-    cfg = yaml.safe_load(Path(params).read_text())
-    cfg["train"].update(engine="deepspeed", deepspeed_config=str(REPO / "experiments/deepspeed/zero3.json"),
-                        steps=2, sampler="vllm", vllm={"tensor_parallel_size": tp})
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump(cfg))
+    p = zero3_params(params, tmp_path, steps=2, sampler="vllm", vllm={"tensor_parallel_size": tp})
     out = tmp_path / "run"
     launch("--module", "nft.cli", "train", "--config", p, "--algo", "nft", "--seed", "0", "--out", out, "--quiet")
     rows = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from tests.conftest import nft_cli
 from tests.train.test_loop import _comparable, _history, _weights
@@ -74,26 +73,18 @@ def test_zero3_two_ranks_killed_and_resumed(tiny_study, tmp_path):
     """``deepspeed --num_gpus 2`` (two CPU ranks, gloo): killed after its first checkpoint, rerun: the same history
     and final model as an uninterrupted launch."""
     pytest.importorskip("deepspeed")
-    from tests.train.test_deepspeed import LAUNCHER, _port
+    from tests.train.test_deepspeed import launch, launch_cmd, launch_env, zero3_params
 
     params, _, _ = tiny_study
-    cfg = yaml.safe_load(Path(params).read_text())
-    cfg["train"].update(engine="deepspeed", deepspeed_config=str(REPO / "experiments/deepspeed/zero3.json"),
-                        steps=3, checkpoint_every=1)
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    p = zero3_params(params, tmp_path, steps=3, checkpoint_every=1)
 
-    def launch(out: Path) -> list[str]:
-        return [LAUNCHER, "--num_gpus", "2", "--master_port", str(_port()), "--module", "nft.cli", "train",
-                "--config", str(p), "--algo", "nft", "--seed", "5", "--out", str(out), "--quiet"]
+    def args(out: Path) -> list:
+        return ["--module", "nft.cli", "train", "--config", p, "--algo", "nft", "--seed", "5", "--out", out, "--quiet"]
 
-    ref = tmp_path / "ref"
-    r = subprocess.run(launch(ref), capture_output=True, text=True, env={**os.environ, **env})
-    assert r.returncode == 0, r.stderr[-3000:]
-    run = tmp_path / "killed"
-    proc = subprocess.Popen(launch(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, **env})
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    launch(*args(ref))
+    proc = subprocess.Popen(launch_cmd(*args(run)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=launch_env(), cwd=REPO)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if (run / "checkpoint" / "manifest.json").is_file() and len(_history(run)) >= 2:  # mid-run, a checkpoint
@@ -103,8 +94,7 @@ def test_zero3_two_ranks_killed_and_resumed(tiny_study, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "metrics.json").exists()
-    r = subprocess.run(launch(run), capture_output=True, text=True, env={**os.environ, **env})
-    assert r.returncode == 0, r.stderr[-3000:]
+    launch(*args(run))
     assert _comparable(_history(run)) == _comparable(_history(ref))
     from transformers import AutoModelForCausalLM
 
