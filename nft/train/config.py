@@ -29,6 +29,14 @@ class TrainConfig:
     questions in one mini-batch, one optimizer step per rollout step (strictly on-policy)."""
     micro_batch_size: int = 64
     """answers per forward/backward (gradient accumulation inside a mini-batch; exact, see nft.algorithms)."""
+    micro_batch_tokens: int = 0
+    """> 0: micro-batches by tokens instead (verl's dynamic batch size, as the official code: 4,096 per GPU): a
+    rank's share of a mini-batch is split into ceil(its prompt + answer tokens / this) micro-batches (the largest
+    count over ranks, so their collectives line up), balanced by the largest differencing method as verl's
+    ``rearrange_micro_batches`` (with ``normalizer: mini_batch``, where the split does not change the step, whole
+    questions are balanced instead of single answers, so a prompt runs once per pass); each micro-batch runs as
+    passes of like answer lengths cut to their longest answer (``nft.train.update.answer_passes``).
+    ``micro_batch_size`` is then unused. 0: ``micro_batch_size`` answers per micro-batch."""
     max_new_tokens: int = 48
     """response length limit; answers cut there are negative (paper: 3,584 / 14,336)."""
     temperature: float = 1.0
@@ -122,6 +130,9 @@ class TrainConfig:
                      "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_tokens < 0 or 0 < self.micro_batch_tokens < self.max_new_tokens:
+            raise ValueError(f"train.micro_batch_tokens ({self.micro_batch_tokens}): expected 0 (micro-batches of "
+                             f"train.micro_batch_size answers) or at least train.max_new_tokens ({self.max_new_tokens})")
         if self.mini_batch_prompts > self.prompts_per_step:
             raise ValueError(f"train.mini_batch_prompts ({self.mini_batch_prompts}) exceeds train.prompts_per_step "
                              f"({self.prompts_per_step})")

@@ -48,7 +48,8 @@ class RolloutShard:
         """This record without its row tensors: each kept group's rewards, lengths, width and where its rows are
         (the rank, and the group's index in that rank's ``kept``)."""
         kept = [(gb, pos, {"rewards": g["rewards"].tolist(), "lengths": g["lengths"].tolist(),
-                           "width": g["response"].shape[1], "owner": rank, "slot": j})
+                           "width": g["response"].shape[1], "prompt_len": len(g["prompt_ids"][0]), "owner": rank,
+                           "slot": j})
                 for j, (gb, pos, g) in enumerate(self.kept)]
         return RolloutShard(kept, self.rewards, self.lengths, self.finished, self.tokens, self.entropy_sum,
                             self.t_sample, self.t_grade, self.grader_timeouts, self.grader_errors)
@@ -193,6 +194,7 @@ def stack_groups(groups: list[dict]) -> dict | None:
         "sampler_logprobs": torch.cat([pad(g["logprobs"]) for g in groups]).float(),
         "rewards": torch.cat([g["rewards"] for g in groups]),
         "lengths": torch.cat([g["lengths"] for g in groups]),
+        "prompt_lengths": torch.tensor([len(p) for g in groups for p in g["prompt_ids"]], dtype=torch.long),
         "group_ids": torch.cat([torch.full((len(g["rewards"]),), i, dtype=torch.long) for i, g in enumerate(groups)]),
     }
 
@@ -221,6 +223,7 @@ def stack_metadata(groups: list[dict], own: list[dict], rank: int) -> dict | Non
         "sampler_logprobs": widen(rows["sampler_logprobs"]) if rows else torch.zeros((0, T)),
         "rewards": torch.tensor([r for g in groups for r in g["rewards"]], dtype=torch.float64),
         "lengths": torch.tensor([x for g in groups for x in g["lengths"]], dtype=torch.long),
+        "prompt_lengths": torch.tensor([g["prompt_len"] for g, k in zip(groups, n) for _ in range(k)], dtype=torch.long),
         "group_ids": torch.cat([torch.full((k,), i, dtype=torch.long) for i, k in enumerate(n)]),
         "owner": owner, "local": local, "T": T,
     }
@@ -245,4 +248,5 @@ def reference_batch(tokenizer, problems, cursor: Cursor, cfg: TrainConfig) -> di
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
     return {"prompt_ids": prompts, "response": response, "mask": mask, "sampler_logprobs": torch.zeros_like(mask),
             "rewards": torch.ones(len(qs), dtype=torch.float64), "lengths": lengths,
+            "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
             "group_ids": torch.arange(len(qs)) // K}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +22,13 @@ from nft.train.config import TrainConfig  # noqa: E402
 #: 4 answers of a mini-batch take 2 micro-batches, one process's 8 take 3)
 CFG = TrainConfig(prompts_per_step=6, answers_per_prompt=4, mini_batch_prompts=2, micro_batch_size=3,
                   max_new_tokens=12, lr=3e-3, warmup_steps=2, tracking=False, threads=1)
+
+
+def config(tokens: int = 0) -> TrainConfig:
+    """:data:`CFG`, or with micro-batches of ``tokens`` tokens (verl's dynamic batch size)."""
+    return replace(CFG, micro_batch_tokens=tokens) if tokens else CFG
+
+
 REWARDS = [[1, 0, 0, 1], [0, 1, 1, 1], [1, 0, 0, 0], [0, 0, 1, 1], [1, 1, 0, 1], [0, 1, 0, 0]]
 
 
@@ -48,6 +56,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--algo", default="nft")
     ap.add_argument("--drop", default="", help="comma-separated rows to remove from the batch")
+    ap.add_argument("--tokens", type=int, default=0, help="train.micro_batch_tokens (0: micro_batch_size)")
     ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher (LOCAL_RANK is read)")
     args = ap.parse_args()
     from nft.modeling import load_policy
@@ -60,10 +69,11 @@ def main() -> None:
     model, tok = load_policy(args.model)
     drop = tuple(int(x) for x in args.drop.split(",") if x)
     batch = dist.broadcast(fixed_batch(model, tok, drop) if dist.is_main else None)
-    ds = resolve_deepspeed_config(args.ds_config, CFG, dist.world)
-    engine = DeepSpeedEngine(model, CFG, ds)
+    cfg = config(args.tokens)
+    ds = resolve_deepspeed_config(args.ds_config, cfg, dist.world)
+    engine = DeepSpeedEngine(model, cfg, ds)
     trace: list[float] = []
-    metrics = update(engine, batch, args.algo, {}, CFG, tok.pad_token_id, seed=0, step=0, trace=trace)
+    metrics = update(engine, batch, args.algo, {}, cfg, tok.pad_token_id, seed=0, step=0, trace=trace)
     out = Path(args.out)
     engine.save_model(out / "model", tok)
     if dist.is_main:

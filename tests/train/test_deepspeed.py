@@ -60,11 +60,13 @@ def zero3_params(params, tmp_path, **train) -> Path:
     return p
 
 
-def torch_reference(base, algo, drop=()):
+def torch_reference(base, algo, drop=(), tokens: int = 0):
     from nft.modeling import load_policy
     from nft.train.engines import TorchEngine
     from nft.train.update import update
-    from tests.train.ds_worker import CFG, fixed_batch
+    from tests.train.ds_worker import config, fixed_batch
+
+    CFG = config(tokens)
 
     torch.manual_seed(0)
     model, tok = load_policy(str(base))
@@ -74,19 +76,20 @@ def torch_reference(base, algo, drop=()):
     return trace, metrics, model
 
 
-@pytest.mark.parametrize("stage,algo,drop", [
-    ("zero3", "nft", ()),
-    ("zero2", "grpo", ()),
-    ("zero3", "rft", (1, 2, 9, 13, 17)),  # uneven mini-batches: a rank runs an empty micro-batch
+@pytest.mark.parametrize("stage,algo,drop,tokens", [
+    ("zero3", "nft", (), 0),
+    ("zero2", "grpo", (), 0),
+    ("zero3", "rft", (1, 2, 9, 13, 17), 0),  # uneven mini-batches: a rank runs an empty micro-batch
+    ("zero3", "dapo", (), 60),  # micro-batches by tokens: passes of like lengths, as many on both ranks
 ])
-def test_two_ranks_take_the_torch_engines_steps(tiny_study, tmp_path, stage, algo, drop):
+def test_two_ranks_take_the_torch_engines_steps(tiny_study, tmp_path, stage, algo, drop, tokens):
     _, _, base = tiny_study
     launch(REPO / "tests/train/ds_worker.py", "--model", base, "--ds-config",
            REPO / f"experiments/deepspeed/{stage}.json", "--out", tmp_path, "--algo", algo,
-           "--drop", ",".join(map(str, drop)))
+           "--drop", ",".join(map(str, drop)), "--tokens", tokens)
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["world"] == 2 and res["stage"] == int(stage[-1])
-    ref_losses, ref_metrics, ref_model = torch_reference(base, algo, drop)
+    ref_losses, ref_metrics, ref_model = torch_reference(base, algo, drop, tokens)
     assert len(ref_losses) == len(res["losses"]) == 3  # 3 optimizer steps
     assert max(abs(a - b) for a, b in zip(ref_losses, res["losses"])) < 1e-5, (ref_losses, res["losses"])
     assert any(abs(x) > 1e-4 for x in ref_losses[1:])  # the comparison is not between zeros

@@ -71,7 +71,7 @@ def _work(rank: int, world: int, port: int, out):
         moved = Dist.bytes_received - before
         held = (mine["local"] >= 0).nonzero().squeeze(-1).tolist()
         res = {"held": held, "needed": needed_rows(minis, plan), "moved": moved, "rows": len(mine["prompt_ids"]),
-               "meta_equal": all(torch.equal(batch[k], ref[k]) for k in ("rewards", "lengths", "group_ids")),
+               "meta_equal": all(torch.equal(batch[k], ref[k]) for k in ("rewards", "lengths", "prompt_lengths", "group_ids")),
                "T": (mine["response"].shape[1], ref["response"].shape[1])}
         at = mine["local"][torch.tensor(held)]
         res["rows_equal"] = (
@@ -94,7 +94,7 @@ def test_each_rank_ends_the_step_holding_only_its_rows():
     mp.spawn(_work, args=(2, port, out), nprocs=2, join=True)
     for rank in (0, 1):
         r = out[rank]
-        assert r["meta_equal"], rank  # every rank knows every row's reward, length and group
+        assert r["meta_equal"], rank  # every rank knows every row's reward, lengths (answer, prompt) and group
         assert r["held"] == r["needed"] and r["rows"] == len(r["needed"]), rank  # its plan's rows, nothing else
         assert 0 < len(r["held"]) < P * K
         assert r["rows_equal"], rank  # ... equal to the one-process batch's rows
