@@ -121,7 +121,8 @@ def test_micro_batch_normalizer_is_the_sum_of_micro_token_means(monkeypatch):
         eng = _Eng()
         cfg = TrainConfig(prompts_per_step=1, answers_per_prompt=4, mini_batch_prompts=1, micro_batch_size=2,
                           normalizer=mode)
-        upd._train_minibatch(eng, batch, [0, 1, 2, 3], [[0, 1], [2, 3]], torch.zeros(4, 3),
+        passes = [([0, 1], [0, 1]), ([2, 3], [2, 3])]  # (micro-batch, its forward pass): micro-batches of 2
+        upd._train_minibatch(eng, batch, [0, 1, 2, 3], passes, torch.zeros(4, 3),
                              {"group_rate": torch.full((4,), 0.5), "group_std": torch.full((4,), 0.5)}, "dapo",
                              upd.make_params("dapo"), cfg, 0, False, upd.UpdateStats())
         out[mode] = list(seen)
