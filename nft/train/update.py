@@ -169,6 +169,18 @@ def balanced_partition(sizes: list[int], k: int) -> list[list[int]]:
     return [sorted(i for i, _ in items) for _, items in heap[0].sets] if heap else [[] for _ in range(k)]
 
 
+def _units(batch: dict, share: list[int], normalizer: str) -> list[list[int]]:
+    """What a token split balances: single answers (the official split: with ``normalizer: micro_batch`` each
+    micro-batch's own denominator makes the split matter), or whole questions (``mini_batch``: the split leaves the
+    step as it is, and a question's answers together run its prompt once per pass)."""
+    if normalizer != "mini_batch":
+        return [[i] for i in share]
+    units: dict[int, list[int]] = {}
+    for i in share:
+        units.setdefault(int(batch["group_ids"][i]), []).append(i)
+    return list(units.values())
+
+
 def plan_minibatches(batch: dict, cfg: TrainConfig, seed: int, step: int, dist: Dist, rank: int | None = None):
     """``(minis, plan)``: the mini-batches (row lists of whole questions, in a seeded order) and a rank's (default:
     this one's) micro-batches of each: its share, rows ``rank::world``, in chunks of ``micro_batch_size`` or (with
@@ -189,14 +201,11 @@ def plan_minibatches(batch: dict, cfg: TrainConfig, seed: int, step: int, dist: 
     for rows in minis:
         share = rows[r::dist.world]
         if budget:  # as verl's rearrange_micro_batches: the largest count over ranks, then balanced sets
-            n = max(1, max(math.ceil(sum(seq[i] for i in rows[q::dist.world]) / budget) for q in range(dist.world)))
-            if cfg.normalizer == "mini_batch":  # the split leaves the step as it is: a question's answers stay
-                units = {}                       # together, so its prompt runs once per pass
-                for i in share:
-                    units.setdefault(int(batch["group_ids"][i]), []).append(i)
-                units = list(units.values())
-            else:  # the official split of rows (each micro-batch's own denominator makes it matter)
-                units = [[i] for i in share]
+            shares = [_units(batch, rows[q::dist.world], cfg.normalizer) for q in range(dist.world)]
+            # no more micro-batches than a rank has units (verl: than rows), so none is empty on every rank
+            n = max(1, min(max(math.ceil(sum(seq[i] for u in us for i in u) / budget) for us in shares),
+                           max(len(us) for us in shares)))
+            units = shares[r]
             parts = balanced_partition([sum(seq[i] for i in u) for u in units], n)
             plan.append([sorted(i for u in part for i in units[u]) for part in parts])
         else:

@@ -63,12 +63,11 @@ def test_random_kills_then_resume_are_bit_identical(tiny_study, tmp_path, algo):
     for i in range(3):  # three kills at seeded random moments of a run's span (each rerun resumes the last)
         delay = rng.uniform(0.05, 0.7) * duration
         killed = _killed_at(cmd, delay)
-        while i == 0 and not killed:  # this run beat the reference's clock: start over and kill it sooner
-            shutil.rmtree(run)
+        while i == 0 and not killed:  # this run beat the reference's clock: start over and kill it sooner (so at
+            shutil.rmtree(run, ignore_errors=True)  # least one kill lands, whatever the machine's speed)
             delay /= 2
             killed = _killed_at(cmd, delay)
         kills += killed
-    assert kills >= 1
     nft_cli("train", "--config", params, "--algo", algo, "--seed", seed, "--out", run, "--quiet", *STEPS)
     assert (run / "metrics.json").is_file()
     assert _comparable(_history(run)) == _comparable(_history(ref)), f"{algo}: history differs after {kills} kills"
