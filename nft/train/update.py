@@ -241,16 +241,14 @@ def _unpack_rows(piece: dict) -> dict[int, tuple]:
     return {i: (p, r, lp) for i, p, r, lp in zip(piece["rows"], piece["prompt_ids"], resp, lps)}
 
 
-def localize(batch: dict, minis, cfg: TrainConfig, seed: int, step: int, dist: Dist) -> dict:
+def localize(batch: dict, minis, cfg: TrainConfig, seed: int, step: int, dist: Dist, plans=None) -> dict:
     """This rank's batch: every row's metadata, and the row tensors of the rows its plan needs, nothing else. Rows
     it sampled stay; the others come from the rank that sampled them (``batch["owner"]``), each row sent to the
     ranks that need it only. A batch every rank holds whole (the supervised control's) is cut down without
-    exchange."""
-    plans = [plan_minibatches(batch, cfg, seed, step, dist, rank=r)[1] for r in range(dist.world)]
+    exchange. ``plans``: every rank's plan, if already made."""
+    plans = plans or [plan_minibatches(batch, cfg, seed, step, dist, rank=r)[1] for r in range(dist.world)]
     need = [needed_rows(minis, p) for p in plans]
     B = len(batch["rewards"])
-    if "prompt_lengths" not in batch:  # a batch every rank holds whole: its prompt lengths become metadata
-        batch = {**batch, "prompt_lengths": torch.tensor([len(p) for p in batch["prompt_ids"]], dtype=torch.long)}
     if "owner" not in batch:  # every row here: keep the needed ones
         mine = torch.tensor(need[dist.rank], dtype=torch.long)
         held = {k: ([batch[k][i] for i in mine.tolist()] if isinstance(batch[k], list) else batch[k][mine])
@@ -325,22 +323,21 @@ def _micro(batch: dict, rows: list[int], first: int, trim: bool = False) -> dict
     return sub
 
 
-def forward_passes(batch: dict, minis, plan, cfg: TrainConfig, seed: int, step: int, dist: Dist) -> list[list]:
-    """Per mini-batch, this rank's forward passes as ``(micro-batch rows, pass rows)``: each micro-batch whole, or
-    (by tokens) its :func:`answer_passes`, with empty passes added up to the most any rank runs for that micro-batch,
-    so the collectives of a sharded model line up (every rank knows every row's lengths)."""
+def forward_passes(batch: dict, plans: list, cfg: TrainConfig, rank: int) -> list[list]:
+    """Per mini-batch, rank ``rank``'s forward passes as ``(micro-batch rows, pass rows)``: each micro-batch whole,
+    or (by tokens) its :func:`answer_passes`, with empty passes added up to the most any rank runs for that
+    micro-batch, so the collectives of a sharded model line up. ``plans``: every rank's plan (every rank knows every
+    row's lengths)."""
     budget = cfg.micro_batch_tokens
     if not budget:
-        return [[(idx, idx) for idx in micros] for micros in plan]
-    plans = [plan] if dist.world == 1 else [plan_minibatches(batch, cfg, seed, step, dist, rank=r)[1]
-                                            for r in range(dist.world)]
+        return [[(idx, idx) for idx in micros] for micros in plans[rank]]
     out = []
-    for m, micros in enumerate(plan):
+    for m, micros in enumerate(plans[rank]):
         passes = []
         for j, idx in enumerate(micros):
-            mine = answer_passes(batch, idx, budget)
-            most = max(len(answer_passes(batch, other[m][j], budget)) for other in plans)
-            passes += [(idx, part) for part in mine] + [(idx, [])] * (most - len(mine))
+            each = [answer_passes(batch, plan[m][j], budget) for plan in plans]
+            mine = each[rank]
+            passes += [(idx, part) for part in mine] + [(idx, [])] * (max(map(len, each)) - len(mine))
         out.append(passes)
     return out
 
@@ -373,6 +370,7 @@ def _train_minibatch(engine: Engine, batch, rows, passes, old, ctx_all, algo, pa
                   if cfg.normalizer == "mini_batch" else None)
     mini_loss = 0.0
     trim = cfg.micro_batch_tokens > 0
+    micro_norms: dict[tuple, float] = {}  # normalizer micro_batch with passes: each micro-batch's own, computed once
     for j, (idx, part) in enumerate(passes):
         stand_in = (idx or rows)[0]  # a row this rank holds, run with an empty mask where the pass is empty
         micro = _micro(batch, part, stand_in, trim=trim)
@@ -388,12 +386,14 @@ def _train_minibatch(engine: Engine, batch, rows, passes, old, ctx_all, algo, pa
             old[at_row, :w] = logp.detach().cpu()
         if engine.dist.world == 1 and not torch.isfinite(logp.detach()[micro["mask"].to(dev) > 0]).all():
             return _skip(engine, batch, rows, "non-finite log-probs")
+        micro_norm = normalizer
         if trim and normalizer is None:  # the whole micro-batch's own denominator, as its untrimmed rows give it
-            micro_norm = loss_normalizer(algo, mask=length_mask(batch["lengths"][torch.tensor(idx, dtype=torch.long)],
-                                                                _width(batch)),
-                                         rewards=batch["rewards"][torch.tensor(idx, dtype=torch.long)], params=params)
-        else:
-            micro_norm = normalizer
+            if tuple(idx) not in micro_norms:
+                at_micro = torch.tensor(idx, dtype=torch.long)
+                micro_norms[tuple(idx)] = loss_normalizer(
+                    algo, mask=length_mask(batch["lengths"][at_micro], _width(batch)),
+                    rewards=batch["rewards"][at_micro], params=params)
+            micro_norm = micro_norms[tuple(idx)]
         loss, met = policy_loss(algo, logp=logp, old_logp=old[at_row, :w].to(dev), mask=micro["mask"].to(dev),
                                 rewards=micro["rewards"].to(dev), group_ids=micro["group_ids"].to(dev),
                                 group_rate=ctx_all["group_rate"][at].to(dev),
@@ -431,12 +431,17 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
     given, receives each optimizer step's loss."""
     dist = engine.dist
     params = make_params(algo, **overrides)  # validated once per step, not per micro-batch
-    minis, plan = plan_minibatches(batch, cfg, seed, step, dist)
+    if "prompt_lengths" not in batch:  # a batch built whole (by hand): its prompt lengths as metadata, once
+        batch = {**batch, "prompt_lengths": seq_lengths(batch) - batch["lengths"]}
+    # every rank's plan (each rank needs the others' to know what to send and how many passes to run)
+    planned = [plan_minibatches(batch, cfg, seed, step, dist, rank=r) for r in range(dist.world)]
+    minis, plans = planned[0][0], [p for _, p in planned]
+    plan = plans[dist.rank]
     if dist.world > 1:  # hold the rows this rank trains on, and only those
-        batch = localize(batch, minis, cfg, seed, step, dist)
+        batch = localize(batch, minis, cfg, seed, step, dist, plans)
     reference = get_spec(algo).reference  # supervised rows: no sampling policy, old log-probs stay 0
     t0 = time.perf_counter()
-    passes = forward_passes(batch, minis, plan, cfg, seed, step, dist)
+    passes = forward_passes(batch, plans, cfg, dist.rank)
     old = torch.zeros_like(batch["sampler_logprobs"]) if reference else old_logprobs(engine.model, batch, minis,
                                                                                       passes, cfg, pad_id)
     t_old = time.perf_counter() - t0

@@ -68,6 +68,7 @@ def test_random_kills_then_resume_are_bit_identical(tiny_study, tmp_path, algo):
             delay /= 2
             killed = _killed_at(cmd, delay)
         kills += killed
+    assert kills >= 1
     nft_cli("train", "--config", params, "--algo", algo, "--seed", seed, "--out", run, "--quiet", *STEPS)
     assert (run / "metrics.json").is_file()
     assert _comparable(_history(run)) == _comparable(_history(ref)), f"{algo}: history differs after {kills} kills"

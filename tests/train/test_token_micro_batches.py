@@ -192,10 +192,8 @@ def test_every_rank_runs_as_many_passes_per_micro_batch(world):
 
     batch = _batch()
     cfg = _cfg(micro_batch_tokens=40)  # a budget where some ranks run fewer passes than others (2 and 3 ranks)
-    runs = []
-    for r in range(world):
-        minis, plan = plan_minibatches(batch, cfg, 3, 0, _Dist(r, world))
-        runs.append((plan, forward_passes(batch, minis, plan, cfg, 3, 0, _Dist(r, world))))
+    plans = [plan_minibatches(batch, cfg, 3, 0, _Dist(r, world))[1] for r in range(world)]
+    runs = [(plans[r], forward_passes(batch, plans, cfg, r)) for r in range(world)]
     assert len({tuple(len(p) for p in passes) for _, passes in runs}) == 1
     assert any(not part for _, passes in runs for mini in passes for _, part in mini)  # some ranks had to wait
     for plan, passes in runs:
