@@ -5,10 +5,13 @@ installed: ``pip install -e '.[bench]'``) TRL's GRPOTrainer, on two workloads, 2
 - large: P=64 x K=8, up to 128 new tokens, hidden size 256 and 4 layers (so a ratio is not an artefact of a toy).
 
 One optimizer step over all P x K answers (TRL: loss_type "dapo", beta 0, fp32 as ours, so no extra old-log-prob
-pass). Each run takes the median over ``--repeats`` after a warm-up; ``--runs`` whole runs give the min-max printed
+pass); ours splits it into micro-batches of at most ``--micro-batch-tokens`` tokens (default 4,096: the paper-7b
+preset's, the official script's ``ppo_max_token_len_per_gpu``), run as padding-free passes of like-length answers,
+and decodes with cascade attention where the sampler's rule picks it (``TorchSampler``; the large workload). Each run takes the median over ``--repeats`` after a warm-up; ``--runs`` whole runs give the min-max printed
 in the table (markdown, for the README) and written with the machine and versions to ``--json``.
 
     python benchmarks/rollout_step.py [--workloads small,large] [--runs 3] [--repeats 3] [--no-trl] [--json F]
+                                      [--micro-batch-tokens 4096]
 
 Any other process on the cores ruins the figures: check the load first.
 """
@@ -58,7 +61,7 @@ def median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def run_once(workload: str, model_path: str | None, repeats: int, with_trl: bool) -> dict:
+def run_once(workload: str, model_path: str | None, repeats: int, with_trl: bool, micro_batch_tokens: int) -> dict:
     """One run of a workload: seconds and tokens of each side (medians over the repeats)."""
     from nft.data.prompts import render_prompt
     from nft.data.synthetic import SyntheticConfig, build_splits
@@ -96,15 +99,20 @@ def run_once(workload: str, model_path: str | None, repeats: int, with_trl: bool
 
     t_gen, n_gen = median_time(hf_generate, repeats)
     sampler = TorchSampler(model, tok)
+    res["cascade"] = sampler._use_cascade(model, P, K, ids.shape[1], torch.device("cpu"))
     t_ours, ro = median_time(lambda: sampler.sample(prompts, K, max_new_tokens=NEW_TOKENS, seed=0), repeats)
     n_ours = int(ro.mask.sum())
     res["generate_tokens_per_s"], res["sampler_tokens_per_s"] = n_gen / t_gen, n_ours / t_ours
+    print(f"  cascade decoding: {'on' if res['cascade'] else 'off'}; update micro-batches of <= {micro_batch_tokens} "
+          "tokens", flush=True)
     print(f"  sampling   generate: {t_gen:.3f} s, {n_gen / t_gen:,.0f} tokens/s | ours: {t_ours:.3f} s, "
           f"{n_ours / t_ours:,.0f} tokens/s | speed-up {n_ours / t_ours / (n_gen / t_gen):.2f}x", flush=True)
 
     # 2. our full rollout step: sample + grade + one optimizer step over all P x K answers
     cfg = TrainConfig(prompts_per_step=P, answers_per_prompt=K, mini_batch_prompts=P, micro_batch_size=P * K,
-                      max_new_tokens=NEW_TOKENS, lr=1e-6, tracking=False, threads=THREADS)
+                      micro_batch_tokens=micro_batch_tokens, max_new_tokens=NEW_TOKENS, lr=1e-6, tracking=False,
+                      threads=THREADS)
+    res["micro_batch_tokens"] = micro_batch_tokens
     engine = TorchEngine(model, cfg)
     splits = []
     with GraderPool(2) as pool:
@@ -166,6 +174,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--micro-batch-tokens", type=int, default=4096,
+                    help="train.micro_batch_tokens of our update (0: one padded micro-batch of all answers)")
     ap.add_argument("--json", default=None, help="write the runs, machine and versions here")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
@@ -174,7 +184,7 @@ def main() -> int:
     bad = [w for w in names if w not in WORKLOADS]
     if bad:
         ap.error(f"--workloads: unknown {bad}; expected some of {list(WORKLOADS)}")
-    runs = [run_once(w, args.model, args.repeats, not args.no_trl) for _ in range(args.runs) for w in names]
+    runs = [run_once(w, args.model, args.repeats, not args.no_trl, args.micro_batch_tokens) for _ in range(args.runs) for w in names]
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:
         import trl

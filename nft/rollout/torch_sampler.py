@@ -39,10 +39,66 @@ def _top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
 DECODE_GQA = {"cpu": "gqa", "cuda": "transformers"}
 
 
+#: cascade decoding (:func:`_cascade`) is used when the prompts' keys and values that plain decoding would read more
+#: than once per step (answers beyond the first of each prompt x prompt positions, per layer) exceed this many bytes;
+#: below it the separate products cost more than they save (measured on 2 CPU cores: README, "Speed").
+CASCADE_MIN_BYTES = 16 << 20
+
+
+class SharedPrefix:
+    """What a cascade decoding step needs besides the layer's own views (passed through transformers as the "mask"):
+    the cache (its layers hold the prompts' keys and values once), each slot's answer (``alive``: slot -> answer
+    index ``prompt * k + j``), the answers per prompt and the prompts' additive padding mask ``(P, Lp)``."""
+
+    def __init__(self, cache, alive: torch.Tensor, k: int, bias: torch.Tensor, compacted: bool):
+        self.cache, self.alive, self.k, self.bias, self.compacted = cache, alive, k, bias, compacted
+
+
+def _cascade(query, key, value, sp: SharedPrefix, layer_idx: int, scaling):
+    """One decoding step's attention with the prompt read once per prompt, not once per answer (cascade attention,
+    as vLLM's for a shared prefix): the K x G queries of a prompt's answers meet its keys in one product, each answer
+    meets its own keys, and one softmax runs over both parts (exact: the same sums, in another order).
+
+    ``query (n, h, 1, d)``; ``key``/``value``: the answers' own positions ``(n, h_kv, t, d)``."""
+    n, h, _, d = query.shape
+    hk = key.shape[1]
+    g = h // hk
+    kp, vp = sp.cache.layers[layer_idx].prefix()
+    P, Lp, K = kp.shape[0], kp.shape[2], sp.k
+    scale = scaling if scaling is not None else d ** -0.5
+    q = query.view(n, hk, g, d)
+    if sp.compacted:  # slots -> the (prompt, answer) grid; holes stay zero and are never read back
+        grid = q.new_zeros((P * K, hk, g, d))
+        grid[sp.alive] = q
+    else:
+        grid = q
+    qp = grid.view(P, K, hk, g, d).transpose(1, 2).reshape(P, hk, K * g, d)
+    s_pre = torch.matmul(qp, kp.transpose(-1, -2)).mul_(scale).add_(sp.bias[:, None, None, :])  # (P, hk, K g, Lp)
+    s_pre = s_pre.view(P, hk, K, g, Lp).transpose(1, 2).reshape(P * K, hk, g, Lp)
+    if sp.compacted:
+        s_pre = s_pre[sp.alive]
+    s_own = torch.matmul(q, key.transpose(-1, -2)).mul_(scale)  # (n, hk, g, t)
+    p = torch.cat([s_pre, s_own], dim=-1).softmax(dim=-1)
+    p_pre = p[..., :Lp]
+    if sp.compacted:
+        full = p.new_zeros((P * K, hk, g, Lp))
+        full[sp.alive] = p_pre
+        p_pre = full
+    o_pre = torch.matmul(p_pre.reshape(P, K, hk, g, Lp).transpose(1, 2).reshape(P, hk, K * g, Lp), vp)
+    o_pre = o_pre.view(P, hk, K, g, d).transpose(1, 2).reshape(P * K, hk, g, d)
+    if sp.compacted:
+        o_pre = o_pre[sp.alive]
+    out = o_pre + torch.matmul(p[..., Lp:], value)  # (n, hk, g, d)
+    return out.view(n, 1, h, d)
+
+
 def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention of one decoding step (one query position per row) on the cache views with the prepared additive key
     mask; grouped query heads as :data:`DECODE_GQA` says (transformers' ``sdpa`` repeats every key and value head
-    whenever a mask is given: a copy of the whole cache per layer per step)."""
+    whenever a mask is given: a copy of the whole cache per layer per step). A :class:`SharedPrefix` in place of the
+    mask runs :func:`_cascade`."""
+    if isinstance(attention_mask, SharedPrefix):
+        return _cascade(query, key, value, attention_mask, module.layer_idx, scaling), None
     b, h, q, d = query.shape
     g = h // key.shape[1]
     mode = "none" if g == 1 else DECODE_GQA.get(query.device.type, "repeat")
@@ -74,6 +130,7 @@ class SlabLayer(DynamicLayer):
     def __init__(self, rows: int, capacity: int):
         super().__init__()
         self.rows, self.capacity, self.length = rows, capacity, 0
+        self.shared = 0  # > 0: the first ``shared`` positions of the first P rows hold the P prompts (cascade)
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -91,7 +148,8 @@ class SlabLayer(DynamicLayer):
         self.keys[:n, :, self.length:self.length + q] = key_states
         self.values[:n, :, self.length:self.length + q] = value_states
         self.length += q
-        return self.keys[:n, :, :self.length], self.values[:n, :, :self.length]
+        lo = self.shared
+        return self.keys[:n, :, lo:self.length], self.values[:n, :, lo:self.length]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -101,9 +159,19 @@ class SlabLayer(DynamicLayer):
         self.keys[:, :, :self.length] = self.keys[:p, :, :self.length].repeat_interleave(repeats, dim=0)
         self.values[:, :, :self.length] = self.values[:p, :, :self.length].repeat_interleave(repeats, dim=0)
 
+    def keep_prefix(self, prompts: int) -> None:
+        """Cascade: keep the prefilled prompts where they are, in rows ``0 .. prompts - 1`` (read once per prompt by
+        :func:`_cascade`); from now on ``update`` returns each row's answer positions only and ``move_rows`` moves
+        those (a prompt's row is also an answer's, whose own positions start after the prompt's)."""
+        self.shared, self.prompts = self.length, prompts
+
+    def prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[:self.prompts, :, :self.shared], self.values[:self.prompts, :, :self.shared]
+
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        self.keys[dst, :, :self.length] = self.keys[src, :, :self.length]
-        self.values[dst, :, :self.length] = self.values[src, :, :self.length]
+        lo = self.shared
+        self.keys[dst, :, lo:self.length] = self.keys[src, :, lo:self.length]
+        self.values[dst, :, lo:self.length] = self.values[src, :, lo:self.length]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("SlabLayer compacts with move_rows")
@@ -119,6 +187,10 @@ class SlabCache(Cache):
         for layer in self.layers:
             layer.move_rows(dst, src)
 
+    def keep_prefix(self, prompts: int) -> None:
+        for layer in self.layers:
+            layer.keep_prefix(prompts)
+
 
 def _compaction(live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Slots to fill and the rows to fill them with so that the live rows are the first ``m``: each dead slot below
@@ -132,9 +204,12 @@ def _compaction(live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 class TorchSampler:
     """Samples from a transformers causal LM on the trainer's own module (so weight updates are seen at once)."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, cascade: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.cascade = cascade
+        """decode with the prompts read once per prompt (:func:`_cascade`): None decides per call by
+        :data:`CASCADE_MIN_BYTES` (on CPU, with the prepared mask), True / False force it (tests, benchmarks)."""
         self.stop_ids = torch.tensor(stop_token_ids(tokenizer), dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.stop_ids[0])
 
@@ -164,6 +239,17 @@ class TorchSampler:
             ro.response.clone(), ro.mask.clone(), ro.logprobs.clone(), ro.finished.clone(), ro.entropy.clone())
         return ro
 
+    def _use_cascade(self, model, prompts: int, n: int, prompt_len: int, dev) -> bool:
+        if self.cascade is not None:
+            return self.cascade
+        if dev.type != "cpu":  # measured on CPU only
+            return False
+        cfg = model.config.get_text_config(decoder=True)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        itemsize = next(model.parameters()).element_size()
+        repeated = prompts * (n - 1) * prompt_len * cfg.num_key_value_heads * head_dim * 2 * itemsize
+        return repeated >= CASCADE_MIN_BYTES
+
     @torch.inference_mode()
     def _sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
         if temperature <= 0:
@@ -187,7 +273,14 @@ class TorchSampler:
             cache = SlabCache(model.config.get_text_config(decoder=True).num_hidden_layers, B, cap)
             out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
                         logits_to_keep=1)
-            if n > 1:
+            prepared = attention == "sdpa" and DECODE_GQA.get(dev.type) != "transformers"
+            cascade = prepared and n > 1 and self._use_cascade(model, P, n, Lp, dev)
+            if cascade:
+                cache.keep_prefix(P)
+                dtype = next(model.parameters()).dtype
+                prompt_bias = torch.zeros((P, Lp), dtype=dtype, device=dev).masked_fill_(~attn.bool(),
+                                                                                        torch.finfo(dtype).min)
+            elif n > 1:
                 cache.batch_repeat_interleave(n)
             logits = out.logits[:, -1, :].float().repeat_interleave(n, dim=0)
             # the key mask of every row over every position it can reach: the prompt's padding, then its answer
@@ -195,8 +288,7 @@ class TorchSampler:
             keymask[:, :Lp] = attn.repeat_interleave(n, dim=0).bool()
             # with sdpa, each step's attention takes an additive (rows, 1, 1, keys) view of one buffer built here (a
             # float mask runs faster than a boolean one on CPU), not a mask built by transformers per step
-            prepared = attention == "sdpa" and DECODE_GQA.get(dev.type) != "transformers"
-            if prepared:
+            if prepared and not cascade:
                 dtype = next(model.parameters()).dtype
                 bias = torch.zeros(keymask.shape, dtype=dtype, device=dev).masked_fill_(~keymask, torch.finfo(dtype).min)
                 bias4 = bias[:, None, None, :]
@@ -240,13 +332,16 @@ class TorchSampler:
                     for a in (alive, tok, next_pos):
                         a[dst] = a[src]
                     keymask[dst] = keymask[src]
-                    if prepared:
+                    if prepared and not cascade:
                         bias[dst] = bias[src]
                     alive, tok, next_pos = alive[:m], tok[:m], next_pos[:m]
                     live = torch.ones(m, dtype=torch.bool, device=dev)
                     rank = alive.argsort().argsort()
                 L = Lp + t + 1
-                if prepared:
+                if cascade:
+                    model.config._attn_implementation = DECODE_ATTENTION
+                    mask = {"full_attention": SharedPrefix(cache, alive, n, prompt_bias, rank is not None)}
+                elif prepared:
                     model.config._attn_implementation = DECODE_ATTENTION
                     mask = {"full_attention": bias4[:len(live), :, :, :L]}
                 else:

@@ -51,12 +51,15 @@ def policy(tiny_study):
     return model, tok, prompts
 
 
-def test_every_row_matches_the_trainer_through_compactions(policy, monkeypatch):
+@pytest.mark.parametrize("cascade", [False, True])
+def test_every_row_matches_the_trainer_through_compactions(policy, monkeypatch, cascade):
     model, tok, prompts = policy
-    moves = []
-    real = SlabCache.move_rows
+    moves, cascades = [], []
+    real, real_cascade = SlabCache.move_rows, torch_sampler._cascade
     monkeypatch.setattr(SlabCache, "move_rows", lambda self, dst, src: (moves.append(len(dst)), real(self, dst, src)))
-    ro = TorchSampler(model, tok).sample(prompts, 4, max_new_tokens=48, temperature=1.2, seed=11)
+    monkeypatch.setattr(torch_sampler, "_cascade", lambda *a: (cascades.append(a[3].compacted), real_cascade(*a))[1])
+    ro = TorchSampler(model, tok, cascade=cascade).sample(prompts, 4, max_new_tokens=48, temperature=1.2, seed=11)
+    assert (True in cascades and False in cascades) if cascade else not cascades  # before and after compactions
     lengths = ro.mask.sum(-1)
     assert ro.finished.any() and lengths.min() < lengths.max()  # rows ended at different steps
     assert moves and sum(moves) > 0  # the batch was compacted, rows moved
@@ -77,6 +80,40 @@ def test_prepared_mask_and_transformers_mask_draw_the_same_answers(policy, tiny_
     assert eager.config._attn_implementation == "eager"
     assert torch.equal(a.response, b.response) and torch.equal(a.finished, b.finished)
     assert (a.logprobs - b.logprobs).abs().max() < 1e-5
+
+
+def test_cascade_keeps_the_prompts_once_and_moves_only_answer_positions():
+    cache = SlabCache(num_layers=1, rows=4, capacity=6)
+    layer = cache.layers[0]
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float).view(2, 1, 3, 2)  # 2 prompts, 1 head, 3 positions
+    cache.update(k, -k, 0)
+    cache.keep_prefix(2)
+    step = torch.arange(4, dtype=torch.float).view(4, 1, 1, 1).expand(4, 1, 1, 2)
+    keys, values = cache.update(step, -step, 0)
+    assert keys.shape == (4, 1, 1, 2) and torch.equal(keys, step)  # each row's own positions only
+    assert torch.equal(layer.prefix()[0], k) and torch.equal(layer.prefix()[1], -k)  # the prompts, once
+    cache.move_rows(torch.tensor([0]), torch.tensor([3]))  # slot 0 (also prompt 0's row) takes answer 3
+    assert torch.equal(layer.keys[0, :, 3], step[3, :, 0]) and torch.equal(layer.prefix()[0], k)
+
+
+def test_cascade_is_chosen_by_the_prompt_bytes_it_saves(policy, monkeypatch):
+    model, tok, _ = policy
+    sampler = TorchSampler(model, tok)
+    cfg = model.config
+    per = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2 * 4  # bytes per position
+    monkeypatch.setattr(torch_sampler, "CASCADE_MIN_BYTES", 10 * 7 * 50 * per)
+    cpu = torch.device("cpu")
+    assert sampler._use_cascade(model, 10, 8, 50, cpu) and not sampler._use_cascade(model, 10, 8, 49, cpu)
+    assert not sampler._use_cascade(model, 10, 8, 50, torch.device("meta"))  # measured on CPU only
+    assert TorchSampler(model, tok, cascade=True)._use_cascade(model, 1, 2, 1, cpu)
+
+
+def test_cascade_draws_the_same_answers(policy):
+    model, tok, prompts = policy
+    ref = TorchSampler(model, tok, cascade=False).sample(prompts, 3, max_new_tokens=32, seed=7)
+    got = TorchSampler(model, tok, cascade=True).sample(prompts, 3, max_new_tokens=32, seed=7)
+    assert torch.equal(ref.response, got.response) and torch.equal(ref.finished, got.finished)
+    assert (ref.logprobs - got.logprobs).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["fold", "repeat", "transformers"])
