@@ -5,10 +5,13 @@ installed: ``pip install -e '.[bench]'``) TRL's GRPOTrainer, on two workloads, 2
 - large: P=64 x K=8, up to 128 new tokens, hidden size 256 and 4 layers (so a ratio is not an artefact of a toy).
 
 One optimizer step over all P x K answers (TRL: loss_type "dapo", beta 0, fp32 as ours, so no extra old-log-prob
-pass); ours splits it into micro-batches of at most ``--micro-batch-tokens`` tokens (default 4,096: the paper-7b
-preset's, the official script's ``ppo_max_token_len_per_gpu``), run as padding-free passes of like-length answers,
-and decodes with cascade attention where the sampler's rule picks it (``TorchSampler``; the large workload). Each run takes the median over ``--repeats`` after a warm-up; ``--runs`` whole runs give the min-max printed
-in the table (markdown, for the README) and written with the machine and versions to ``--json``.
+pass; its micro-batch is the most answers whose padded rows fit the same token budget as ours and that divide P x K,
+its gradient accumulation doing the rest); ours splits the step into micro-batches of at most
+``--micro-batch-tokens`` tokens (default 4,096: the paper-7b preset's, the official script's
+``ppo_max_token_len_per_gpu``), run as padding-free passes of like-length answers, and decodes with cascade attention
+where the sampler's rule picks it (``TorchSampler``; the large workload). Each run takes the median over
+``--repeats`` after a warm-up; ``--runs`` whole runs give the min-max printed in the table (markdown, for the README)
+and written with the machine and versions to ``--json``.
 
     python benchmarks/rollout_step.py [--workloads small,large] [--runs 3] [--repeats 3] [--no-trl] [--json F]
                                       [--micro-batch-tokens 4096]
@@ -99,7 +102,8 @@ def run_once(workload: str, model_path: str | None, repeats: int, with_trl: bool
 
     t_gen, n_gen = median_time(hf_generate, repeats)
     sampler = TorchSampler(model, tok)
-    res["cascade"] = sampler._use_cascade(model, P, K, ids.shape[1], torch.device("cpu"))
+    res["cascade"] = (model.config._attn_implementation == "sdpa"
+                      and sampler._use_cascade(model, P, K, ids.shape[1], torch.device("cpu")))
     t_ours, ro = median_time(lambda: sampler.sample(prompts, K, max_new_tokens=NEW_TOKENS, seed=0), repeats)
     n_ours = int(ro.mask.sum())
     res["generate_tokens_per_s"], res["sampler_tokens_per_s"] = n_gen / t_gen, n_ours / t_ours
@@ -132,8 +136,11 @@ def run_once(workload: str, model_path: str | None, repeats: int, with_trl: bool
           f"old-logprob {med[2]:.3f} / update {med[3]:.3f})", flush=True)
     if with_trl:
         try:
-            res["trl_step_s"] = trl_step(model, tok, prompts, problems[:P], repeats, P, K, NEW_TOKENS)
-            print(f"  TRL 1.16   GRPOTrainer step: {res['trl_step_s']:.3f} s | ours / TRL = "
+            per_device = trl_micro_batch(P * K, ids.shape[1] + NEW_TOKENS, micro_batch_tokens)
+            res["trl_micro_batch"] = per_device
+            res["trl_step_s"] = trl_step(model, tok, prompts, problems[:P], repeats, P, K, NEW_TOKENS, per_device)
+            print(f"  TRL 1.16   GRPOTrainer step ({per_device} answers per micro-batch): {res['trl_step_s']:.3f} s | "
+                  "ours / TRL = "
                   f"{t_step / res['trl_step_s']:.2f}", flush=True)
         except ImportError as e:
             print(f"  TRL        not installed ({e}); `pip install -e '.[bench]'` to compare")
@@ -180,18 +187,25 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from nft.cli import tune_malloc
+
+    # as every nft process does; it applies to the peers in this process alike (without it, each side's speed depends
+    # on what ran before it in the process: glibc raises its thresholds only after a large block is freed)
+    malloc = tune_malloc()
     names = [w for w in args.workloads.split(",") if w]
     bad = [w for w in names if w not in WORKLOADS]
     if bad:
         ap.error(f"--workloads: unknown {bad}; expected some of {list(WORKLOADS)}")
-    runs = [run_once(w, args.model, args.repeats, not args.no_trl, args.micro_batch_tokens) for _ in range(args.runs) for w in names]
+    runs = [run_once(w, args.model, args.repeats, not args.no_trl, args.micro_batch_tokens)
+            for _ in range(args.runs) for w in names]
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:
         import trl
         versions["trl"] = trl.__version__
     except ImportError:
         pass
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} threads"
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} threads, "
+               f"malloc thresholds {'tuned' if malloc else 'default'}")
     print(f"\n{args.runs} runs, median [min–max]; {machine}; "
           + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(table(runs))
@@ -200,8 +214,19 @@ def main() -> int:
     return 0
 
 
-def trl_step(model, tok, prompts, problems, repeats: int, P: int, K: int, NEW_TOKENS: int) -> float:
-    """Median seconds per GRPOTrainer step on the same workload (on-policy: one update per generation)."""
+def trl_micro_batch(answers: int, row_tokens: int, micro_batch_tokens: int) -> int:
+    """TRL's micro-batch (``per_device_train_batch_size``) for the same token budget as ours: the most answers whose
+    padded rows (prompt + the answer limit) fit ``micro_batch_tokens`` that divide the step's answers (its gradient
+    accumulation makes up the rest, still one optimizer step over one generation). 0: all answers at once."""
+    if micro_batch_tokens <= 0:
+        return answers
+    fit = max(1, micro_batch_tokens // row_tokens)
+    return max(d for d in range(1, answers + 1) if answers % d == 0 and d <= fit)
+
+
+def trl_step(model, tok, prompts, problems, repeats: int, P: int, K: int, NEW_TOKENS: int, per_device: int) -> float:
+    """Median seconds per GRPOTrainer step on the same workload (on-policy: one update per generation of all P x K
+    answers, in micro-batches of ``per_device`` answers)."""
     import copy
 
     from datasets import Dataset
@@ -225,8 +250,8 @@ def trl_step(model, tok, prompts, problems, repeats: int, P: int, K: int, NEW_TO
             times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=P * K, num_generations=K,
-                         max_completion_length=NEW_TOKENS, gradient_accumulation_steps=1, beta=0.0,
+        cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=per_device, num_generations=K,
+                         max_completion_length=NEW_TOKENS, gradient_accumulation_steps=P * K // per_device, beta=0.0,
                          loss_type="dapo", learning_rate=1e-6, max_steps=repeats + 1, logging_steps=1000,
                          save_strategy="no", report_to=[], temperature=1.0, use_cpu=True, seed=0, bf16=False,
                          dataloader_num_workers=0, disable_tqdm=True)

@@ -240,10 +240,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: glibc malloc thresholds of an nft process (bytes): blocks up to 32 MiB come from the heap and up to 64 MiB of
+#: free heap is kept, instead of glibc's start (128 KiB, raised only after a large block is freed), under which every
+#: activation of a few hundred KiB is a fresh mmap whose pages fault in at each step. The same weights, 10% shorter
+#: steps of the embedded default, ~30 MB more resident memory (README, "Speed").
+MALLOC_THRESHOLDS = {"mmap": 32 << 20, "trim": 64 << 20}
+
+
+def tune_malloc() -> bool:
+    """Set :data:`MALLOC_THRESHOLDS` with ``mallopt`` (glibc only; True if set). ``MALLOC_MMAP_THRESHOLD_`` /
+    ``MALLOC_TRIM_THRESHOLD_`` in the environment take precedence (glibc reads them at start)."""
+    import ctypes
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, MALLOC_THRESHOLDS["mmap"]) and libc.mallopt(-1, MALLOC_THRESHOLDS["trim"]))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): its own allocator stays as it is
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     from nft.config import ConfigError
 
     args = build_parser().parse_args(argv)
+    tune_malloc()
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError) as e:

@@ -66,6 +66,8 @@ def _study(tmp_path: Path, **top) -> Path:
      "variants.v.train.mini_batch_prompts (99) exceeds train.prompts_per_step"),
     ({"variants": {"v": {"algo": "nft", "train": {"lr": "big"}}}}, "variants.v.train.lr: expected a number"),
     ({"sweep": {}}, "unknown section(s) ['sweep']"),
+    ({"train": {"checkpoint_every": 0}}, "train.checkpoint_every: must be >= 1, got 0"),
+    ({"train": {"val_every": -1}}, "train.val_every: must be >= 0, got -1"),
 ])
 def test_bad_top_level_keys_name_the_key(tmp_path, top, key):
     with pytest.raises(ConfigError) as e:
@@ -103,3 +105,18 @@ def test_check_asks_params_yaml_for_what_dvc_reads(tmp_path):
     nft_cli("check", "--config", tmp_path / "preset.yaml")
     nft_cli("compose", tmp_path / "preset.yaml", "--out", tmp_path / "params.yaml")
     nft_cli("check", "--config", tmp_path / "params.yaml")
+
+
+def test_nft_processes_tune_malloc_unless_the_environment_does():
+    """Every nft process sets glibc's malloc thresholds (nft.cli.tune_malloc); thresholds given in the environment
+    win. Run in fresh interpreters: the setting is process-wide."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from nft.cli import tune_malloc; print(tune_malloc())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,
+                                       text=True, check=True, cwd=REPO).stdout.strip()
+    assert run({}) == "True"  # glibc (Linux)
+    assert run({"MALLOC_MMAP_THRESHOLD_": "131072"}) == "False"

@@ -6,6 +6,8 @@ cache). Here each distinct prompt is prefilled once and its keys/values copied i
 K answers and the longest answer (:class:`SlabCache`); a decoding step writes one position in place, attends to a
 view of the filled part, and takes one log-softmax and one Gumbel-max draw. Finished rows are dropped by moving the
 last live rows into their slots (only those rows are copied), and the attention mask is built once, not per step.
+Where the K answers would re-read long prompts (:data:`CASCADE_MIN_BYTES`), the prompts' keys and values stay once
+per prompt and each step's attention is split into a prompt part and an answer part (:func:`_cascade`).
 """
 
 from __future__ import annotations
@@ -85,11 +87,12 @@ def _cascade(query, key, value, sp: SharedPrefix, layer_idx: int, scaling):
         full[sp.alive] = p_pre
         p_pre = full
     o_pre = torch.matmul(p_pre.reshape(P, K, hk, g, Lp).transpose(1, 2).reshape(P, hk, K * g, Lp), vp)
-    o_pre = o_pre.view(P, hk, K, g, d).transpose(1, 2).reshape(P * K, hk, g, d)
+    dv = vp.shape[-1]
+    o_pre = o_pre.view(P, hk, K, g, dv).transpose(1, 2).reshape(P * K, hk, g, dv)
     if sp.compacted:
         o_pre = o_pre[sp.alive]
-    out = o_pre + torch.matmul(p[..., Lp:], value)  # (n, hk, g, d)
-    return out.view(n, 1, h, d)
+    out = o_pre + torch.matmul(p[..., Lp:], value)  # (n, hk, g, dv)
+    return out.view(n, 1, h, dv)
 
 
 def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -208,8 +211,9 @@ class TorchSampler:
         self.model = model
         self.tokenizer = tokenizer
         self.cascade = cascade
-        """decode with the prompts read once per prompt (:func:`_cascade`): None decides per call by
-        :data:`CASCADE_MIN_BYTES` (on CPU, with the prepared mask), True / False force it (tests, benchmarks)."""
+        """decode with the prompts read once per prompt (:func:`_cascade`), where the prepared mask runs (sdpa and a
+        :data:`DECODE_GQA` mode other than "transformers"): None decides per call by :data:`CASCADE_MIN_BYTES` (on
+        CPU), True / False force it (tests, benchmarks)."""
         self.stop_ids = torch.tensor(stop_token_ids(tokenizer), dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.stop_ids[0])
 
@@ -290,7 +294,8 @@ class TorchSampler:
             # float mask runs faster than a boolean one on CPU), not a mask built by transformers per step
             if prepared and not cascade:
                 dtype = next(model.parameters()).dtype
-                bias = torch.zeros(keymask.shape, dtype=dtype, device=dev).masked_fill_(~keymask, torch.finfo(dtype).min)
+                bias = torch.zeros(keymask.shape, dtype=dtype, device=dev).masked_fill_(~keymask,
+                                                                                     torch.finfo(dtype).min)
                 bias4 = bias[:, None, None, :]
             next_pos = pos[:, -1:].repeat_interleave(n, dim=0) + 1
 

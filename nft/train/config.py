@@ -127,9 +127,12 @@ class TrainConfig:
             self.mini_batch_prompts = self.prompts_per_step
         for name in ("steps", "prompts_per_step", "answers_per_prompt", "mini_batch_prompts", "micro_batch_size",
                      "max_new_tokens", "max_num_gen_batches", "val_k", "threads", "grader_workers",
-                     "max_skipped_steps"):
+                     "max_skipped_steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("val_every", "val_limit"):  # 0: only at the end / every question
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
         if self.micro_batch_tokens < 0 or 0 < self.micro_batch_tokens < self.max_new_tokens:
             raise ValueError(f"train.micro_batch_tokens ({self.micro_batch_tokens}): expected 0 (micro-batches of "
                              f"train.micro_batch_size answers) or at least train.max_new_tokens ({self.max_new_tokens})")
