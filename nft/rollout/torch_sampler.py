@@ -336,8 +336,9 @@ class TorchSampler:
                     cache.move_rows(dst, src)
                     for a in (alive, tok, next_pos):
                         a[dst] = a[src]
-                    keymask[dst] = keymask[src]
-                    if prepared and not cascade:
+                    if not prepared:  # the mask each step takes: transformers' boolean one, or the bias
+                        keymask[dst] = keymask[src]
+                    elif not cascade:
                         bias[dst] = bias[src]
                     alive, tok, next_pos = alive[:m], tok[:m], next_pos[:m]
                     live = torch.ones(m, dtype=torch.bool, device=dev)

@@ -182,10 +182,16 @@ def _units(batch: dict, share: list[int], normalizer: str) -> list[list[int]]:
 
 
 def plan_minibatches(batch: dict, cfg: TrainConfig, seed: int, step: int, dist: Dist, rank: int | None = None):
-    """``(minis, plan)``: the mini-batches (row lists of whole questions, in a seeded order) and a rank's (default:
-    this one's) micro-batches of each: its share, rows ``rank::world``, in chunks of ``micro_batch_size`` or (with
-    ``micro_batch_tokens``) in balanced sets of at most about that many tokens. Every rank gets the same number of
-    micro-batches, empty lists where it ran out, so the collectives of a sharded model line up."""
+    """``(minis, plan)``: the mini-batches and a rank's (default: this one's) plan (:func:`plan_all_ranks`)."""
+    minis, plans = plan_all_ranks(batch, cfg, seed, step, dist)
+    return minis, plans[dist.rank if rank is None else rank]
+
+
+def plan_all_ranks(batch: dict, cfg: TrainConfig, seed: int, step: int, dist: Dist):
+    """``(minis, plans)``: the mini-batches (row lists of whole questions, in a seeded order) and every rank's
+    micro-batches of each (``plans[rank]``): its share, rows ``rank::world``, in chunks of ``micro_batch_size`` or
+    (with ``micro_batch_tokens``) in balanced sets of at most about that many tokens. Every rank gets the same number
+    of micro-batches, empty lists where it ran out, so the collectives of a sharded model line up."""
     groups = batch["group_ids"].unique().tolist()
     random.Random(derive_seed(seed, "minibatch", step)).shuffle(groups)
     n_mini = max(1, math.ceil(len(groups) / cfg.mini_batch_prompts))
@@ -196,22 +202,22 @@ def plan_minibatches(batch: dict, cfg: TrainConfig, seed: int, step: int, dist: 
     minis = [m for m in minis if m]
     mb, budget = cfg.micro_batch_size, cfg.micro_batch_tokens
     seq = seq_lengths(batch).tolist() if budget else None
-    r = dist.rank if rank is None else rank
-    plan = []
+    plans: list[list] = [[] for _ in range(dist.world)]
     for rows in minis:
-        share = rows[r::dist.world]
         if budget:  # as verl's rearrange_micro_batches: the largest count over ranks, then balanced sets
             shares = [_units(batch, rows[q::dist.world], cfg.normalizer) for q in range(dist.world)]
             # no more micro-batches than a rank has units (verl: than rows), so none is empty on every rank
             n = max(1, min(max(math.ceil(sum(seq[i] for u in us for i in u) / budget) for us in shares),
                            max(len(us) for us in shares)))
-            units = shares[r]
-            parts = balanced_partition([sum(seq[i] for i in u) for u in units], n)
-            plan.append([sorted(i for u in part for i in units[u]) for part in parts])
+            for plan, units in zip(plans, shares):
+                parts = balanced_partition([sum(seq[i] for i in u) for u in units], n)
+                plan.append([sorted(i for u in part for i in units[u]) for part in parts])
         else:
             n = max(1, math.ceil(math.ceil(len(rows) / dist.world) / mb))
-            plan.append([share[s * mb: (s + 1) * mb] for s in range(n)])
-    return minis, plan
+            for r, plan in enumerate(plans):
+                share = rows[r::dist.world]
+                plan.append([share[s * mb: (s + 1) * mb] for s in range(n)])
+    return minis, plans
 
 
 def needed_rows(minis, plan) -> list[int]:
@@ -246,7 +252,7 @@ def localize(batch: dict, minis, cfg: TrainConfig, seed: int, step: int, dist: D
     it sampled stay; the others come from the rank that sampled them (``batch["owner"]``), each row sent to the
     ranks that need it only. A batch every rank holds whole (the supervised control's) is cut down without
     exchange. ``plans``: every rank's plan, if already made."""
-    plans = plans or [plan_minibatches(batch, cfg, seed, step, dist, rank=r)[1] for r in range(dist.world)]
+    plans = plans or plan_all_ranks(batch, cfg, seed, step, dist)[1]
     need = [needed_rows(minis, p) for p in plans]
     B = len(batch["rewards"])
     if "owner" not in batch:  # every row here: keep the needed ones
@@ -434,8 +440,7 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
     if "prompt_lengths" not in batch:  # a batch built whole (by hand): its prompt lengths as metadata, once
         batch = {**batch, "prompt_lengths": seq_lengths(batch) - batch["lengths"]}
     # every rank's plan (each rank needs the others' to know what to send and how many passes to run)
-    planned = [plan_minibatches(batch, cfg, seed, step, dist, rank=r) for r in range(dist.world)]
-    minis, plans = planned[0][0], [p for _, p in planned]
+    minis, plans = plan_all_ranks(batch, cfg, seed, step, dist)
     plan = plans[dist.rank]
     if dist.world > 1:  # hold the rows this rank trains on, and only those
         batch = localize(batch, minis, cfg, seed, step, dist, plans)
