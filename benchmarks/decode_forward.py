@@ -4,9 +4,9 @@ buy, on the rollout-step benchmark's workloads (``rollout_step.py``: random Qwen
 The same ``TorchSampler`` runs its decoding steps four ways on the same weights, alternated within each run:
 
 - ``transformers``: the model's own forward (what the sampler does);
-- ``minimal``: a hand-written Qwen2 decoding step (embedding, RMSNorm, rotary, the sampler's attention on the slab
-  cache, MLP, head) with transformers' exact operations, so tokens and log-probs must equal bit for bit (checked);
-  the difference is the modules' Python and dispatch overhead;
+- ``minimal``: a hand-written Qwen2 decoding step (embedding, RMSNorm, rotary with the model's own tables, the
+  sampler's attention on the slab cache, MLP, head) with transformers' exact operations, so tokens and log-probs
+  must equal bit for bit (checked); the difference is the modules' Python and dispatch overhead;
 - ``fused``: the minimal step with q/k/v and gate/up projections each as one matrix product (rotary on q and k at
   once); bit for bit too on this machine (checked; matrix products of concatenated weights need not round alike
   elsewhere);
@@ -45,11 +45,6 @@ def _rms(x, norm):
     return norm.weight * x.to(dt)
 
 
-def _rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
 class MinimalDecoder:
     """Routes the sampler's decoding steps (those that pass a prepared mask dict) through a hand-written Qwen2 step;
     everything else (prefill, attributes) goes to the model."""
@@ -76,15 +71,14 @@ class MinimalDecoder:
                                                       past_key_values))
 
     def step(self, ids, mask, pos, cache):
+        from transformers.models.qwen2.modeling_qwen2 import rotate_half
+
         from nft.rollout.torch_sampler import _decode_sdpa
 
         m, cfg = self.m.model, self.m.config
         x = F.embedding(ids, m.embed_tokens.weight)
-        re = m.rotary_emb
-        freqs = pos[..., None].float() * re.inv_freq.to(device=x.device, dtype=torch.float)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * re.attention_scaling).to(x.dtype)[:, None]
-        sin = (emb.sin() * re.attention_scaling).to(x.dtype)[:, None]
+        cos, sin = m.rotary_emb(x, pos)  # once per step, as the model does
+        cos, sin = cos[:, None], sin[:, None]
         b, q = ids.shape
         nh, nk = cfg.num_attention_heads, cfg.num_key_value_heads
         for i, layer in enumerate(m.layers):
@@ -94,13 +88,13 @@ class MinimalDecoder:
                 wqkv, bqkv, wgu = self.fused[i]
                 qkv = F.linear(h, wqkv, bqkv).view(b, q, nh + 2 * nk, a.head_dim).transpose(1, 2)
                 qk = qkv[:, :nh + nk]
-                qk = (qk * cos) + (_rotate_half(qk) * sin)
+                qk = (qk * cos) + (rotate_half(qk) * sin)
                 qs, ks, vs = qk[:, :nh], qk[:, nh:], qkv[:, nh + nk:]
             else:
                 def heads(lin):
                     return F.linear(h, lin.weight, lin.bias).view(b, q, -1, a.head_dim).transpose(1, 2)
                 qs, ks, vs = heads(a.q_proj), heads(a.k_proj), heads(a.v_proj)
-                qs, ks = (qs * cos) + (_rotate_half(qs) * sin), (ks * cos) + (_rotate_half(ks) * sin)
+                qs, ks = (qs * cos) + (rotate_half(qs) * sin), (ks * cos) + (rotate_half(ks) * sin)
             ks, vs = cache.layers[i].update(ks, vs)
             o, _ = _decode_sdpa(a, qs, ks, vs, mask, scaling=a.scaling)
             x = x + F.linear(o.reshape(b, q, -1), a.o_proj.weight)
