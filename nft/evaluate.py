@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import cpu_isa
 from .data.prompts import render_prompt
 from .reward import GraderPool, extract_boxed, normalize_dapo
 
@@ -188,7 +189,7 @@ def run_evaluate(cfg: EvalConfig, model: str, out: str | Path, *, data: str | Pa
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     sampler = make_sampler(cfg.sampler, str(model), tok, seed=cfg.seed, vllm=cfg.vllm, section="eval")
     result: dict[str, Any] = {}
-    meta: dict[str, Any] = {"model": str(model), "config": dataclasses.asdict(cfg), "seconds": {}}
+    meta: dict[str, Any] = {"model": str(model), "config": dataclasses.asdict(cfg), "seconds": {}, "cpu_isa": cpu_isa()}
     records = []
     pools = {g: GraderPool(cfg.workers, g) for g in cfg.graders}
     try:

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cpu_isa
+
 from .data.prompts import END_OF_TURN, SYSTEM_PROMPT, build_messages
 from .data.synthetic import Problem, SyntheticConfig, build_splits
 from .data.tokenizer import SPECIAL_TOKENS, save_as_qwen2, train_bpe
@@ -229,6 +231,7 @@ def run_pretrain(data_cfg: SyntheticConfig, model_cfg: ModelConfig, cfg: Pretrai
             "final_loss": float(np.mean(losses[-20:])),
             "loss_curve": [round(x, 4) for x in losses[::10]],
             "weights_sha256": weights_hash(model),
+            "cpu_isa": cpu_isa(),  # the kernels' instruction set: part of what fixes the bits (nft.pin_cpu_isa)
             "config": {"data": asdict(data_cfg), "model": asdict(model_cfg), "pretrain": asdict(cfg)},
         }
         (tmp / "pretrain.json").write_text(json.dumps(summary, indent=2))

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import nft  # noqa: F401  (pins the CPU instruction set, nft.pin_cpu_isa, before any test runs a torch kernel)
+
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import yaml
 
+from .. import cpu_isa
 from ..algorithms import get_spec, make_params, overlong_penalty
 from ..config import flatten
 from ..data.benchmarks import load_benchmark
@@ -242,7 +243,7 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
     tags = {"algo": algo, "variant": variant, "seed": str(seed), "study": study, "dvc.exp_name": dvc_experiment(),
             "mlflow.source.name": "nft train", "mlflow.source.type": "LOCAL", **git_state(),
             "data_hash": train_set.hash, "batch_rule": rule, "engine": cfg.engine, "sampler": cfg.sampler,
-            "processes": str(dist.world)}
+            "processes": str(dist.world), "cpu_isa": cpu_isa()}
     if dist.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump({**(full_config or {}), "resolved": resolved},
                                                              sort_keys=False))

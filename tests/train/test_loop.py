@@ -59,6 +59,7 @@ def test_two_steps_change_parameters_and_log_finite_metrics(tiny_study, tmp_path
     assert changed, f"{algo}: no parameter changed"
     assert weights_digest(base) == "12d62e52ba36ddca", "the tiny base model changed (pretrain, data or tokenizer)"
     assert weights_digest(run / "model") == GOLDEN[algo], f"{algo}: the trained weights differ from the recorded run"
+    assert json.loads((run / "tags.json").read_text())["cpu_isa"]  # recorded: the bits depend on it
     rows = _history(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
     trained = [r for r in rows[1:] if "train/skipped" not in r]  # a step whose groups were all uniform trains nothing
