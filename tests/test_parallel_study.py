@@ -19,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "repro_parallel.py"
+DVC = str(Path(sys.executable).parent / "dvc")  # the environment's dvc (make test does not put .venv/bin on PATH)
 
 _TRACKER = textwrap.dedent("""
     import sys, time
@@ -62,7 +63,7 @@ def _dvc_repo(tmp_path: Path, cmd: str) -> Path:
     repo = tmp_path / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([DVC, "init", "-q"], cwd=repo, check=True)
     (repo / "dvc.yaml").write_text(textwrap.dedent(f"""
         stages:
           first:
@@ -100,7 +101,7 @@ def test_parallel_repro_runs_stages_side_by_side_and_leaves_the_pipeline_up_to_d
     overlaps = sum(1 for a in spans for b in spans if a < b and a[0] < b[1] and b[0] < a[1])
     assert overlaps >= 1, spans
     assert "[4/4]" in res.stdout
-    status = subprocess.run(["dvc", "status"], cwd=repo, capture_output=True, text=True)
+    status = subprocess.run([DVC, "status"], cwd=repo, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
     lock = (repo / "dvc.lock").read_text()
     assert all(f"work@{i}:" in lock for i in range(1, 5)) and "last:" in lock
