@@ -9,7 +9,7 @@ Usage (``make study`` runs this)::
    chain stage with that key in turn (``train@nft-0`` then ``evaluate@nft-0``), ``--jobs`` jobs at a time. DVC
    supports several ``dvc repro`` processes on disjoint stages (dvc.org, ``dvc repro``, "Parallel stage
    execution"); ``--single-item`` keeps each process off the shared upstream stages, whose outputs the other jobs
-   read (without it, re-checking ``base`` failed with "models/base is busy"). A process that finds the repository
+   read (without it, a process re-checking a shared stage failed with "... is busy"). A process that finds the repository
    lock taken is retried;
 3. ``dvc repro``: the rest (analysis), and a check that nothing is left out of date.
 
@@ -27,29 +27,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 LOCK_MARKERS = ("Unable to acquire lock", "LockError")
 
 
 def dvc(args: list[str], log: Path | None = None, retries: int = 20) -> int:
-    """Run ``dvc ARGS``; retry while it fails only because another dvc process holds the repository lock."""
+    """Run ``dvc ARGS`` (output to ``log`` if given); with a log, retry while it fails only because another dvc
+    process holds the repository lock."""
+    if log is None:
+        return subprocess.call(["dvc", *args])
     for attempt in range(retries + 1):
-        if log is None:
-            rc = subprocess.call(["dvc", *args])
-            return rc
         with open(log, "w") as fh:
             rc = subprocess.call(["dvc", *args], stdout=fh, stderr=subprocess.STDOUT)
-        if rc == 0 or not any(m in log.read_text(errors="replace") for m in LOCK_MARKERS) or attempt == retries:
+        if rc == 0 or not any(m in log.read_text(errors="replace") for m in LOCK_MARKERS):
             return rc
         time.sleep(0.5 + 0.25 * attempt)
     return rc
-
-
-def stage_names(pattern: str) -> list[str]:
-    out = subprocess.run(["dvc", "stage", "list", "--name-only"], check=True, capture_output=True, text=True).stdout
-    return [s for s in out.split() if fnmatch.fnmatchcase(s, pattern)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.first and dvc(["repro", *args.first]) != 0:
         return 1
-    names = set(stage_names("*"))
+    names = subprocess.run(["dvc", "stage", "list", "--name-only"], check=True, capture_output=True,
+                           text=True).stdout.split()
     head = args.chain[0]
-    keys = [s.split("@", 1)[1] for s in stage_names(f"{head}@*")]
+    keys = [s.split("@", 1)[1] for s in names if fnmatch.fnmatchcase(s, f"{head}@*")]
     if not keys:
         print(f"repro_parallel: no matrix stage {head!r} in dvc.yaml", file=sys.stderr)
         return 2
@@ -75,53 +71,39 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"repro_parallel: --chain: stage(s) {missing[:4]} not in dvc.yaml", file=sys.stderr)
         return 2
-    targets = list(keys)
-    print(f"repro_parallel: {len(targets)} jobs ({' -> '.join(args.chain)}), {args.jobs} at a time", flush=True)
-    failed: list[tuple[str, Path]] = []
+    print(f"repro_parallel: {len(keys)} jobs ({' -> '.join(args.chain)}), {args.jobs} at a time", flush=True)
+    failed = []
     with tempfile.TemporaryDirectory(prefix="repro_parallel_") as tmp, ThreadPoolExecutor(args.jobs) as pool:
-        queue = list(targets)
-        running = {}
-        done = 0
-
-        def start(key: str):
-            log = Path(tmp) / (key.replace("/", "_") + ".log")
-            running[pool.submit(_timed, jobs[key], log)] = (key, log)
-
-        while queue and len(running) < args.jobs:
-            start(queue.pop(0))
-        while running:
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in finished:
-                key, log = running.pop(fut)
-                rc, seconds = fut.result()
-                done += 1
-                print(f"repro_parallel: [{done}/{len(targets)}] {' -> '.join(jobs[key])} "
-                      f"{'ok' if rc == 0 else f'FAILED ({rc})'} in {seconds:.1f} s", flush=True)
-                if rc != 0:
-                    failed.append((key, log))
-                    sys.stdout.write(log.read_text(errors="replace")[-4000:])
-                    queue.clear()
-                elif queue:
-                    start(queue.pop(0))
+        futures = {pool.submit(_timed, jobs[k], Path(tmp) / (k.replace("/", "_") + ".log")): k for k in keys}
+        for done, fut in enumerate(as_completed(futures), 1):
+            if fut.cancelled():
+                continue
+            key = futures[fut]
+            rc, seconds, log = fut.result()
+            print(f"repro_parallel: [{done}/{len(keys)}] {' -> '.join(jobs[key])} "
+                  f"{'ok' if rc == 0 else f'FAILED ({rc})'} in {seconds:.1f} s", flush=True)
+            if rc != 0:
+                failed.append(key)
+                sys.stdout.write(log[-4000:])
+                for other in futures:  # the queue stops; jobs already started finish
+                    other.cancel()
     if failed:
-        print(f"repro_parallel: failed: {[k for k, _ in failed]}", file=sys.stderr)
+        print(f"repro_parallel: failed: {failed}", file=sys.stderr)
         return 1
     rc = dvc(["repro"])
     print(f"repro_parallel: done in {time.perf_counter() - t0:.1f} s", flush=True)
     return rc
 
 
-def _timed(stages: list[str], log: Path) -> tuple[int, float]:
-    t = time.perf_counter()
-    rc = 0
-    for i, stage in enumerate(stages):
-        part = log.with_suffix(f".{i}.log")
-        rc = dvc(["repro", "--single-item", stage], log=part)
-        with open(log, "a") as fh:
-            fh.write(part.read_text(errors="replace"))
+def _timed(stages: list[str], log: Path) -> tuple[int, float, str]:
+    """``dvc repro --single-item`` of each stage in turn, stopping at a failure: exit status, seconds, the logs."""
+    t, rc, text = time.perf_counter(), 0, ""
+    for stage in stages:
+        rc = dvc(["repro", "--single-item", stage], log=log)
+        text += log.read_text(errors="replace")
         if rc != 0:
             break
-    return rc, time.perf_counter() - t
+    return rc, time.perf_counter() - t, text
 
 
 if __name__ == "__main__":
