@@ -137,7 +137,7 @@ def mlflow_gaps(root: Path, experiment: str, tracking_uri: str, names: list[str]
     key = ["run", "step", "metric"]
     m = files[files.run.isin(have)].merge(logged, on=key, how="left", suffixes=("", "_mlflow"))
     lost = m[m.value_mlflow.isna() & m.value.notna()]
-    wrong = m[m.value_mlflow.notna() & (m.value_mlflow != m.value)]
+    wrong = m[m.value.notna() & m.value_mlflow.notna() & (m.value_mlflow != m.value)]
     for what, rows in (("missing from", lost), ("different in", wrong)):
         for run, g in rows.groupby("run"):
             gaps.append(f"MLflow: run {run}: {len(g)} history values {what} MLflow (e.g. {g.metric.iloc[0]} at step "
@@ -177,6 +177,9 @@ def compare(ref: dict, cur: dict, tol: float, exact: bool, missing: dict[str, st
         (same if c["weights_sha256"] == r["weights_sha256"] else differ).append(name)
     gone = sorted(set(ref["runs"]) - set(cur["runs"]) - set(missing or {}))
     fail += [f"run {n}: in the reference, not in this study" for n in gone]
+    extra = sorted(set(cur["runs"]) - set(ref["runs"]))
+    if extra:
+        notes.append(f"runs not in the reference (not compared): {', '.join(extra)}")
     notes.append(f"bit for bit: {len(same)} of {len(ref['runs'])} runs have the reference's weights"
                  + (f"; different weights: {', '.join(differ)}" if differ else ""))
     if exact and differ:

@@ -68,6 +68,10 @@ def test_record_then_check_the_same_study(recorded, capsys):
     assert data["provenance"]["torch"]
     assert _run(root, "check", "--reference", str(ref), "--exact", "--no-mlflow") == 0
     assert "bit for bit: 7 of 7 runs" in capsys.readouterr().out
+    shutil.copytree(root / "runs/nft-s0", root / "runs/nft-s3")  # a run the reference does not have
+    shutil.copy(root / "evals/nft-s0.json", root / "evals/nft-s3.json")
+    assert _run(root, "check", "--reference", str(ref), "--exact", "--no-mlflow") == 0
+    assert "runs not in the reference (not compared): nft-s3" in capsys.readouterr().out
 
 
 def test_changed_weights_are_reported_and_fail_only_with_exact(recorded, capsys):
