@@ -29,21 +29,14 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from nft.train.checkpoint import file_sha256
+
 BASE = "base"
 WEIGHTS = "model.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _final(eval_file: Path, metric_for: dict[str, str]) -> dict[str, float]:
@@ -72,7 +65,7 @@ def snapshot(root: Path) -> tuple[dict, dict[str, str]]:
         if gone:
             missing[name] = f"run {name}: missing {', '.join(gone)}"
             continue
-        runs[name] = {"weights_sha256": _sha256(weights), "final": _final(eval_file, metric_for)}
+        runs[name] = {"weights_sha256": file_sha256(weights), "final": _final(eval_file, metric_for)}
     variants = {v: {k: m[k] for k in ("mean", "std", "seeds", "gain_over_base") if k in m}
                 for v, m in numbers["variants"].items()}
     claims = {c: {k: m[k] for k in ("diff", "ci_low", "ci_high", "verdict")}
@@ -81,32 +74,30 @@ def snapshot(root: Path) -> tuple[dict, dict[str, str]]:
             "claims": claims}, missing
 
 
-def params_digest(path: Path) -> str | None:
-    """sha256 of the study's parameters as parsed (comments and layout left out); None without the file."""
+def _params(path: Path) -> dict | None:
     import yaml
 
-    if not path.is_file():
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
+
+
+def params_digest(path: Path) -> str | None:
+    """sha256 of the study's parameters as parsed (comments and layout left out); None without the file."""
+    params = _params(path)
+    if params is None:
         return None
-    canonical = json.dumps(yaml.safe_load(path.read_text()), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(json.dumps(params, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _provenance(root: Path) -> dict:
     import torch
     import transformers
 
-    def git(*args):
-        r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
+    from nft.tracking import git_state
 
-    study = {}
-    params = root / "params.yaml"
-    if params.is_file():
-        import yaml
-
-        study = (yaml.safe_load(params.read_text()) or {}).get("study") or {}
-    return {"study": study.get("name"), "params_sha256": params_digest(params), "commit": git("rev-parse", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    study = (_params(root / "params.yaml") or {}).get("study") or {}
+    git = git_state(root)
+    return {"study": study.get("name"), "params_sha256": params_digest(root / "params.yaml"),
+            "commit": git.get("mlflow.source.git.commit"), "dirty": git.get("nft.git_dirty") == "True",
             "recorded": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": platform.machine(),
             "processor": _cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}
@@ -124,7 +115,7 @@ def _cpu_name() -> str:
 
 def mlflow_gaps(root: Path, experiment: str, tracking_uri: str, names: list[str]) -> list[str]:
     """What the run folders and evaluation files hold that the MLflow experiment does not (or holds otherwise)."""
-    from .load import load_mlflow, load_runs
+    from .load import _final_rows, load_mlflow, load_runs
 
     try:
         files, _, _ = load_runs(root / "runs")
@@ -143,21 +134,18 @@ def mlflow_gaps(root: Path, experiment: str, tracking_uri: str, names: list[str]
             gaps.append(f"MLflow: run {run}: {len(g)} history values {what} MLflow (e.g. {g.metric.iloc[0]} at step "
                         f"{int(g.step.iloc[0])})")
     finals = logged[logged.metric.str.startswith("final/")].groupby(["run", "metric"]).value.last()
-    from nft.evaluate import eval_benchmarks
-
     for name in sorted(have):
         eval_file = root / "evals" / f"{name}.json"
         if not eval_file.is_file():
             continue
         lost, wrong = [], []
-        for bench, metrics in eval_benchmarks(json.loads(eval_file.read_text())).items():
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    got = finals.get((name, f"final/{bench}/{k}"))
-                    if got is None:
-                        lost.append(f"final/{bench}/{k}")
-                    elif float(got) != float(v):
-                        wrong.append(f"final/{bench}/{k} ({got} against {v})")
+        for *_, bench, k, v in _final_rows({"run": name, "algo": "", "variant": "", "seed": 0},
+                                           json.loads(eval_file.read_text()), {}):
+            got = finals.get((name, f"final/{bench}/{k}"))
+            if got is None:
+                lost.append(f"final/{bench}/{k}")
+            elif float(got) != v:
+                wrong.append(f"final/{bench}/{k} ({got} against {v})")
         for what, keys in (("missing from", lost), ("different in", wrong)):
             if keys:
                 gaps.append(f"MLflow: run {name}: {len(keys)} final evaluation numbers {what} MLflow (e.g. {keys[0]})")

@@ -42,7 +42,8 @@ CHECKPOINTS = ("checkpoint", "checkpoint.prev")
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -53,7 +54,7 @@ def _sha256(path: Path) -> str:
 def write_manifest(folder: Path, step: int) -> None:
     """``manifest.json``: every file under ``folder`` with its size and sha256 (written last: its presence says the
     checkpoint is complete)."""
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     atomic_write_json(folder / MANIFEST, {"step": step, "files": files})
 
@@ -73,7 +74,7 @@ def check_manifest(folder: Path) -> str | None:
             return f"{rel} is missing"
         if p.stat().st_size != meta["bytes"]:
             return f"{rel} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}"
-        if _sha256(p) != meta["sha256"]:
+        if file_sha256(p) != meta["sha256"]:
             return f"{rel} fails its sha256"
     return None
 
