@@ -104,6 +104,38 @@ def pack(prompt_ids: list[list[int]], response: torch.Tensor, response_mask: tor
     return ids, attn, pos, Lp
 
 
+class _Spread(torch.autograd.Function):
+    """Rows ``0..n-1`` each repeated ``k`` times in order (``x[inv]`` for ``inv`` = 0,0,..,1,1,..): a copy forward;
+    backward sums each row's ``k`` gradients one after another, in index order, as advanced indexing's backward
+    (an accumulating index_put) does on one thread, so the gradients are the same bit for bit there (the study's
+    setting, ``threads: 1``), but as ``k`` vectorised adds. (An expand's backward, ``sum`` over the answers, adds in
+    another order: the embedded study's weights then differ in the last bits.)"""
+
+    @staticmethod
+    def forward(ctx, x, k: int):
+        ctx.k = k
+        return x.unsqueeze(1).expand(x.shape[0], k, *x.shape[1:]).reshape(x.shape[0] * k, *x.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = grad.view(-1, ctx.k, *grad.shape[1:]) if grad.is_contiguous() else grad.reshape(-1, ctx.k, *grad.shape[1:])
+        out = g[:, 0].clone()
+        for j in range(1, ctx.k):
+            out += g[:, j]
+        return out, None
+
+
+def _spread(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """``x[inv]`` along the first dimension. Where the rows are each prompt's answers in order, all prompts with as
+    many, :class:`_Spread` (measured, 2026-11-29, 2 CPU cores: one layer's prompt keys, 16 prompts x 8 answers of a
+    128-wide model, forward + backward through the cache's concatenation, 3.2 ms as ``x[inv]``, 1.0 ms by
+    ``index_select``, 0.4 ms by an expand)."""
+    n, b = x.shape[0], inv.shape[0]
+    if b % n == 0 and b > n and torch.equal(inv, torch.arange(n, device=inv.device).repeat_interleave(b // n)):
+        return _Spread.apply(x, b // n)
+    return x[inv]
+
+
 def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: int):
     """Logits ``[B, T, V]`` predicting each response token, running every distinct prompt once.
 
@@ -129,7 +161,8 @@ def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: in
     response, response_mask = response.to(dev), response_mask.to(dev)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    cache.batch_select_indices(inv)
+    for layer in cache.layers:  # not DynamicLayer's batch_select_indices (x[inv]): see _spread
+        layer.keys, layer.values = _spread(layer.keys, inv), _spread(layer.values, inv)
     B, T = response.shape
     resp_attn = (response_mask > 0).long()
     full_attn = torch.cat([attn[inv], resp_attn], dim=-1)
@@ -137,7 +170,7 @@ def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: in
     resp_ids = torch.where(response_mask > 0, response, torch.full_like(response, pad_id))
     out2 = model(input_ids=resp_ids, attention_mask=full_attn, position_ids=resp_pos, past_key_values=cache,
                  use_cache=True)
-    return torch.cat([out.logits[inv, -1:, :], out2.logits[:, :-1, :]], dim=1)
+    return torch.cat([_spread(out.logits[:, -1:, :], inv), out2.logits[:, :-1, :]], dim=1)
 
 
 def response_logprobs(

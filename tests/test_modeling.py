@@ -5,7 +5,7 @@ import torch
 
 from nft.data.prompts import render_prompt
 from nft.data.synthetic import SyntheticConfig, build_splits
-from nft.modeling import load_policy, response_logprobs
+from nft.modeling import _spread, load_policy, response_logprobs
 from nft.rollout.torch_sampler import TorchSampler
 
 
@@ -15,8 +15,14 @@ def test_shared_prefix_equals_packed_and_sampler(tiny_study):
     problems = build_splits(SyntheticConfig(families=["add"], tiers=["medium"], train_size=50, eval_size=8))["train"]
     sampler = TorchSampler(model, tok)
     ro = sampler.sample([render_prompt(tok, p.question) for p in problems[:5]], 3, max_new_tokens=16, seed=4)
-    # a second prompt order mixes rows of different prompts (non-consecutive sharing)
-    perm = torch.tensor([3, 0, 7, 1, 14, 2, 9, 5, 4, 6, 8, 10, 11, 12, 13])
+    # the sampler's order (each prompt's answers together: _Spread), and one that mixes rows of different prompts
+    for perm in (torch.arange(15), torch.tensor([3, 0, 7, 1, 14, 2, 9, 5, 4, 6, 8, 10, 11, 12, 13])):
+        _same_logprobs_and_grads(model, tok, ro, perm)
+    again = sampler.sample([render_prompt(tok, p.question) for p in problems[:5]], 3, max_new_tokens=16, seed=4)
+    assert torch.equal(again.response, ro.response) and again.texts == ro.texts
+
+
+def _same_logprobs_and_grads(model, tok, ro, perm):
     prompt_ids = [ro.prompt_ids[i] for i in perm.tolist()]
     response, mask = ro.response[perm], ro.mask[perm]
     grads = []
@@ -30,5 +36,28 @@ def test_shared_prefix_equals_packed_and_sampler(tiny_study):
         assert (lp - ro.logprobs[perm])[on].abs().max() < 1e-4
         assert torch.isfinite(ent[on]).all()
     assert (grads[0] - grads[1]).norm() <= 1e-4 * grads[0].norm()
-    again = sampler.sample([render_prompt(tok, p.question) for p in problems[:5]], 3, max_new_tokens=16, seed=4)
-    assert torch.equal(again.response, ro.response) and again.texts == ro.texts
+
+
+def test_spread_is_indexing_with_its_sums_in_order():
+    """The shared-prefix pass spreads each prompt's keys/values over its answers with _Spread where the rows are
+    grouped: the same values as ``x[inv]``, and on one thread (the study's) the same gradient bits, also when the
+    gradient arrives as a slice (of the cache's concatenation); other row orders take ``x[inv]`` itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 2, 7, 16, generator=g, requires_grad=True)
+        new = torch.randn(40, 2, 3, 16, generator=g)
+        up = torch.randn(40, 2, 10, 16, generator=g)
+        for inv in (torch.arange(5).repeat_interleave(8), torch.arange(40).remainder(5)):
+            got = []
+            for spread in (lambda t: t[inv], lambda t: _spread(t, inv)):
+                x.grad = None
+                y = spread(x)
+                torch.cat([y, new], dim=2).backward(up)
+                got.append((y.detach(), x.grad.clone()))
+            assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+        assert "Spread" in type(_spread(x, torch.arange(5).repeat_interleave(3)).grad_fn).__name__
+        assert "Spread" not in type(_spread(x, torch.tensor([1, 0, 2])).grad_fn).__name__
+    finally:
+        torch.set_num_threads(threads)

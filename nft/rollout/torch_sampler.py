@@ -43,8 +43,9 @@ DECODE_GQA = {"cpu": "gqa", "cuda": "transformers"}
 
 #: cascade decoding (:func:`_cascade`) is used when the prompts' keys and values that plain decoding would read more
 #: than once per step (answers beyond the first of each prompt x prompt positions, per layer) exceed this many bytes
-#: (measured on 2 CPU cores, README "Speed": 1.08x faster sampling at 12 MB, 1.24-1.27x at 23-47 MB, none at 5.8 MB).
-CASCADE_MIN_BYTES = 8 << 20
+#: (``benchmarks/cascade.py`` on 2 CPU cores, README "Speed": 1.15-1.23x faster sampling from 5.6 to 45 MiB, tokens
+#: the same; 1.08x, inside the noise, at 2.4 MiB; an earlier machine: no gain at 5.6 MiB, 1.08-1.27x from 11 MiB).
+CASCADE_MIN_BYTES = 4 << 20
 
 
 class SharedPrefix:
