@@ -40,8 +40,8 @@ def _same_logprobs_and_grads(model, tok, ro, perm):
 
 def test_spread_is_indexing_with_its_sums_in_order():
     """The shared-prefix pass spreads each prompt's keys/values over its answers with _Spread where the rows are
-    grouped: the same values as ``x[inv]``, and on one thread (the study's) the same gradient bits, also when the
-    gradient arrives as a slice (of the cache's concatenation); other row orders take ``x[inv]`` itself."""
+    grouped, index_select otherwise: the same values as ``x[inv]``, and on one thread (the study's) the same gradient
+    bits, also when the gradient arrives as a slice (of the cache's concatenation)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
