@@ -118,7 +118,7 @@ class _Spread(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        g = grad.view(-1, ctx.k, *grad.shape[1:]) if grad.is_contiguous() else grad.reshape(-1, ctx.k, *grad.shape[1:])
+        g = grad.reshape(-1, ctx.k, *grad.shape[1:])  # a view where it can be
         out = g[:, 0].clone()
         for j in range(1, ctx.k):
             out += g[:, j]
