@@ -27,16 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def repeated_bytes(model, P: int, K: int, Lp: int) -> int:
-    cfg = model.config.get_text_config(decoder=True)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    itemsize = next(model.parameters()).element_size()
-    return P * (K - 1) * Lp * cfg.num_key_value_heads * head_dim * 2 * itemsize
-
-
 def measure(name, model, tok, questions, K: int, new_tokens: int, runs: int) -> dict:
     from nft.data.prompts import render_prompt
-    from nft.rollout.torch_sampler import TorchSampler
+    from nft.rollout.torch_sampler import TorchSampler, repeated_prompt_bytes
 
     prompts = [render_prompt(tok, q) for q in questions]
     Lp = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
@@ -54,7 +47,7 @@ def measure(name, model, tok, questions, K: int, new_tokens: int, runs: int) -> 
     cfg = model.config
     return {"workload": name, "model": f"{cfg.hidden_size}x{cfg.num_hidden_layers}, {cfg.num_key_value_heads} kv heads",
             "P": len(prompts), "K": K, "new_tokens": new_tokens, "prompt_len": Lp,
-            "repeated_mib": repeated_bytes(model, len(prompts), K, Lp) / 2**20,
+            "repeated_mib": repeated_prompt_bytes(model, len(prompts), K, Lp) / 2**20,
             "off_s": times[False], "on_s": times[True],
             "same_tokens": bool(torch.equal(outs[False].response, outs[True].response)),
             "logprob_diff": float((outs[False].logprobs - outs[True].logprobs).abs().max()), "rule_picks": picks}

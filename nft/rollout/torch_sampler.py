@@ -48,6 +48,15 @@ DECODE_GQA = {"cpu": "gqa", "cuda": "transformers"}
 CASCADE_MIN_BYTES = 4 << 20
 
 
+def repeated_prompt_bytes(model, prompts: int, n: int, prompt_len: int) -> int:
+    """Bytes of prompt keys/values that plain decoding reads more than once per layer and step: the answers beyond
+    the first of each of ``prompts`` prompts, each re-reading ``prompt_len`` positions (what cascade decoding saves)."""
+    cfg = model.config.get_text_config(decoder=True)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return prompts * (n - 1) * prompt_len * cfg.num_key_value_heads * head_dim * 2 * itemsize
+
+
 class SharedPrefix:
     """What a cascade decoding step needs besides the layer's own views (passed through transformers as the "mask"):
     the cache (its layers hold the prompts' keys and values once), each slot's answer (``alive``: slot -> answer
@@ -249,11 +258,7 @@ class TorchSampler:
             return self.cascade
         if dev.type != "cpu":  # measured on CPU only
             return False
-        cfg = model.config.get_text_config(decoder=True)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        itemsize = next(model.parameters()).element_size()
-        repeated = prompts * (n - 1) * prompt_len * cfg.num_key_value_heads * head_dim * 2 * itemsize
-        return repeated >= CASCADE_MIN_BYTES
+        return repeated_prompt_bytes(model, prompts, n, prompt_len) >= CASCADE_MIN_BYTES
 
     @torch.inference_mode()
     def _sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
