@@ -43,8 +43,8 @@ DECODE_GQA = {"cpu": "gqa", "cuda": "transformers"}
 
 #: cascade decoding (:func:`_cascade`) is used when the prompts' keys and values that plain decoding would read more
 #: than once per step (answers beyond the first of each prompt x prompt positions, per layer) exceed this many bytes
-#: (``benchmarks/cascade.py`` on 2 CPU cores, README "Speed": 1.15-1.23x faster sampling from 5.6 to 45 MiB, tokens
-#: the same; 1.08x, inside the noise, at 2.4 MiB; an earlier machine: no gain at 5.6 MiB, 1.08-1.27x from 11 MiB).
+#: (``benchmarks/cascade.py`` on 2 CPU cores, README "Speed": 1.12-1.26x faster sampling from 5.6 to 45 MiB, tokens
+#: the same; 1.04x, inside the noise, at 2.4 MiB; an earlier machine: no gain at 5.8 MB, 1.08-1.27x from 12 MB).
 CASCADE_MIN_BYTES = 4 << 20
 
 
