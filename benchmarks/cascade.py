@@ -45,6 +45,7 @@ def measure(name, model, tok, questions, K: int, new_tokens: int, runs: int) -> 
             times[c].append(time.perf_counter() - t0)
     picks = TorchSampler(model, tok)._use_cascade(model, len(prompts), K, Lp, torch.device("cpu"))
     cfg = model.config
+    print(name, f"{statistics.median(times[False]):.3f} -> {statistics.median(times[True]):.3f} s", flush=True)
     return {"workload": name, "model": f"{cfg.hidden_size}x{cfg.num_hidden_layers}, {cfg.num_key_value_heads} kv heads",
             "P": len(prompts), "K": K, "new_tokens": new_tokens, "prompt_len": Lp,
             "repeated_mib": repeated_prompt_bytes(model, len(prompts), K, Lp) / 2**20,
@@ -79,14 +80,10 @@ def main() -> int:
     for name, P, K, new, hidden, layers in cases:
         model, tok = build_model(None, hidden, layers)
         rows.append(measure(name, model.eval(), tok, questions[:P], K, new, args.runs))
-        print(rows[-1]["workload"], f"{statistics.median(rows[-1]['off_s']):.3f} -> "
-              f"{statistics.median(rows[-1]['on_s']):.3f} s", flush=True)
     if args.base:
         model, tok = load_policy(args.base)
         for name, P, K in (("embedded training", 128, 8), ("embedded evaluation", 64, 4)):
             rows.append(measure(name, model.eval(), tok, questions[:P], K, 48, args.runs))
-            print(rows[-1]["workload"], f"{statistics.median(rows[-1]['off_s']):.3f} -> "
-                  f"{statistics.median(rows[-1]['on_s']):.3f} s", flush=True)
 
     def span(v):
         return f"{statistics.median(v):.3f} [{min(v):.3f}–{max(v):.3f}]"

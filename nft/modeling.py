@@ -125,16 +125,17 @@ class _Spread(torch.autograd.Function):
         return out, None
 
 
-def _spread(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """``x[inv]`` along the first dimension, with a cheaper backward: :class:`_Spread` where the rows are each
-    prompt's answers in order, all prompts with as many; otherwise ``index_select`` (its backward an index_add, in
-    index order: on one thread the same bits as advanced indexing's accumulating index_put). Measured 2026-11-29, 2
-    CPU cores, one layer's prompt keys of 16 prompts x 8 answers of a 128-wide model, forward + backward through the
-    cache's concatenation: 2.8-3.2 ms as ``x[inv]``, 0.8-1.0 ms by ``index_select``, 0.5 ms by _Spread."""
-    n, b = x.shape[0], inv.shape[0]
+def _spreader(inv: torch.Tensor, n: int):
+    """``x -> x[inv]`` along the first dimension of tensors of ``n`` rows, with a cheaper backward: :class:`_Spread`
+    where the rows are each prompt's answers in order, all prompts with as many (decided once per ``inv``); otherwise
+    ``index_select`` (its backward an index_add, in index order: on one thread the same bits as advanced indexing's
+    accumulating index_put). Measured 2026-11-29, 2 CPU cores, one layer's prompt keys of 16 prompts x 8 answers of a
+    128-wide model, forward + backward through the cache's concatenation: 2.8-3.2 ms as ``x[inv]``, 0.8-1.0 ms by
+    ``index_select``, 0.5 ms by _Spread."""
+    b = inv.shape[0]
     if b % n == 0 and b > n and torch.equal(inv, torch.arange(n, device=inv.device).repeat_interleave(b // n)):
-        return _Spread.apply(x, b // n)
-    return x.index_select(0, inv)
+        return lambda x: _Spread.apply(x, b // n)
+    return lambda x: x.index_select(0, inv)
 
 
 def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: int):
@@ -162,8 +163,9 @@ def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: in
     response, response_mask = response.to(dev), response_mask.to(dev)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    for layer in cache.layers:  # not DynamicLayer's batch_select_indices (x[inv]): see _spread
-        layer.keys, layer.values = _spread(layer.keys, inv), _spread(layer.values, inv)
+    spread = _spreader(inv, len(uniq))  # not DynamicLayer's batch_select_indices (x[inv]): see _spreader
+    for layer in cache.layers:
+        layer.keys, layer.values = spread(layer.keys), spread(layer.values)
     B, T = response.shape
     resp_attn = (response_mask > 0).long()
     full_attn = torch.cat([attn[inv], resp_attn], dim=-1)
@@ -171,7 +173,7 @@ def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: in
     resp_ids = torch.where(response_mask > 0, response, torch.full_like(response, pad_id))
     out2 = model(input_ids=resp_ids, attention_mask=full_attn, position_ids=resp_pos, past_key_values=cache,
                  use_cache=True)
-    return torch.cat([_spread(out.logits[:, -1:, :], inv), out2.logits[:, :-1, :]], dim=1)
+    return torch.cat([spread(out.logits[:, -1:, :]), out2.logits[:, :-1, :]], dim=1)
 
 
 def response_logprobs(

@@ -5,7 +5,7 @@ import torch
 
 from nft.data.prompts import render_prompt
 from nft.data.synthetic import SyntheticConfig, build_splits
-from nft.modeling import _spread, load_policy, response_logprobs
+from nft.modeling import _spreader, load_policy, response_logprobs
 from nft.rollout.torch_sampler import TorchSampler
 
 
@@ -51,13 +51,13 @@ def test_spread_is_indexing_with_its_sums_in_order():
         up = torch.randn(40, 2, 10, 16, generator=g)
         for inv in (torch.arange(5).repeat_interleave(8), torch.arange(40).remainder(5)):
             got = []
-            for spread in (lambda t: t[inv], lambda t: _spread(t, inv)):
+            for spread in (lambda t: t[inv], _spreader(inv, 5)):
                 x.grad = None
                 y = spread(x)
                 torch.cat([y, new], dim=2).backward(up)
                 got.append((y.detach(), x.grad.clone()))
             assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
-        assert "Spread" in type(_spread(x, torch.arange(5).repeat_interleave(3)).grad_fn).__name__
-        assert "Spread" not in type(_spread(x, torch.tensor([1, 0, 2])).grad_fn).__name__
+        assert "Spread" in type(_spreader(torch.arange(5).repeat_interleave(3), 5)(x).grad_fn).__name__
+        assert "Spread" not in type(_spreader(torch.tensor([1, 0, 2]), 5)(x).grad_fn).__name__
     finally:
         torch.set_num_threads(threads)
