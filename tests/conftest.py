@@ -15,9 +15,50 @@ import nft  # noqa: F401  (pins the CPU instruction set, nft.pin_cpu_isa, before
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# a user's own tracking server must not receive the tests' runs; each test that tracks names its store
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
+
+#: what `make study` and the other commands write into the checkout; tests neither read nor write them
+CHECKOUT_OUTPUTS = ("data", "models", "runs", "evals", "reports", "sweeps", "mlflow.db", "dvc.lock")
+
+
+def _outputs_state(root: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under the checkout's output paths."""
+    state = {}
+    for name in CHECKOUT_OUTPUTS:
+        top = root / name
+        files = [top] if top.is_file() else (p for p in top.rglob("*") if p.is_file()) if top.is_dir() else ()
+        for f in files:
+            st = f.stat()
+            state[str(f.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+def pytest_sessionstart(session):
+    session.config._nft_outputs = _outputs_state(REPO)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite fails if it created, changed or removed anything under the checkout's outputs."""
+    before = getattr(session.config, "_nft_outputs", None)
+    if before is None:
+        return
+    after = _outputs_state(REPO)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        print(f"\nconftest: the tests changed the checkout's outputs ({len(changed)} files), e.g. {changed[:5]}",
+              file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _away_from_checkout(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty working directory of its own: commands whose defaults are relative to it
+    (``evals/``, ``runs/``, ``reports/``, ``mlflow.db``) never see the checkout's study."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 #: a small study: tiny model, add/sub/mul easy questions, short answers. The base model reaches ~20-40% sampled
 #: accuracy on its training questions after 250 steps (~15 s), so groups with both right and wrong answers exist.
