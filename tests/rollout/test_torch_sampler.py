@@ -124,4 +124,4 @@ def test_every_decode_attention_mode_draws_the_same_answers(policy, monkeypatch,
     monkeypatch.setitem(torch_sampler.DECODE_GQA, "cpu", mode)
     got = TorchSampler(model, tok).sample(prompts, 3, max_new_tokens=32, seed=7)
     assert torch.equal(ref.response, got.response)
-    assert (ref.logprobs - got.logprobs).abs().max() < 1e-5
+    assert (ref.logprobs - got.logprobs).abs().max() < 5e-5  # another summation order; the answers are equal

@@ -42,11 +42,28 @@ def weights_digest(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-#: Weights after the tiny study's 2 steps, recorded on main before the loop was split (nft/train/loop.py at c3e8b09)
-#: and unchanged by the refactor: a change of these is a change of behaviour, to be explained, never re-recorded
-#: silently. The tiny base model itself: 12d62e52ba36ddca.
-GOLDEN = {"nft": "dd4dd214876ed357", "rft": "0b363e674ecce56f", "grpo": "5989672e8453a104",
-          "dr_grpo": "5f613771951e0737", "dapo": "710bba5d4a63dba5", "sft": "7003a32ff48389f2"}  # sft: re-recorded with train.threads 1 (2 threads: 37abdbd22180e835)
+def cpu_vendor() -> str:
+    """``AuthenticAMD``, ``GenuineIntel``, ...: MKL takes other code paths on each vendor's processors, so the same
+    seed and instruction set (nft.pin_cpu_isa) give the same bits on one vendor's machines, not across vendors."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+#: Weights after the tiny study's 2 steps, per CPU vendor ("base": the tiny base model itself). A change of these is a
+#: change of behaviour, to be explained, never re-recorded silently. A vendor not listed checks the rest of the test.
+GOLDEN = {
+    "AuthenticAMD": {"base": "12d62e52ba36ddca", "nft": "dd4dd214876ed357", "rft": "0b363e674ecce56f",
+                     "grpo": "5989672e8453a104", "dr_grpo": "5f613771951e0737", "dapo": "710bba5d4a63dba5",
+                     "sft": "7003a32ff48389f2"},
+    "GenuineIntel": {"base": "c8032e7682fd56c9", "nft": "1ffa984603201aed", "rft": "1fa2ae96725f043a",
+                     "grpo": "0b76c6b444658a34", "dr_grpo": "7e28c732da287080", "dapo": "2ce4130aee528935",
+                     "sft": "583ca411808373e6"},
+}
 
 
 @pytest.mark.parametrize("algo", ALGOS)
@@ -57,8 +74,10 @@ def test_two_steps_change_parameters_and_log_finite_metrics(tiny_study, tmp_path
     before, after = _weights(base), _weights(run / "model")
     changed = [k for k in before if not (before[k] == after[k]).all()]
     assert changed, f"{algo}: no parameter changed"
-    assert weights_digest(base) == "12d62e52ba36ddca", "the tiny base model changed (pretrain, data or tokenizer)"
-    assert weights_digest(run / "model") == GOLDEN[algo], f"{algo}: the trained weights differ from the recorded run"
+    golden = GOLDEN.get(cpu_vendor(), {})
+    if golden:
+        assert weights_digest(base) == golden["base"], "the tiny base model changed (pretrain, data or tokenizer)"
+        assert weights_digest(run / "model") == golden.get(algo), f"{algo}: the trained weights differ from the record"
     assert json.loads((run / "tags.json").read_text())["cpu_isa"]  # recorded: the bits depend on it
     rows = _history(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -150,6 +169,9 @@ def test_mlflow_holds_the_run(tiny_study, tmp_path, mlflow_server):
 
     params, data, _ = tiny_study
     run = tmp_path / "tracked"
+    for args in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+                                  "-m", "study"]):
+        subprocess.run(["git", *args], check=True)  # the working directory is the study's repository
     nft_cli("train", "--config", params, "--algo", "dapo", "--seed", "1", "--out", run, "--quiet",
             "--set", "train.tracking=true", "--set", f"train.tracking_uri={mlflow_server}",
             "--set", "study.name=tiny-study")
