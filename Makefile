@@ -25,7 +25,7 @@ test: $(STAMP)
 
 study: $(STAMP)
 	@if [ ! -f dvc.yaml ]; then echo "make study: the DVC pipeline (dvc.yaml) is not built yet (issue [order 5]); nothing was run."; exit 2; fi
-	$(BIN)/nft check --config params.yaml
+	$(BIN)/nft check --config params.yaml --jobs $(JOBS)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/repro_parallel.py --jobs $(JOBS) --first evaluate-base --chain train evaluate
 
 # After `make study`: the study in the workspace against the recorded one (experiments/reference/): nothing missing,

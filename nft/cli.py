@@ -1,7 +1,8 @@
 """The ``nft`` command line: one sub-command per entry point.
 
     nft losses                                          the loss registry and its hyperparameters
-    nft check    --config params.yaml                  validate a study file (make study runs it first)
+    nft check    --config params.yaml [--jobs 2]       validate a study file, its model, data and launcher (exit 1)
+    nft data fetch --out benchmarks-data [--sets math500,aime24]   the paper's files from the hub, with their sources
     nft compose  experiments/ablation-eps.yaml --out params.yaml   a preset over the defaults, every key explicit
     nft prepare  --config params.yaml --out data
     nft pretrain --config params.yaml --out models/base [--set pretrain.steps=100 ...]
@@ -50,20 +51,46 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from nft.config import ConfigError, load_study
+    from nft.config import ConfigError
+    from nft.preflight import problems
 
-    cfg = load_study(args.config, args.set)
+    cfg = _load(args)
     raw = cfg["_raw"]
     missing = [k for k in ("algorithms", "seeds") if k not in raw]
     missing += [f"variants.{a}" for a in raw.get("algorithms") or [] if a not in (raw.get("variants") or {})]
     if missing and Path(args.config).name == "params.yaml":  # the file dvc.yaml reads these keys from
         raise ConfigError(f"{args.config}: missing key(s) {missing}, which dvc.yaml reads (`nft compose PRESET "
                           f"--out params.yaml` writes every key)")
-    from nft.train.run import check_backends
-
-    check_backends(cfg["train"], world=args.processes)  # vLLM / DeepSpeed present, devices, batch sizes
+    found = problems(cfg, processes=args.processes, jobs=args.jobs)
+    for line in found:
+        print(f"nft check: {line}", file=sys.stderr)
+    if found:
+        return 1
     plan = cfg["plan"]
     print(f"check: {args.config} is valid: algorithms {plan.algorithms}, seeds {plan.seeds}")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> dict:
+    """The study file with ``--set`` overrides, validated; its benchmark location applies to this process."""
+    from nft.config import load_study
+    from nft.data.hub import use_benchmarks
+
+    cfg = load_study(args.config, args.set)
+    study = cfg["plan"].study
+    use_benchmarks(study.benchmarks_source, study.benchmarks_dir)
+    return cfg
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from nft.data.hub import REGISTRY, fetch
+
+    names = [n.strip() for n in args.sets.split(",") if n.strip()] if args.sets else sorted(REGISTRY)
+    sources = fetch(names, args.out)
+    for rel, src in sorted(sources.items()):
+        if src["set"] in names:
+            print(f"data fetch: {src['repo_id']}@{src['revision'][:12]} -> {args.out}/{rel} ({src['rows']} rows, "
+                  f"sha256 {src['sha256'][:12]})")
     return 0
 
 
@@ -105,10 +132,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from nft.config import load_study, to_dict
+    from nft.config import to_dict
     from nft.train.run import run_training
 
-    cfg = load_study(args.config, args.set)
+    cfg = _load(args)
     plan = cfg["plan"]
     algo, train = plan.arm(args.algo, cfg["train"])  # a variant: an algorithm with its own loss hyperparameters
     full = {**to_dict(plan), **{k: to_dict(v) for k, v in cfg.items() if k not in ("_raw", "plan")}}
@@ -121,10 +148,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from nft.config import load_study
     from nft.evaluate import EvalConfig, run_evaluate
 
-    base = load_study(args.config, args.set)["eval"] if args.config else EvalConfig()
+    base = _load(args)["eval"] if args.config else EvalConfig()
     changes = {k: v for k, v in {"k": args.k, "limit": args.limit, "seed": args.seed,
                                  "temperature": args.temperature, "top_p": args.top_p,
                                  "max_new_tokens": args.max_new_tokens}.items() if v is not None}
@@ -186,9 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
     p = sub.add_parser("check", help="validate a study params file (every section and key) and its backends")
     _common(p)
-    p.add_argument("--processes", type=int, default=1,
-                   help="training processes the run will be launched with (DeepSpeed batch-size checks)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="training processes the run will be launched with (default: study.launcher's)")
+    p.add_argument("--jobs", type=int, default=1, help="stages run at once (make study's JOBS)")
     p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("data", help="data fetch: write the paper's benchmark and training files from the hub")
+    p.add_argument("action", choices=["fetch"])
+    p.add_argument("--out", required=True, help="folder to write (study.benchmarks_dir)")
+    p.add_argument("--sets", default=None, help="comma-separated registered sets (default: all)")
+    p.set_defaults(func=_cmd_data)
     p = sub.add_parser("compose", help="a preset over the defaults, every key explicit (the params.yaml DVC reads)")
     p.add_argument("config", help="study file or preset (experiments/*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -158,6 +158,11 @@ class StudySection:
     launcher: str = "nft"
     """the command DVC's train stage runs: ``nft``, or a launcher such as ``deepspeed --num_gpus 8 --module nft.cli``
     (README, Scale-out)."""
+    benchmarks_dir: str = ""
+    """folder of the paper's benchmark and training files, in the layout ``nft data fetch`` writes (empty:
+    ``$NFT_BENCHMARKS_DIR``, else ``../shared/benchmarks`` beside the checkout)."""
+    benchmarks_source: Literal["local", "hub"] = "local"
+    """``local``: read them from ``benchmarks_dir``; ``hub``: download them from the Hugging Face hub when loaded."""
 
 
 @dataclass

@@ -75,6 +75,27 @@ TINY = {
 }
 
 
+def copy_checkout(dst: Path) -> Path:
+    """The checkout's code and pipeline (no outputs, no DVC cache) in a fresh git repository at ``dst``."""
+    import shutil
+
+    top = {".venv", ".git", "data", "models", "runs", "evals", "reports", "mlflow.db", "tmp", "dvc.lock", "mlartifacts",
+           "metrics.json", "sweeps"}
+    anywhere = shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.egg-info")
+
+    def ignore(folder, names):
+        skip = set(anywhere(folder, names))
+        if Path(folder) == REPO:
+            skip |= top & set(names)
+        return skip
+
+    shutil.copytree(REPO, dst, ignore=ignore)
+    shutil.rmtree(dst / ".dvc" / "cache", ignore_errors=True)
+    shutil.rmtree(dst / ".dvc" / "tmp", ignore_errors=True)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    return dst
+
+
 def nft_cli(*args, check=True, env=None, cwd=None):
     r = subprocess.run([sys.executable, "-m", "nft.cli", *map(str, args)], capture_output=True, text=True,
                        env={**os.environ, **(env or {})}, cwd=cwd)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY
+from tests.conftest import REPO, TINY, copy_checkout
 
 SMOKE = {
     "study": {"name": "smoke", "launcher": "nft"},
@@ -37,21 +37,7 @@ def _dvc(cwd: Path, *args) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def repo_copy(tmp_path):
-    dst = tmp_path / "repo"
-    top = {".venv", ".git", "data", "models", "runs", "evals", "reports", "mlflow.db", "tmp", "dvc.lock", "mlartifacts",
-           "metrics.json", "sweeps"}
-    anywhere = shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.egg-info")
-
-    def ignore(folder, names):
-        skip = set(anywhere(folder, names))
-        if Path(folder) == REPO:
-            skip |= top & set(names)
-        return skip
-
-    shutil.copytree(REPO, dst, ignore=ignore)
-    shutil.rmtree(dst / ".dvc" / "cache", ignore_errors=True)
-    shutil.rmtree(dst / ".dvc" / "tmp", ignore_errors=True)
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    dst = copy_checkout(tmp_path / "repo")
     (dst / "params.yaml").write_text(yaml.safe_dump(SMOKE, sort_keys=False))
     return dst
 

@@ -1,9 +1,11 @@
 """The paper's benchmarks and training set: local files (default) or the Hugging Face hub.
 
-Local files are read from ``$NFT_BENCHMARKS_DIR`` or, failing that, ``../shared/benchmarks`` beside the checkout
-(see its SOURCES.md). The hub path (``source="hub"``) downloads a dataset snapshot with ``huggingface_hub`` and
-reads the split's files with the same field mapping; tests run it on a local folder shaped like the hub snapshot
-(``snapshot_dir=...``), never over the network.
+Local files are read from the study's ``study.benchmarks_dir``, else ``$NFT_BENCHMARKS_DIR``, else
+``../shared/benchmarks`` beside the checkout (see its SOURCES.md). ``nft data fetch --out DIR`` writes that layout from
+the hub (:func:`fetch`), with each file's repository, revision and sha256 in ``DIR/SOURCES.json``. The hub path
+(``study.benchmarks_source: hub``) downloads a dataset snapshot with ``huggingface_hub`` at load time and reads the
+split's files with the same field mapping; tests run both on local folders shaped like the hub's, never over the
+network.
 """
 
 from __future__ import annotations
@@ -100,11 +102,35 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in [
 ]}
 
 
+#: where this process reads the registered sets: set from the study file by :func:`use_benchmarks` (``nft`` does it
+#: for every command that loads a study); empty: ``$NFT_BENCHMARKS_DIR``, else ``../shared/benchmarks``
+_SOURCE = {"source": "local", "root": ""}
+
+
+def use_benchmarks(source: str = "local", root: str = "") -> None:
+    """The study's ``study.benchmarks_source`` and ``study.benchmarks_dir`` for every later load in this process."""
+    if source not in ("local", "hub"):
+        raise ValueError(f"study.benchmarks_source: expected 'local' or 'hub', got {source!r}")
+    _SOURCE.update(source=source, root=root)
+
+
+def benchmarks_source() -> str:
+    return _SOURCE["source"]
+
+
 def benchmarks_root() -> Path:
+    if _SOURCE["root"]:
+        return Path(_SOURCE["root"])
     env = os.environ.get("NFT_BENCHMARKS_DIR")
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
+
+
+def missing_files(name: str, root: str | Path | None = None) -> list[Path]:
+    """The local files of the registered set ``name`` that are not under ``root`` (default: :func:`benchmarks_root`)."""
+    root = Path(root) if root else benchmarks_root()
+    return [root / rel for rel in REGISTRY[name].local if not (root / rel).exists()]
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -172,10 +198,77 @@ def load_hub(name: str, snapshot_dir: str | Path | None = None) -> ProblemSet:
     return _to_set(entry, rows)
 
 
-def load_registered(name: str, source: str = "local", root: str | Path | None = None,
+def load_registered(name: str, source: str | None = None, root: str | Path | None = None,
                     snapshot_dir: str | Path | None = None) -> ProblemSet:
+    source = source or benchmarks_source()
     if source == "local":
         return load_local(name, root)
     if source == "hub":
         return load_hub(name, snapshot_dir)
     raise ValueError(f"source: expected 'local' or 'hub', got {source!r}")
+
+
+def _hub_rows(entry: Entry, revision: str | None) -> tuple[list[dict], str]:
+    """The split's rows at ``revision`` (default: the dataset's newest commit, resolved first so that the record names
+    the commit read), from the hub through ``datasets``: the one function here that reaches the network."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    revision = revision or HfApi().dataset_info(entry.hub_id).sha
+    return datasets.load_dataset(entry.hub_id, entry.hub_config, split=entry.hub_split, revision=revision).to_list(), \
+        revision
+
+
+def fetch(names: list[str], out: str | Path, revisions: dict[str, str] | None = None,
+          rows_of: Callable[[Entry, str | None], tuple[list[dict], str]] = _hub_rows) -> dict:
+    """Write the registered sets ``names`` under ``out`` in the layout :func:`load_local` reads, as the hub serves
+    them (rows unchanged: the registry's field mapping applies when they are loaded), and ``out/SOURCES.json`` with
+    each file's repository id, revision and sha256. ``rows_of(entry, revision)`` returns ``(rows, revision)``; by
+    default the hub, through ``datasets``. Each file is written whole or not at all; returns the sources written."""
+    import hashlib
+
+    from ..io import atomic_write
+
+    unknown = sorted(set(names) - set(REGISTRY))
+    if unknown:
+        raise ValueError(f"nft data fetch: unknown set(s) {unknown}; registered: {sorted(REGISTRY)}")
+    out = Path(out)
+    index = out / "SOURCES.json"
+    sources = json.loads(index.read_text()) if index.is_file() else {}
+    for name in names:
+        entry = REGISTRY[name]
+        rows, revision = rows_of(entry, (revisions or {}).get(name))
+        parts = _split_like_local(entry, rows)
+        for rel, part in parts.items():
+            path = out / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_rows(path, part)
+            sources[rel] = {"set": name, "repo_id": entry.hub_id, "config": entry.hub_config,
+                            "split": entry.hub_split, "revision": revision, "rows": len(part),
+                            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        atomic_write(index, json.dumps(sources, indent=2, sort_keys=True) + "\n")
+    return sources
+
+
+def _split_like_local(entry: Entry, rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows spread over the set's local files: one file takes them all; AIME25's two files take parts I and II
+    (ids ``II-...`` in the second), else the first and second half."""
+    if len(entry.local) == 1:
+        return {entry.local[0]: rows}
+    second = [str(r.get("id", "")).startswith("II") for r in rows]
+    if not any(second) or all(second):
+        second = [i >= (len(rows) + 1) // 2 for i in range(len(rows))]
+    return {entry.local[0]: [r for r, s in zip(rows, second) if not s],
+            entry.local[1]: [r for r, s in zip(rows, second) if s]}
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+    else:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    tmp.replace(path)
