@@ -220,7 +220,7 @@ def _hub_rows(entry: Entry, revision: str | None) -> tuple[list[dict], str]:
 
 
 def fetch(names: list[str], out: str | Path, revisions: dict[str, str] | None = None,
-          rows_of: Callable[[Entry, str | None], tuple[list[dict], str]] = _hub_rows) -> dict:
+          rows_of: Callable[[Entry, str | None], tuple[list[dict], str]] | None = None) -> dict:
     """Write the registered sets ``names`` under ``out`` in the layout :func:`load_local` reads, as the hub serves
     them (rows unchanged: the registry's field mapping applies when they are loaded), and ``out/SOURCES.json`` with
     each file's repository id, revision and sha256. ``rows_of(entry, revision)`` returns ``(rows, revision)``; by
@@ -237,7 +237,7 @@ def fetch(names: list[str], out: str | Path, revisions: dict[str, str] | None = 
     sources = json.loads(index.read_text()) if index.is_file() else {}
     for name in names:
         entry = REGISTRY[name]
-        rows, revision = rows_of(entry, (revisions or {}).get(name))
+        rows, revision = (rows_of or _hub_rows)(entry, (revisions or {}).get(name))
         parts = _split_like_local(entry, rows)
         for rel, part in parts.items():
             path = out / rel
