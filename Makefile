@@ -28,7 +28,8 @@ study: $(STAMP)
 	$(BIN)/nft check --config params.yaml --jobs $(JOBS)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python scripts/repro_parallel.py --jobs $(JOBS) --first evaluate-base --chain train evaluate
 
-# After `make study`: the study in the workspace against the recorded one (experiments/reference/): nothing missing,
+# After `make study`: the study in the workspace against the one recorded on a processor of this machine's vendor
+# (experiments/reference/embedded-default.<vendor>.json; MKL computes differently on AMD and Intel): nothing missing,
 # MLflow holding every run's numbers, every arm's mean within 1 point; how many runs repeated bit for bit.
 REFERENCE ?= experiments/reference/embedded-default.json
 check-study: $(STAMP)

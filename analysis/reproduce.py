@@ -1,7 +1,12 @@
 """Did the study reproduce the recorded one? Record a finished study as a reference, check a later one against it.
 
-    python -m analysis.reproduce record --out experiments/reference/embedded-default.json   # after `make study`
+    python -m analysis.reproduce record --out experiments/reference/embedded-default.GenuineIntel.json  # after `make study`
     python -m analysis.reproduce check --reference experiments/reference/embedded-default.json
+
+References are kept per CPU vendor (``<study>.<vendor>.json``, :func:`nft.cpu_vendor`): MKL's matrix products take
+other code paths on AMD's and Intel's processors, so the tiny base model's 2,700 pretraining steps, and everything
+trained from it, end elsewhere. ``check --reference DIR/<study>.json`` reads ``DIR/<study>.<this machine's
+vendor>.json``.
 
 ``record`` reads the finished study in the workspace (run folders, ``evals/``, ``reports/metrics.json``, the base
 model) and writes, for every run, the sha256 of its weights and its final headline metric per benchmark; for every
@@ -33,6 +38,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from nft import cpu_vendor
 from nft.train.checkpoint import file_sha256
 
 BASE = "base"
@@ -99,7 +105,7 @@ def _provenance(root: Path) -> dict:
     return {"study": study.get("name"), "params_sha256": params_digest(root / "params.yaml"),
             "commit": git.get("mlflow.source.git.commit"), "dirty": git.get("nft.git_dirty") == "True",
             "recorded": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": platform.machine(),
-            "processor": _cpu_name(), "python": platform.python_version(), "torch": torch.__version__,
+            "processor": _cpu_name(), "cpu_vendor": cpu_vendor(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__}
 
 
@@ -196,6 +202,11 @@ def compare(ref: dict, cur: dict, tol: float, exact: bool, missing: dict[str, st
     return fail, notes
 
 
+def this_vendors(path: Path) -> Path:
+    """``path`` if it exists, else the reference of this machine's CPU vendor beside it (``<stem>.<vendor>.json``)."""
+    return path if path.exists() else path.with_name(f"{path.stem}.{cpu_vendor()}{path.suffix}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.reproduce", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -227,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reproduce record: {len(snap['runs'])} runs, {len(snap['variants'])} arms -> {out}")
         return 0
 
-    ref_path = Path(args.reference)
+    ref_path = this_vendors(Path(args.reference))
+    if not ref_path.exists():
+        recorded = sorted(p.name for p in ref_path.parent.glob(f"{Path(args.reference).stem}.*.json"))
+        print(f"reproduce check: {ref_path}: no study recorded on a {cpu_vendor()} processor (recorded: "
+              f"{', '.join(recorded) or 'none'}); record one with `python -m analysis.reproduce record --out "
+              f"{ref_path}` after `make study`", file=sys.stderr)
+        return 2
     try:
         ref = json.loads(ref_path.read_text())
         for key in ("runs", "variants", "claims", "provenance"):

@@ -36,6 +36,20 @@ def pin_cpu_isa() -> dict[str, str]:
     return set_now
 
 
+def cpu_vendor() -> str:
+    """``AuthenticAMD``, ``GenuineIntel``, ... (``unknown`` off Linux). MKL, which computes torch's matrix products on
+    x86-64, takes other code paths on each vendor's processors: one seed and instruction set give the same bits on
+    one vendor's machines, not across vendors (the recorded studies and golden weights are kept per vendor)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def cpu_isa() -> str:
     """The instruction set torch's ATen kernels use in this process (``AVX2``, ``AVX512``, ``DEFAULT``, ...)."""
     import torch

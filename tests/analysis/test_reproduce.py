@@ -172,17 +172,33 @@ def test_a_reference_of_other_parameters_is_refused(recorded, capsys):
     assert "params.yaml is not the study" in capsys.readouterr().err
 
 
-def test_the_committed_reference_is_of_this_repository_s_params():
-    """experiments/reference/embedded-default.json was recorded with today's params.yaml (re-record it with
-    `python -m analysis.reproduce record --out experiments/reference/embedded-default.json` after `make study`
-    whenever params.yaml changes) and holds every run of its matrix."""
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_the_committed_references_are_of_this_repository_s_params(vendor):
+    """experiments/reference/embedded-default.<vendor>.json was recorded on that vendor's processor with today's
+    params.yaml (re-record it with `python -m analysis.reproduce record --out
+    experiments/reference/embedded-default.<vendor>.json` after `make study` whenever params.yaml changes) and holds
+    every run of its matrix."""
     from analysis.reproduce import params_digest
 
     repo = Path(__file__).parents[2]
-    ref = json.loads((repo / "experiments/reference/embedded-default.json").read_text())
+    ref = json.loads((repo / f"experiments/reference/embedded-default.{vendor}.json").read_text())
+    prov = ref["provenance"]   # (the AMD one was recorded before the vendor field: its processor names it)
+    assert prov.get("cpu_vendor", "AuthenticAMD" if "AMD" in prov["processor"] else "") == vendor
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert ref["provenance"]["params_sha256"] == params_digest(repo / "params.yaml"), "stale reference"
     assert ref["provenance"]["study"] == params["study"]["name"]
     runs = {"base"} | {f"{arm}-s{seed}" for arm in params["algorithms"] for seed in params["seeds"]}
     assert set(ref["runs"]) == runs
     assert set(ref["variants"]) == {"base"} | set(params["algorithms"])
+
+
+def test_the_reference_of_this_machine_s_vendor_is_read(tmp_path, monkeypatch, capsys):
+    from analysis import reproduce
+
+    monkeypatch.setattr(reproduce, "cpu_vendor", lambda: "GenuineIntel")
+    (tmp_path / "s.AuthenticAMD.json").write_text("{}")
+    assert reproduce.this_vendors(tmp_path / "s.json") == tmp_path / "s.GenuineIntel.json"
+    assert reproduce.this_vendors(tmp_path / "s.AuthenticAMD.json") == tmp_path / "s.AuthenticAMD.json"
+    assert reproduce.main(["check", "--reference", str(tmp_path / "s.json"), "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no study recorded on a GenuineIntel processor (recorded: s.AuthenticAMD.json)" in err

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nft import cpu_vendor
 from tests.conftest import nft_cli
 
 ALGOS = ["nft", "rft", "grpo", "dr_grpo", "dapo", "sft"]
@@ -40,18 +41,6 @@ def weights_digest(folder: Path) -> str:
         h.update(k.encode())
         h.update(w[k].contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def cpu_vendor() -> str:
-    """``AuthenticAMD``, ``GenuineIntel``, ...: MKL takes other code paths on each vendor's processors, so the same
-    seed and instruction set (nft.pin_cpu_isa) give the same bits on one vendor's machines, not across vendors."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 #: Weights after the tiny study's 2 steps, per CPU vendor ("base": the tiny base model itself). A change of these is a
