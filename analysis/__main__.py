@@ -1,7 +1,7 @@
 """The ``analyze`` stage: finished runs -> figures, tables and ``reports/summary.md``.
 
-    python -m analysis --runs runs --evals evals --out reports
-    python -m analysis --mlflow-experiment embedded-default --out reports     # the same from MLflow
+python -m analysis --runs runs --evals evals --out reports
+python -m analysis --mlflow-experiment embedded-default --out reports     # the same from MLflow
 """
 
 from __future__ import annotations
@@ -46,12 +46,30 @@ def metric_label(metric_for: dict[str, str]) -> str:
 
 
 #: Table 1's column order (the paper's), then the synthetic sets
-ORDER = {"aime24": 0, "math500": 1, "aime25": 2, "amc23": 3, "olympiadbench": 4, "minerva": 5, "synth-easy": 6,
-         "synth-medium": 7, "synth-hard": 8}
+ORDER = {
+    "aime24": 0,
+    "math500": 1,
+    "aime25": 2,
+    "amc23": 3,
+    "olympiadbench": 4,
+    "minerva": 5,
+    "synth-easy": 6,
+    "synth-medium": 7,
+    "synth-hard": 8,
+}
 
 
-def analyze(history, final, problems: list[str], out: Path, source: str, k: int | None = None,
-            seed: int = 0, per_seed: bool = False, paper_model: str = "Qwen2.5-Math-7B") -> dict:
+def analyze(
+    history,
+    final,
+    problems: list[str],
+    out: Path,
+    source: str,
+    k: int | None = None,
+    seed: int = 0,
+    per_seed: bool = False,
+    paper_model: str = "Qwen2.5-Math-7B",
+) -> dict:
     """Write figures, tables and the summary into ``out``; returns the numbers (for tests and DVC metrics)."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -70,14 +88,19 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
         problems = problems + seed_gaps(final, metric_for, benchmarks)
     numbers: dict = {"metric": metric, "metric_per_benchmark": metric_for, "variants": {}}
     per = "" if metric != "avg@k" else " (" + ", ".join(f"{b} {m}" for b, m in metric_for.items()) + ")"
-    lines = ["# Study summary\n", f"Source: {source}. Headline metric: **{metric}**{per} of the final evaluation, in "
-             f"percent, mean ± std over seeds (entries within 1 point of the best in bold).\n"]
+    lines = [
+        "# Study summary\n",
+        f"Source: {source}. Headline metric: **{metric}**{per} of the final evaluation, in "
+        f"percent, mean ± std over seeds (entries within 1 point of the best in bold).\n",
+    ]
     runs = history.groupby(["variant", "seed"]).step.max().reset_index() if len(history) else None
     if runs is not None and len(runs):
         lines.append("## Runs\n\n| variant | seeds | last step |\n|---|---|---|")
         for v, g in runs.groupby("variant"):
-            lines.append(f"| {v} | {', '.join(map(str, sorted(g.seed)))} | "
-                         f"{', '.join(str(int(s)) for s in g.sort_values('seed').step)} |")
+            lines.append(
+                f"| {v} | {', '.join(map(str, sorted(g.seed)))} | "
+                f"{', '.join(str(int(s)) for s in g.sort_values('seed').step)} |"
+            )
         lines.append("")
     if table is not None and len(table):
         (tmp / "results.md").write_text(to_markdown(table))
@@ -91,16 +114,26 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
             if fig is not None:
                 fig_files["paper_bars"] = save(fig, tmp / "figures", "paper_bars")
         # honest statistics over (seeds x benchmarks)
-        lines += ["## Statistics over seeds x benchmarks\n",
-                  "Stratified bootstrap 95% intervals (2,000 resamples, seeded), interquartile mean, and probability "
-                  "of improvement P(row > column).\n", "| variant | mean | 95% CI | IQM | seeds |", "|---|---|---|---|---|"]
+        lines += [
+            "## Statistics over seeds x benchmarks\n",
+            "Stratified bootstrap 95% intervals (2,000 resamples, seeded), interquartile mean, and probability "
+            "of improvement P(row > column).\n",
+            "| variant | mean | 95% CI | IQM | seeds |",
+            "|---|---|---|---|---|",
+        ]
         mats = {v: seed_frame(final, v, metric_for, benchmarks).to_numpy(dtype=float) for v in variants}
         for v in variants:
             mat = mats[v]
             point, lo, hi = stratified_bootstrap_ci(mat, seed=seed) if mat.size else (np.nan,) * 3
             mu, sd = mean_std(mat)
-            numbers["variants"][v] = {"mean": mu, "std": sd, "ci_low": lo, "ci_high": hi, "iqm": iqm(mat),
-                                      "seeds": int(mat.shape[0])}
+            numbers["variants"][v] = {
+                "mean": mu,
+                "std": sd,
+                "ci_low": lo,
+                "ci_high": hi,
+                "iqm": iqm(mat),
+                "seeds": int(mat.shape[0]),
+            }
             lines.append(f"| {v} | {point:.1f} | [{lo:.1f}, {hi:.1f}] | {iqm(mat):.1f} | {mat.shape[0]} |")
         lines.append("")
         if BASE in mats and mats[BASE].size:
@@ -122,15 +155,19 @@ def analyze(history, final, problems: list[str], out: Path, source: str, k: int 
         claims = evaluate_claims(history, final, metric_for, benchmarks, seed=seed)
         numbers["claims"] = {c["id"]: c for c in claims}
         (tmp / "claims.md").write_text(claims_markdown(claims, metric))
-        lines += ["## The paper's claims (claims.md)\n",
-                  "\n".join(f"- {c['claim']}: **{c['verdict']}**" for c in claims), ""]
+        lines += [
+            "## The paper's claims (claims.md)\n",
+            "\n".join(f"- {c['claim']}: **{c['verdict']}**" for c in claims),
+            "",
+        ]
     else:
         lines.append("No final evaluation found.\n")
     nan_rows = int(history.value.isna().sum()) if len(history) else 0
     if nan_rows:
         problems = problems + [f"{nan_rows} NaN metric values were ignored"]
-    lines += ["## Figures\n"] + [f"- `{name}`: " + ", ".join(f"figures/{p.name}" for p in files)
-                                 for name, files in fig_files.items()]
+    lines += ["## Figures\n"] + [
+        f"- `{name}`: " + ", ".join(f"figures/{p.name}" for p in files) for name, files in fig_files.items()
+    ]
     lines += ["", "## Problems\n"] + ([f"- {p}" for p in problems] if problems else ["- none"])
     (tmp / "summary.md").write_text("\n".join(lines) + "\n")
     (tmp / "metrics.json").write_text(json.dumps(numbers, indent=2, default=float))
@@ -148,11 +185,17 @@ def _gains(mats: dict, numbers: dict, seed: int) -> list[str]:
     base = np.nanmean(mats[BASE], axis=1) if not np.isnan(mats[BASE]).all() else np.array([])
     base = base[~np.isnan(base)]
     if not base.size:  # the base model was evaluated with other metrics than the arms: no gain to compute
-        return ["### Gain over the base model\n", "Not computed: the base model's evaluation lacks the arms' headline "
-                "metrics (evaluate it with the same `eval` settings).\n"]
-    lines = ["### Gain over the base model\n", f"Base model: {base.mean():.1f} (one evaluation). Gain = arm − base, "
-             "average over benchmarks, in points.\n", "| variant | gain | std over seeds | 95% CI | seeds |",
-             "|---|---|---|---|---|"]
+        return [
+            "### Gain over the base model\n",
+            "Not computed: the base model's evaluation lacks the arms' headline "
+            "metrics (evaluate it with the same `eval` settings).\n",
+        ]
+    lines = [
+        "### Gain over the base model\n",
+        f"Base model: {base.mean():.1f} (one evaluation). Gain = arm − base, average over benchmarks, in points.\n",
+        "| variant | gain | std over seeds | 95% CI | seeds |",
+        "|---|---|---|---|---|",
+    ]
     for v, mat in mats.items():
         if v == BASE or not mat.size:
             continue
@@ -172,8 +215,11 @@ def write_plot_tables(history, out: Path, k: int) -> None:
     from .load import curve
 
     out.mkdir(parents=True, exist_ok=True)
-    for name, metric in [("val_accuracy", f"val/mean/avg@{k}"), ("entropy", "policy/entropy"),
-                         ("reward", "rollout/accuracy")]:
+    for name, metric in [
+        ("val_accuracy", f"val/mean/avg@{k}"),
+        ("entropy", "policy/entropy"),
+        ("reward", "rollout/accuracy"),
+    ]:
         c = curve(history, metric)
         wide = c.pivot(index="step", columns="variant", values="mean") if len(c) else None
         if wide is not None:
@@ -184,9 +230,14 @@ def study_metrics(numbers: dict) -> dict:
     """The summary as ``dvc exp show`` tabulates it: ``{metric: {arm: {mean, std, ci_low, ci_high, seeds,
     gain_over_base}}}`` (percent; numbers only; the base model is an arm, ``base``)."""
     keys = ("mean", "std", "ci_low", "ci_high", "seeds", "gain_over_base")
-    return {numbers["metric"]: {v: {k: float(m[k]) if k != "seeds" else int(m[k]) for k in keys
-                                    if k in m and np.isfinite(m[k])}  # strict JSON: no NaN
-                                for v, m in numbers["variants"].items()}}
+    return {
+        numbers["metric"]: {
+            v: {
+                k: float(m[k]) if k != "seeds" else int(m[k]) for k in keys if k in m and np.isfinite(m[k])
+            }  # strict JSON: no NaN
+            for v, m in numbers["variants"].items()
+        }
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,19 +246,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evals", default="evals", help="folder of final evaluation JSONs (<run>.json)")
     ap.add_argument("--mlflow-experiment", default=None, help="read the runs from this MLflow experiment instead")
     ap.add_argument("--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite)")
-    ap.add_argument("--dvc-exp", default=None, help="with --mlflow-experiment: the runs of this DVC experiment only "
-                                                    "(workspace: the plain dvc repro)")
+    ap.add_argument(
+        "--dvc-exp",
+        default=None,
+        help="with --mlflow-experiment: the runs of this DVC experiment only (workspace: the plain dvc repro)",
+    )
     ap.add_argument("--out", default="reports")
     ap.add_argument("--k", type=int, default=None, help="headline avg@k (default: the largest in the evaluation)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--per-seed", action="store_true", help="figures: each seed's curve as a thin line too")
-    ap.add_argument("--paper-model", default="Qwen2.5-Math-7B",
-                    help="the paper's Table 1 rows to compare with (Qwen2.5-Math-7B or Qwen2.5-32B), when the study "
-                         "evaluated the paper's benchmarks")
-    ap.add_argument("--log-mlflow", action="store_true",
-                    help="log the reports and the summary into the study's MLflow run (the train runs' parent)")
-    ap.add_argument("--metrics", default=None,
-                    help="also write the study summary as a DVC metrics file (per arm: mean, std, 95%% CI, seeds)")
+    ap.add_argument(
+        "--paper-model",
+        default="Qwen2.5-Math-7B",
+        help="the paper's Table 1 rows to compare with (Qwen2.5-Math-7B or Qwen2.5-32B), when the study "
+        "evaluated the paper's benchmarks",
+    )
+    ap.add_argument(
+        "--log-mlflow",
+        action="store_true",
+        help="log the reports and the summary into the study's MLflow run (the train runs' parent)",
+    )
+    ap.add_argument(
+        "--metrics",
+        default=None,
+        help="also write the study summary as a DVC metrics file (per arm: mean, std, 95%% CI, seeds)",
+    )
     args = ap.parse_args(argv)
     evals = Path(args.evals) if Path(args.evals).is_dir() else None
     if args.mlflow_experiment:
@@ -219,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         history, final, problems = load_runs(args.runs, evals)
         source = f"run folders under {args.runs}"
-    numbers = analyze(history, final, problems, Path(args.out), source, args.k, args.seed, args.per_seed,
-                      args.paper_model)
+    numbers = analyze(
+        history, final, problems, Path(args.out), source, args.k, args.seed, args.per_seed, args.paper_model
+    )
     if args.metrics:
         from nft.io import atomic_write_json
 

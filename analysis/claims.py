@@ -59,13 +59,22 @@ CLAIMS = [
     Claim("nft~grpo", "NFT is within 1 point of GRPO or above", "nft", "grpo", "accuracy", "above", -1.0),
     Claim("nft~dapo", "NFT is within 1 point of DAPO or above", "nft", "dapo", "accuracy", "above", -1.0),
     Claim("entropy:nft>rft", "NFT keeps a higher policy entropy than RFT", "nft", "rft", "entropy", "above", 0.0),
-    Claim("onpolicy:nft=grpo", "strictly on-policy, NFT and GRPO reach the same accuracy (within 1 point)",
-          "nft-onpolicy", "grpo-onpolicy", "accuracy", "equal", 1.0, on_policy=True),
+    Claim(
+        "onpolicy:nft=grpo",
+        "strictly on-policy, NFT and GRPO reach the same accuracy (within 1 point)",
+        "nft-onpolicy",
+        "grpo-onpolicy",
+        "accuracy",
+        "equal",
+        1.0,
+        on_policy=True,
+    ),
 ]
 
 
-def per_seed(history: pd.DataFrame, final: pd.DataFrame, arm: str, quantity: str, metric: str,
-             benchmarks: list[str]) -> np.ndarray:
+def per_seed(
+    history: pd.DataFrame, final: pd.DataFrame, arm: str, quantity: str, metric: str, benchmarks: list[str]
+) -> np.ndarray:
     """One value per seed of ``arm``: its final ``metric`` averaged over ``benchmarks`` (percent; seeds lacking a
     benchmark left out), or its policy entropy averaged over the second half of its rollout steps."""
     if quantity == "accuracy":
@@ -79,8 +88,9 @@ def per_seed(history: pd.DataFrame, final: pd.DataFrame, arm: str, quantity: str
     return np.asarray(out, dtype=float)
 
 
-def diff_interval(x: np.ndarray, y: np.ndarray, reps: int = 10_000, seed: int = 0,
-                  confidence: float = 0.95) -> tuple[float, float, float]:
+def diff_interval(
+    x: np.ndarray, y: np.ndarray, reps: int = 10_000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float, float]:
     """``(mean(x) - mean(y), low, high)``: percentile bootstrap of the difference of means, each sample resampled
     with replacement on its own."""
     rng = np.random.default_rng(seed)
@@ -98,28 +108,52 @@ def verdict(kind: str, threshold: float, lo: float, hi: float, enough: bool) -> 
     if kind == "above":
         return "supported" if lo > threshold else "contradicted" if hi < threshold else "inconclusive"
     if kind == "equal":
-        return ("supported" if -threshold < lo and hi < threshold
-                else "contradicted" if lo > threshold or hi < -threshold else "inconclusive")
+        return (
+            "supported"
+            if -threshold < lo and hi < threshold
+            else "contradicted"
+            if lo > threshold or hi < -threshold
+            else "inconclusive"
+        )
     raise ValueError(f"kind: expected 'above' or 'equal', got {kind!r}")
 
 
-def evaluate_claims(history: pd.DataFrame, final: pd.DataFrame, metric: str, benchmarks: list[str],
-                    claims: list[Claim] = CLAIMS, seed: int = 0) -> list[dict]:
+def evaluate_claims(
+    history: pd.DataFrame,
+    final: pd.DataFrame,
+    metric: str,
+    benchmarks: list[str],
+    claims: list[Claim] = CLAIMS,
+    seed: int = 0,
+) -> list[dict]:
     """Each claim whose two arms are in the study: the arms' means, the difference with its interval, the seed
     counts and the verdict. Claims about arms the study lacks are listed with ``verdict: not run``."""
     arms = set(final.variant.unique()) | set(history.variant.unique())
     out = []
     for c in claims:
-        row = {"id": c.id, "claim": c.text, "a": c.a, "b": c.b, "quantity": c.quantity, "kind": c.kind,
-               "threshold": c.threshold}
+        row = {
+            "id": c.id,
+            "claim": c.text,
+            "a": c.a,
+            "b": c.b,
+            "quantity": c.quantity,
+            "kind": c.kind,
+            "threshold": c.threshold,
+        }
         if c.a not in arms or c.b not in arms:
             out.append({**row, "verdict": "not run", "note": f"the study has no {c.a if c.a not in arms else c.b} arm"})
             continue
         if c.on_policy:
             steps = history[history.variant.isin([c.a, c.b]) & (history.metric == "train/optimizer_steps")].value
             if steps.empty or (steps != 1).any():
-                out.append({**row, "verdict": "not run", "note": "the pair's runs were not strictly on-policy (optimizer "
-                            f"steps per rollout step: {sorted(set(steps.astype(int))) or 'not logged'})"})
+                out.append(
+                    {
+                        **row,
+                        "verdict": "not run",
+                        "note": "the pair's runs were not strictly on-policy (optimizer "
+                        f"steps per rollout step: {sorted(set(steps.astype(int))) or 'not logged'})",
+                    }
+                )
                 continue
         x = per_seed(history, final, c.a, c.quantity, metric, benchmarks)
         y = per_seed(history, final, c.b, c.quantity, metric, benchmarks)
@@ -128,33 +162,47 @@ def evaluate_claims(history: pd.DataFrame, final: pd.DataFrame, metric: str, ben
             continue
         d, lo, hi = diff_interval(x, y, seed=seed)
         enough = min(len(x), len(y)) >= MIN_SEEDS
-        out.append({**row, "mean_a": float(x.mean()), "mean_b": float(y.mean()), "diff": d, "ci_low": lo,
-                    "ci_high": hi, "seeds_a": len(x), "seeds_b": len(y),
-                    "verdict": verdict(c.kind, c.threshold, lo, hi, enough),
-                    **({} if enough else {"note": f"fewer than {MIN_SEEDS} seeds in an arm"})})
+        out.append(
+            {
+                **row,
+                "mean_a": float(x.mean()),
+                "mean_b": float(y.mean()),
+                "diff": d,
+                "ci_low": lo,
+                "ci_high": hi,
+                "seeds_a": len(x),
+                "seeds_b": len(y),
+                "verdict": verdict(c.kind, c.threshold, lo, hi, enough),
+                **({} if enough else {"note": f"fewer than {MIN_SEEDS} seeds in an arm"}),
+            }
+        )
     return out
 
 
 def claims_markdown(rows: list[dict], metric: str) -> str:
     """``reports/claims.md``: one line per claim."""
     unit = {"accuracy": f"points of {metric}", "entropy": "nats/token"}
-    lines = ["# The paper's claims on this study\n",
-             f"Accuracy: the final {metric} averaged over the benchmarks, per seed, in percent. Entropy: "
-             f"`{ENTROPY_METRIC}` (the policy's mean token entropy over every answer it sampled) averaged over the "
-             "second half of training, per seed. Interval: 95% percentile bootstrap of the difference of the arms' "
-             "means (seeds resampled within each arm, 10,000 resamples). Verdict: supported / contradicted when the "
-             "whole interval is on one side of the threshold, else inconclusive at this sample size (also when an arm "
-             f"has fewer than {MIN_SEEDS} seeds). With 3 seeds an interval is narrow by construction: read "
-             "'supported' as 'no contrary evidence at this size'.\n",
-             "| claim | A | B | mean A | mean B | A − B [95% CI] | threshold | seeds | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# The paper's claims on this study\n",
+        f"Accuracy: the final {metric} averaged over the benchmarks, per seed, in percent. Entropy: "
+        f"`{ENTROPY_METRIC}` (the policy's mean token entropy over every answer it sampled) averaged over the "
+        "second half of training, per seed. Interval: 95% percentile bootstrap of the difference of the arms' "
+        "means (seeds resampled within each arm, 10,000 resamples). Verdict: supported / contradicted when the "
+        "whole interval is on one side of the threshold, else inconclusive at this sample size (also when an arm "
+        f"has fewer than {MIN_SEEDS} seeds). With 3 seeds an interval is narrow by construction: read "
+        "'supported' as 'no contrary evidence at this size'.\n",
+        "| claim | A | B | mean A | mean B | A − B [95% CI] | threshold | seeds | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["verdict"] == "not run":
             lines.append(f"| {r['claim']} | {r['a']} | {r['b']} | – | – | – | – | – | not run ({r['note']}) |")
             continue
         fmt = "{:.3f}" if r["quantity"] == "entropy" else "{:.1f}"
-        th = (f"A − B > {r['threshold']:g}" if r["kind"] == "above" else f"abs(A − B) < {r['threshold']:g}")
-        lines.append(f"| {r['claim']} | {r['a']} | {r['b']} | {fmt.format(r['mean_a'])} | {fmt.format(r['mean_b'])} | "
-                     f"{fmt.format(r['diff'])} [{fmt.format(r['ci_low'])}, {fmt.format(r['ci_high'])}] "
-                     f"({unit[r['quantity']]}) | {th} | {r['seeds_a']}, {r['seeds_b']} | **{r['verdict']}** |")
+        th = f"A − B > {r['threshold']:g}" if r["kind"] == "above" else f"abs(A − B) < {r['threshold']:g}"
+        lines.append(
+            f"| {r['claim']} | {r['a']} | {r['b']} | {fmt.format(r['mean_a'])} | {fmt.format(r['mean_b'])} | "
+            f"{fmt.format(r['diff'])} [{fmt.format(r['ci_low'])}, {fmt.format(r['ci_high'])}] "
+            f"({unit[r['quantity']]}) | {th} | {r['seeds_a']}, {r['seeds_b']} | **{r['verdict']}** |"
+        )
     return "\n".join(lines) + "\n"

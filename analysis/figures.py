@@ -13,10 +13,24 @@ import pandas as pd  # noqa: E402
 from .load import curve  # noqa: E402
 
 #: one colour per algorithm in every figure (ablation variants share their algorithm's colour, other line styles)
-COLORS = {"nft": "#d62728", "dapo": "#1f77b4", "grpo": "#2ca02c", "dr_grpo": "#9467bd", "rft": "#7f7f7f",
-          "sft": "#8c564b", "base": "#000000"}
-LABELS = {"nft": "NFT", "dapo": "DAPO", "grpo": "GRPO", "dr_grpo": "Dr.GRPO", "rft": "RFT", "sft": "SFT",
-          "base": "Base model"}
+COLORS = {
+    "nft": "#d62728",
+    "dapo": "#1f77b4",
+    "grpo": "#2ca02c",
+    "dr_grpo": "#9467bd",
+    "rft": "#7f7f7f",
+    "sft": "#8c564b",
+    "base": "#000000",
+}
+LABELS = {
+    "nft": "NFT",
+    "dapo": "DAPO",
+    "grpo": "GRPO",
+    "dr_grpo": "Dr.GRPO",
+    "rft": "RFT",
+    "sft": "SFT",
+    "base": "Base model",
+}
 STYLES = ["-", "--", ":", "-."]
 
 
@@ -32,7 +46,7 @@ def _style(variant: str, seen: dict) -> dict:
     k = seen.setdefault(algo, [])
     if variant not in k:
         k.append(variant)
-    label = LABELS.get(algo, algo) + (variant[len(algo):] if variant != algo else "")
+    label = LABELS.get(algo, algo) + (variant[len(algo) :] if variant != algo else "")
     return {"color": COLORS.get(algo, "#333333"), "linestyle": STYLES[k.index(variant) % len(STYLES)], "label": label}
 
 
@@ -53,8 +67,15 @@ def x_label(history: pd.DataFrame, variants: list[str]) -> str:
     return "rollout step (optimizer steps each: " + ", ".join(f"{v} {k}" for v, k in sorted(n.items())) + ")"
 
 
-def curve_figure(history: pd.DataFrame, metric: str, ylabel: str, title: str, variants: list[str] | None = None,
-                 scale: float = 1.0, per_seed: bool = False):
+def curve_figure(
+    history: pd.DataFrame,
+    metric: str,
+    ylabel: str,
+    title: str,
+    variants: list[str] | None = None,
+    scale: float = 1.0,
+    per_seed: bool = False,
+):
     """One panel: ``metric`` vs rollout step, mean line and ± std band over seeds per variant (``per_seed``: each
     seed's curve as a thin line as well). The legend sits right of the axes, off the data. Returns the Figure."""
     fig, ax = plt.subplots(figsize=(5.0, 2.8), dpi=150, layout="constrained")
@@ -65,8 +86,9 @@ def curve_figure(history: pd.DataFrame, metric: str, ylabel: str, title: str, va
         d = c[c.variant == variant].sort_values("step")
         st = _style(variant, seen)
         ax.plot(d.step, d["mean"] * scale, lw=1.4, **st)
-        ax.fill_between(d.step, (d["mean"] - d["std"]) * scale, (d["mean"] + d["std"]) * scale,
-                        color=st["color"], alpha=0.18, lw=0)
+        ax.fill_between(
+            d.step, (d["mean"] - d["std"]) * scale, (d["mean"] + d["std"]) * scale, color=st["color"], alpha=0.18, lw=0
+        )
         if per_seed:
             runs = history[(history.variant == variant) & (history.metric == metric)].dropna(subset=["value"])
             for _, g in runs.groupby("seed"):
@@ -105,15 +127,18 @@ def standard_figures(history: pd.DataFrame, k: int, per_seed: bool = False) -> d
 
     key = f"val/mean/avg@{k}"
     if key in metrics:
-        figs["val_accuracy"] = fig(history, key, f"validation avg@{k} (%)", "Validation accuracy (mean over benchmarks)",
-                                   default_variants, 100)
+        figs["val_accuracy"] = fig(
+            history, key, f"validation avg@{k} (%)", "Validation accuracy (mean over benchmarks)", default_variants, 100
+        )
     for m in sorted(metrics):
         parts = m.split("/")
         if len(parts) == 3 and parts[0] == "val" and parts[1] != "mean" and parts[2] == f"avg@{k}":
             figs[f"val_accuracy_{parts[1]}"] = fig(history, m, f"avg@{k} (%)", parts[1], default_variants, 100)
-    for name, m, label, title in [("entropy", "policy/entropy", "entropy (nats/token)", "Policy entropy (all sampled answers)"),
-                                  ("reward", "rollout/accuracy", "training accuracy (%)", "Training reward"),
-                                  ("length", "response/length_mean", "tokens", "Response length")]:
+    for name, m, label, title in [
+        ("entropy", "policy/entropy", "entropy (nats/token)", "Policy entropy (all sampled answers)"),
+        ("reward", "rollout/accuracy", "training accuracy (%)", "Training reward"),
+        ("length", "response/length_mean", "tokens", "Response length"),
+    ]:
         if m in metrics:
             figs[name] = fig(history, m, label, title, default_variants, 100 if name == "reward" else 1)
     for algo, group in pairs.groupby("algo"):
@@ -121,6 +146,7 @@ def standard_figures(history: pd.DataFrame, k: int, per_seed: bool = False) -> d
         if len(variants) < 2:
             continue
         if key in metrics:
-            figs[f"ablation_{algo}"] = fig(history, key, f"validation avg@{k} (%)",
-                                           f"{LABELS.get(algo, algo)} variants", variants, 100)
+            figs[f"ablation_{algo}"] = fig(
+                history, key, f"validation avg@{k} (%)", f"{LABELS.get(algo, algo)} variants", variants, 100
+            )
     return figs

@@ -38,8 +38,12 @@ def _run_identity(run_dir: Path) -> dict:
     overrides = ((res.get("train") or {}).get("loss") or {}).get(algo) or {}
     tags = json.loads((run_dir / "tags.json").read_text()) if (run_dir / "tags.json").is_file() else {}
     variant = tags.get("variant") or variant_name(algo, overrides)
-    return {"run": run_dir.name, "algo": algo, "variant": variant,
-            "seed": int(res.get("seed", run_dir.name.rsplit("-s", 1)[-1] if "-s" in run_dir.name else 0))}
+    return {
+        "run": run_dir.name,
+        "algo": algo,
+        "variant": variant,
+        "seed": int(res.get("seed", run_dir.name.rsplit("-s", 1)[-1] if "-s" in run_dir.name else 0)),
+    }
 
 
 def _history_rows(ident: dict, rows: list[dict]) -> list[tuple]:
@@ -64,8 +68,7 @@ def _final_rows(ident: dict, eval_json: dict | None, last_val: dict) -> list[tup
         for k, v in last_val.items():
             parts = k.split("/")
             if len(parts) == 3 and parts[0] == "val" and parts[1] != "mean":
-                out.append((ident["run"], ident["algo"], ident["variant"], ident["seed"], parts[1], parts[2],
-                            float(v)))
+                out.append((ident["run"], ident["algo"], ident["variant"], ident["seed"], parts[1], parts[2], float(v)))
     return out
 
 
@@ -104,8 +107,10 @@ def load_runs(runs_dir: str | Path, evals_dir: str | Path | None = None) -> tupl
         ident = _run_identity(run_dir)
         rows = [json.loads(x) for x in (run_dir / "history.jsonl").read_text().splitlines() if x.strip()]
         if not (run_dir / "metrics.json").is_file():
-            problems.append(f"{run_dir.name}: unfinished (no metrics.json); its curve is included up to step "
-                            f"{rows[-1]['step'] if rows else 0}")
+            problems.append(
+                f"{run_dir.name}: unfinished (no metrics.json); its curve is included up to step "
+                f"{rows[-1]['step'] if rows else 0}"
+            )
         _add_run(ident, rows, evals_dir, hist, final)
     _add_base(evals_dir, final)
     return (pd.DataFrame(hist, columns=HISTORY_COLUMNS), pd.DataFrame(final, columns=FINAL_COLUMNS), problems)
@@ -123,13 +128,16 @@ def _latest_per_arm(runs: list, problems: list[str]) -> list:
         group.sort(key=lambda r: (r.info.status == "FINISHED", r.info.start_time or 0), reverse=True)
         keep.append(group[0])
         for r in group[1:]:
-            problems.append(f"MLflow run {r.info.run_id} ({r.info.run_name}, {r.info.status}) skipped: a later "
-                            f"finished run of {key[0]} seed {key[1]} is used")
+            problems.append(
+                f"MLflow run {r.info.run_id} ({r.info.run_name}, {r.info.status}) skipped: a later "
+                f"finished run of {key[0]} seed {key[1]} is used"
+            )
     return keep
 
 
-def load_mlflow(experiment: str, tracking_uri: str = "", evals_dir: str | Path | None = None,
-                dvc_exp: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+def load_mlflow(
+    experiment: str, tracking_uri: str = "", evals_dir: str | Path | None = None, dvc_exp: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """The same frames from an MLflow experiment (metric histories; ``_at_`` in names maps back to ``@``): one run
     per (arm, seed), the latest finished; ``dvc_exp`` keeps the runs of one DVC experiment (``workspace``: the
     plain ``dvc repro``)."""
@@ -142,9 +150,12 @@ def load_mlflow(experiment: str, tracking_uri: str = "", evals_dir: str | Path |
     if exp is None:
         raise ValueError(f"MLflow experiment {experiment!r} not found at {resolve_uri(tracking_uri)}")
     hist, final, problems = [], [], []
-    runs = [r for r in client.search_runs([exp.experiment_id], max_results=10000)
-            if "algo" in r.data.tags  # study runs, sweep parents and foreign runs have no algo
-            and (dvc_exp is None or r.data.tags.get("dvc.exp_name", "workspace") == dvc_exp)]
+    runs = [
+        r
+        for r in client.search_runs([exp.experiment_id], max_results=10000)
+        if "algo" in r.data.tags  # study runs, sweep parents and foreign runs have no algo
+        and (dvc_exp is None or r.data.tags.get("dvc.exp_name", "workspace") == dvc_exp)
+    ]
     for run in sorted(_latest_per_arm(runs, problems), key=lambda r: r.info.run_name or ""):
         tags, params = run.data.tags, run.data.params
         algo = tags["algo"]
@@ -152,10 +163,14 @@ def load_mlflow(experiment: str, tracking_uri: str = "", evals_dir: str | Path |
         prefix = f"resolved.train.loss.{algo}."
         for k, v in params.items():
             if k.startswith(prefix):
-                overrides[k[len(prefix):]] = yaml.safe_load(v)
+                overrides[k[len(prefix) :]] = yaml.safe_load(v)
         name = run.info.run_name or f"{algo}-s{tags.get('seed')}"
-        ident = {"run": name, "algo": algo, "variant": tags.get("variant") or variant_name(algo, overrides),
-                 "seed": int(tags.get("seed", 0))}
+        ident = {
+            "run": name,
+            "algo": algo,
+            "variant": tags.get("variant") or variant_name(algo, overrides),
+            "seed": int(tags.get("seed", 0)),
+        }
         by_step: dict[int, dict] = {}
         for key in run.data.metrics:
             for m in client.get_metric_history(run.info.run_id, key):

@@ -72,12 +72,20 @@ def snapshot(root: Path) -> tuple[dict, dict[str, str]]:
             missing[name] = f"run {name}: missing {', '.join(gone)}"
             continue
         runs[name] = {"weights_sha256": file_sha256(weights), "final": _final(eval_file, metric_for)}
-    variants = {v: {k: m[k] for k in ("mean", "std", "seeds", "gain_over_base") if k in m}
-                for v, m in numbers["variants"].items()}
-    claims = {c: {k: m[k] for k in ("diff", "ci_low", "ci_high", "verdict")}
-              for c, m in numbers.get("claims", {}).items()}
-    return {"metric": numbers["metric"], "metric_per_benchmark": metric_for, "runs": runs, "variants": variants,
-            "claims": claims}, missing
+    variants = {
+        v: {k: m[k] for k in ("mean", "std", "seeds", "gain_over_base") if k in m}
+        for v, m in numbers["variants"].items()
+    }
+    claims = {
+        c: {k: m[k] for k in ("diff", "ci_low", "ci_high", "verdict")} for c, m in numbers.get("claims", {}).items()
+    }
+    return {
+        "metric": numbers["metric"],
+        "metric_per_benchmark": metric_for,
+        "runs": runs,
+        "variants": variants,
+        "claims": claims,
+    }, missing
 
 
 def _params(path: Path) -> dict | None:
@@ -102,11 +110,19 @@ def _provenance(root: Path) -> dict:
 
     study = (_params(root / "params.yaml") or {}).get("study") or {}
     git = git_state(root)
-    return {"study": study.get("name"), "params_sha256": params_digest(root / "params.yaml"),
-            "commit": git.get("mlflow.source.git.commit"), "dirty": git.get("nft.git_dirty") == "True",
-            "recorded": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "machine": platform.machine(),
-            "processor": _cpu_name(), "cpu_vendor": cpu_vendor(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    return {
+        "study": study.get("name"),
+        "params_sha256": params_digest(root / "params.yaml"),
+        "commit": git.get("mlflow.source.git.commit"),
+        "dirty": git.get("nft.git_dirty") == "True",
+        "recorded": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpu_vendor": cpu_vendor(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def _cpu_name() -> str:
@@ -137,16 +153,19 @@ def mlflow_gaps(root: Path, experiment: str, tracking_uri: str, names: list[str]
     wrong = m[m.value.notna() & m.value_mlflow.notna() & (m.value_mlflow != m.value)]
     for what, rows in (("missing from", lost), ("different in", wrong)):
         for run, g in rows.groupby("run"):
-            gaps.append(f"MLflow: run {run}: {len(g)} history values {what} MLflow (e.g. {g.metric.iloc[0]} at step "
-                        f"{int(g.step.iloc[0])})")
+            gaps.append(
+                f"MLflow: run {run}: {len(g)} history values {what} MLflow (e.g. {g.metric.iloc[0]} at step "
+                f"{int(g.step.iloc[0])})"
+            )
     finals = logged[logged.metric.str.startswith("final/")].groupby(["run", "metric"]).value.last()
     for name in sorted(have):
         eval_file = root / "evals" / f"{name}.json"
         if not eval_file.is_file():
             continue
         lost, wrong = [], []
-        for *_, bench, k, v in _final_rows({"run": name, "algo": "", "variant": "", "seed": 0},
-                                           json.loads(eval_file.read_text()), {}):
+        for *_, bench, k, v in _final_rows(
+            {"run": name, "algo": "", "variant": "", "seed": 0}, json.loads(eval_file.read_text()), {}
+        ):
             got = finals.get((name, f"final/{bench}/{k}"))
             if got is None:
                 lost.append(f"final/{bench}/{k}")
@@ -158,8 +177,9 @@ def mlflow_gaps(root: Path, experiment: str, tracking_uri: str, names: list[str]
     return gaps
 
 
-def compare(ref: dict, cur: dict, tol: float, exact: bool, missing: dict[str, str] | None = None
-            ) -> tuple[list[str], list[str]]:
+def compare(
+    ref: dict, cur: dict, tol: float, exact: bool, missing: dict[str, str] | None = None
+) -> tuple[list[str], list[str]]:
     """(failures, notes) of the current snapshot against the reference (``missing``: the snapshot's incomplete runs,
     already reported)."""
     fail, notes = [], []
@@ -174,8 +194,10 @@ def compare(ref: dict, cur: dict, tol: float, exact: bool, missing: dict[str, st
     extra = sorted(set(cur["runs"]) - set(ref["runs"]))
     if extra:
         notes.append(f"runs not in the reference (not compared): {', '.join(extra)}")
-    notes.append(f"bit for bit: {len(same)} of {len(ref['runs'])} runs have the reference's weights"
-                 + (f"; different weights: {', '.join(differ)}" if differ else ""))
+    notes.append(
+        f"bit for bit: {len(same)} of {len(ref['runs'])} runs have the reference's weights"
+        + (f"; different weights: {', '.join(differ)}" if differ else "")
+    )
     if exact and differ:
         fail.append(f"--exact: {len(differ)} runs' weights differ from the reference ({', '.join(differ)})")
     for name in differ:
@@ -197,8 +219,10 @@ def compare(ref: dict, cur: dict, tol: float, exact: bool, missing: dict[str, st
         if c is None:
             notes.append(f"claim {cid}: not evaluated in this study")
         elif c["verdict"] != r["verdict"]:
-            notes.append(f"claim {cid}: verdict {c['verdict']} ({c['diff']:+.2f} [{c['ci_low']:+.2f}, "
-                         f"{c['ci_high']:+.2f}]), the reference's {r['verdict']} ({r['diff']:+.2f})")
+            notes.append(
+                f"claim {cid}: verdict {c['verdict']} ({c['diff']:+.2f} [{c['ci_low']:+.2f}, "
+                f"{c['ci_high']:+.2f}]), the reference's {r['verdict']} ({r['diff']:+.2f})"
+            )
     return fail, notes
 
 
@@ -217,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--tol", type=float, default=1.0, help="largest change of an arm's mean, in points")
     chk.add_argument("--exact", action="store_true", help="fail when any run's weights differ")
     chk.add_argument("--no-mlflow", action="store_true", help="do not check the MLflow experiment")
-    chk.add_argument("--tracking-uri", default="",
-                     help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ROOT/mlflow.db)")
+    chk.add_argument(
+        "--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ROOT/mlflow.db)"
+    )
     for p in (rec, chk):
         p.add_argument("--root", default=".", help="the study's workspace (repository root)")
     args = ap.parse_args(argv)
@@ -227,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "record":
         snap, missing = snapshot(root)
         if missing:
-            print("reproduce record: the study is not complete; nothing written:\n  " + "\n  ".join(missing.values()),
-                  file=sys.stderr)
+            print(
+                "reproduce record: the study is not complete; nothing written:\n  " + "\n  ".join(missing.values()),
+                file=sys.stderr,
+            )
             return 2
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,9 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     ref_path = this_vendors(Path(args.reference))
     if not ref_path.exists():
         recorded = sorted(p.name for p in ref_path.parent.glob(f"{Path(args.reference).stem}.*.json"))
-        print(f"reproduce check: {ref_path}: no study recorded on a {cpu_vendor()} processor (recorded: "
-              f"{', '.join(recorded) or 'none'}); record one with `python -m analysis.reproduce record --out "
-              f"{ref_path}` after `make study`", file=sys.stderr)
+        print(
+            f"reproduce check: {ref_path}: no study recorded on a {cpu_vendor()} processor (recorded: "
+            f"{', '.join(recorded) or 'none'}); record one with `python -m analysis.reproduce record --out "
+            f"{ref_path}` after `make study`",
+            file=sys.stderr,
+        )
         return 2
     try:
         ref = json.loads(ref_path.read_text())
@@ -254,9 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     digest = params_digest(root / "params.yaml")
     if ref["provenance"].get("params_sha256") != digest:
-        print(f"reproduce check: {root / 'params.yaml'} is not the study {ref_path} recorded (parameters' sha256 "
-              f"{str(digest)[:12]} against {str(ref['provenance'].get('params_sha256'))[:12]}): nothing to compare",
-              file=sys.stderr)
+        print(
+            f"reproduce check: {root / 'params.yaml'} is not the study {ref_path} recorded (parameters' sha256 "
+            f"{str(digest)[:12]} against {str(ref['provenance'].get('params_sha256'))[:12]}): nothing to compare",
+            file=sys.stderr,
+        )
         return 2
     cur, missing = snapshot(root)
     if not cur:
@@ -267,12 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_mlflow:
         # the study's store: the given URI, else $MLFLOW_TRACKING_URI, else the workspace's mlflow.db (the default of
         # a run started there)
-        uri = (args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-               or f"sqlite:///{(root / 'mlflow.db').resolve()}")
+        uri = (
+            args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+        )
         fail += mlflow_gaps(root, ref["provenance"].get("study") or "", uri, sorted(cur["runs"]))
     prov = ref["provenance"]
-    print(f"reproduce check against {ref_path} (recorded {prov.get('recorded')} at {str(prov.get('commit'))[:10]} on "
-          f"{prov.get('processor')}, torch {prov.get('torch')}):")
+    print(
+        f"reproduce check against {ref_path} (recorded {prov.get('recorded')} at {str(prov.get('commit'))[:10]} on "
+        f"{prov.get('processor')}, torch {prov.get('torch')}):"
+    )
     for line in notes:
         print(f"  {line}")
     if fail:

@@ -6,7 +6,7 @@ numpy's global state).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -39,7 +39,7 @@ def iqm(scores) -> float:
     if n == 0:
         return float("nan")
     lo = int(np.floor(0.25 * n))
-    return float(x[lo: n - lo].mean())
+    return float(x[lo : n - lo].mean())
 
 
 def aggregate_mean(scores) -> float:
@@ -47,8 +47,9 @@ def aggregate_mean(scores) -> float:
     return float(np.nanmean(a))
 
 
-def stratified_bootstrap_ci(scores, statistic: Callable = aggregate_mean, reps: int = 2000, seed: int = 0,
-                            confidence: float = 0.95) -> tuple[float, float, float]:
+def stratified_bootstrap_ci(
+    scores, statistic: Callable = aggregate_mean, reps: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float, float]:
     """``(point, low, high)``: percentile interval of ``statistic`` over ``reps`` stratified bootstrap resamples
     (runs resampled with replacement independently within each task, as rliable's ``StratifiedBootstrap``)."""
     a = _2d(scores)

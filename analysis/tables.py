@@ -38,8 +38,9 @@ def _metric(metric_for: dict[str, str] | str, benchmark: str) -> str:
     return metric_for if isinstance(metric_for, str) else metric_for.get(benchmark, "")
 
 
-def seed_frame(final: pd.DataFrame, variant: str, metric_for: dict[str, str] | str, benchmarks: list[str]
-               ) -> pd.DataFrame:
+def seed_frame(
+    final: pd.DataFrame, variant: str, metric_for: dict[str, str] | str, benchmarks: list[str]
+) -> pd.DataFrame:
     """``seed x benchmark`` values of one variant, in percent, indexed by seed id (every seed the variant has in
     ``final``; NaN where a seed lacks a benchmark's metric).
 
@@ -60,17 +61,23 @@ def seed_gaps(final: pd.DataFrame, metric_for: dict[str, str] | str, benchmarks:
     lines = []
     for variant in sorted(final.variant.unique()):
         frame = seed_frame(final, variant, metric_for, benchmarks)
-        missing = [f"seed {s} has no {', '.join(f'{b} {_metric(metric_for, b)}' for b in frame.columns[row.isna()])}"
-                   for s, row in frame.iterrows() if row.isna().any()]
+        missing = [
+            f"seed {s} has no {', '.join(f'{b} {_metric(metric_for, b)}' for b in frame.columns[row.isna()])}"
+            for s, row in frame.iterrows()
+            if row.isna().any()
+        ]
         if missing:
             complete = int((~frame.isna().any(axis=1)).sum())
-            lines.append(f"{variant}: {'; '.join(missing)}; left out of the average column (mean over the {complete} "
-                         f"seed(s) with every benchmark)")
+            lines.append(
+                f"{variant}: {'; '.join(missing)}; left out of the average column (mean over the {complete} "
+                f"seed(s) with every benchmark)"
+            )
     return lines
 
 
-def results_table(final: pd.DataFrame, metric_for: dict[str, str] | str, benchmarks: list[str] | None = None
-                  ) -> pd.DataFrame:
+def results_table(
+    final: pd.DataFrame, metric_for: dict[str, str] | str, benchmarks: list[str] | None = None
+) -> pd.DataFrame:
     """``variant x (benchmarks + average)`` with columns ``mean``/``std``/``n`` per cell, in percent.
 
     ``metric_for``: one metric name for all benchmarks, or a per-benchmark mapping (avg@32 vs avg@1). A benchmark's
@@ -113,7 +120,7 @@ def _cell(mu: float, sd: float, bold: bool, latex: bool) -> str:
 
 def _name(variant: str) -> str:
     algo = variant.split("[")[0]
-    return LABELS.get(algo, algo) + variant[len(algo):]
+    return LABELS.get(algo, algo) + variant[len(algo) :]
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -121,8 +128,10 @@ def to_markdown(table: pd.DataFrame) -> str:
     bold = bold_mask(table)
     lines = ["| algorithm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for variant in table.index:
-        cells = [_cell(table.loc[variant, (c, "mean")], table.loc[variant, (c, "std")], bool(bold.loc[variant, c]),
-                       False) for c in cols]
+        cells = [
+            _cell(table.loc[variant, (c, "mean")], table.loc[variant, (c, "std")], bool(bold.loc[variant, c]), False)
+            for c in cols
+        ]
         lines.append(f"| {_name(variant)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -133,15 +142,25 @@ def to_latex(table: pd.DataFrame) -> str:
     head = " & ".join(["Algorithm"] + [c.replace("_", "\\_") for c in cols]) + " \\\\"
     body = []
     for variant in table.index:
-        cells = [_cell(table.loc[variant, (c, "mean")], table.loc[variant, (c, "std")], bool(bold.loc[variant, c]),
-                       True) for c in cols]
+        cells = [
+            _cell(table.loc[variant, (c, "mean")], table.loc[variant, (c, "std")], bool(bold.loc[variant, c]), True)
+            for c in cols
+        ]
         body.append(" & ".join([_name(variant).replace("_", "\\_")] + cells) + " \\\\")
-    return ("\\begin{tabular}{l" + "c" * len(cols) + "}\n\\toprule\n" + head + "\n\\midrule\n" + "\n".join(body)
-            + "\n\\bottomrule\n\\end{tabular}\n")
+    return (
+        "\\begin{tabular}{l"
+        + "c" * len(cols)
+        + "}\n\\toprule\n"
+        + head
+        + "\n\\midrule\n"
+        + "\n".join(body)
+        + "\n\\bottomrule\n\\end{tabular}\n"
+    )
 
 
-def _interval(final: pd.DataFrame, variant: str, metric_for, benchmarks: list[str], seed: int
-              ) -> dict[str, tuple[float, float, float, int]]:
+def _interval(
+    final: pd.DataFrame, variant: str, metric_for, benchmarks: list[str], seed: int
+) -> dict[str, tuple[float, float, float, int]]:
     """Per benchmark and ``average``: ``(mean, low, high, seeds)`` in percent. Three seeds or more: a percentile
     bootstrap over seeds; fewer: mean ± 1.96 standard errors over questions (the evaluation's ``stderr``)."""
     from .stats import stratified_bootstrap_ci
@@ -169,8 +188,9 @@ def _interval(final: pd.DataFrame, variant: str, metric_for, benchmarks: list[st
     return out
 
 
-def paper_comparison(final: pd.DataFrame, metric_for, benchmarks: list[str], model: str = "Qwen2.5-Math-7B",
-                     seed: int = 0) -> str | None:
+def paper_comparison(
+    final: pd.DataFrame, metric_for, benchmarks: list[str], model: str = "Qwen2.5-Math-7B", seed: int = 0
+) -> str | None:
     """The study beside the paper's Table 1 (read from :func:`paper_table_path`), benchmark by benchmark: this
     study's mean with its 95% interval, the paper's value, the difference and whether the paper's value lies inside
     the interval. Arms are matched to the paper's rows by name (``base``, ``nft``, ``grpo``, ...). None unless the
@@ -180,8 +200,10 @@ def paper_comparison(final: pd.DataFrame, metric_for, benchmarks: list[str], mod
     paper = paper_rows(model)
     if paper is None:
         return None
-    lines = ["| algorithm | benchmark | this study [95% CI] | seeds | paper | difference | paper inside the interval |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| algorithm | benchmark | this study [95% CI] | seeds | paper | difference | paper inside the interval |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for variant in sorted(final.variant.unique(), key=lambda v: (v != "base", v)):
         if variant not in paper.index:
             continue
@@ -190,8 +212,10 @@ def paper_comparison(final: pd.DataFrame, metric_for, benchmarks: list[str], mod
             mu, lo, hi, n = iv[b]
             ref = float(paper.loc[variant, b])
             inside = "–" if np.isnan(lo) else ("yes" if lo <= ref <= hi else "no")
-            lines.append(f"| {_name(variant)} | {b} | {mu:.1f} [{lo:.1f}, {hi:.1f}] | {n} | {ref:.1f} | "
-                         f"{mu - ref:+.1f} | {inside} |")
+            lines.append(
+                f"| {_name(variant)} | {b} | {mu:.1f} [{lo:.1f}, {hi:.1f}] | {n} | {ref:.1f} | "
+                f"{mu - ref:+.1f} | {inside} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -219,8 +243,15 @@ def paper_bars(table: pd.DataFrame, model: str = "Qwen2.5-Math-7B"):
         theirs = [paper.loc[arm, c] for c in cols]
         color = COLORS.get(arm, "#333333")
         ax.bar(x - 0.4 + (2 * i + 0.5) * width, ours, width, color=color, label=f"{_name(arm)} (this study)")
-        ax.bar(x - 0.4 + (2 * i + 1.5) * width, theirs, width, color=color, alpha=0.35, hatch="//",
-               label=f"{_name(arm)} (paper)")
+        ax.bar(
+            x - 0.4 + (2 * i + 1.5) * width,
+            theirs,
+            width,
+            color=color,
+            alpha=0.35,
+            hatch="//",
+            label=f"{_name(arm)} (paper)",
+        )
     ax.set_xticks(x, ["AIME24", "MATH500", "AIME25", "AMC23", "Olympiad", "Minerva", "Average"], fontsize=7)
     ax.set_ylabel("accuracy (%)", fontsize=8)
     ax.set_title(f"This study vs the paper's Table 1 ({model})", fontsize=9)

@@ -46,12 +46,20 @@ def measure(name, model, tok, questions, K: int, new_tokens: int, runs: int) -> 
     picks = TorchSampler(model, tok)._use_cascade(model, len(prompts), K, Lp, torch.device("cpu"))
     cfg = model.config
     print(name, f"{statistics.median(times[False]):.3f} -> {statistics.median(times[True]):.3f} s", flush=True)
-    return {"workload": name, "model": f"{cfg.hidden_size}x{cfg.num_hidden_layers}, {cfg.num_key_value_heads} kv heads",
-            "P": len(prompts), "K": K, "new_tokens": new_tokens, "prompt_len": Lp,
-            "repeated_mib": repeated_prompt_bytes(model, len(prompts), K, Lp) / 2**20,
-            "off_s": times[False], "on_s": times[True],
-            "same_tokens": bool(torch.equal(outs[False].response, outs[True].response)),
-            "logprob_diff": float((outs[False].logprobs - outs[True].logprobs).abs().max()), "rule_picks": picks}
+    return {
+        "workload": name,
+        "model": f"{cfg.hidden_size}x{cfg.num_hidden_layers}, {cfg.num_key_value_heads} kv heads",
+        "P": len(prompts),
+        "K": K,
+        "new_tokens": new_tokens,
+        "prompt_len": Lp,
+        "repeated_mib": repeated_prompt_bytes(model, len(prompts), K, Lp) / 2**20,
+        "off_s": times[False],
+        "on_s": times[True],
+        "same_tokens": bool(torch.equal(outs[False].response, outs[True].response)),
+        "logprob_diff": float((outs[False].logprobs - outs[True].logprobs).abs().max()),
+        "rule_picks": picks,
+    }
 
 
 def main() -> int:
@@ -66,10 +74,11 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rollout_step import WORKLOADS, build_model
+
     from nft.cli import tune_malloc
     from nft.data.synthetic import SyntheticConfig, build_splits
     from nft.modeling import load_policy
-    from rollout_step import WORKLOADS, build_model
 
     tune_malloc()
     from nft.rollout.torch_sampler import CASCADE_MIN_BYTES
@@ -88,19 +97,26 @@ def main() -> int:
     def span(v):
         return f"{statistics.median(v):.3f} [{min(v):.3f}–{max(v):.3f}]"
 
-    print(f"\n{args.threads} threads, {args.runs} runs (off and on alternated), median [min–max] seconds per call; "
-          f"torch {torch.__version__}; CASCADE_MIN_BYTES = {CASCADE_MIN_BYTES / 2**20:g} MiB")
-    print("| workload | model | P × K, new tokens | prompt re-read per layer and step | cascade off (s) | on (s) | "
-          "off / on | same tokens | rule picks |")
+    print(
+        f"\n{args.threads} threads, {args.runs} runs (off and on alternated), median [min–max] seconds per call; "
+        f"torch {torch.__version__}; CASCADE_MIN_BYTES = {CASCADE_MIN_BYTES / 2**20:g} MiB"
+    )
+    print(
+        "| workload | model | P × K, new tokens | prompt re-read per layer and step | cascade off (s) | on (s) | "
+        "off / on | same tokens | rule picks |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = [a / b for a, b in zip(r["off_s"], r["on_s"])]
-        print(f"| {r['workload']} | {r['model']} | {r['P']} × {r['K']}, {r['new_tokens']} | {r['repeated_mib']:.1f} MiB | "
-              f"{span(r['off_s'])} | {span(r['on_s'])} | {statistics.median(ratio):.2f}× | "
-              f"{'yes' if r['same_tokens'] else 'no'} | {'cascade' if r['rule_picks'] else 'plain'} |")
+        print(
+            f"| {r['workload']} | {r['model']} | {r['P']} × {r['K']}, {r['new_tokens']} | {r['repeated_mib']:.1f} MiB | "
+            f"{span(r['off_s'])} | {span(r['on_s'])} | {statistics.median(ratio):.2f}× | "
+            f"{'yes' if r['same_tokens'] else 'no'} | {'cascade' if r['rule_picks'] else 'plain'} |"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": rows},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps({"threads": args.threads, "torch": torch.__version__, "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -60,8 +60,10 @@ def main() -> int:
         sync()
         return (time.perf_counter() - t0) / args.repeats * 1e3
 
-    print(f"device {dev} ({torch.cuda.get_device_name(0) if dev.type == 'cuda' else 'cpu'}), {dtype}, torch "
-          f"{torch.__version__}; rows {B}, heads {H}/{Hk}, head size {D}, context {L} of capacity {cap}")
+    print(
+        f"device {dev} ({torch.cuda.get_device_name(0) if dev.type == 'cuda' else 'cpu'}), {dtype}, torch "
+        f"{torch.__version__}; rows {B}, heads {H}/{Hk}, head size {D}, context {L} of capacity {cap}"
+    )
     ref = None
     for mode in ("gqa", "fold", "repeat"):  # ("transformers": the model's own attention, not timed here)
         ts.DECODE_GQA[dev.type] = mode
@@ -75,7 +77,7 @@ def main() -> int:
     def old_way():  # DynamicCache: concatenate, then transformers' sdpa repeats the heads under a boolean mask
         kk, vv = torch.cat([kc, new], 2), torch.cat([vc, new], 2)
         kk, vv = kk.repeat_interleave(H // Hk, 1), vv.repeat_interleave(H // Hk, 1)
-        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=keep[:, None, None, :L + 1])
+        return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=keep[:, None, None, : L + 1])
 
     print(f"    old: {timed(old_way):8.3f} ms  (concatenate + repeat + boolean mask)")
     return 0

@@ -53,9 +53,13 @@ class MinimalDecoder:
         self.__dict__.update(m=model, fused=None)
         if fused:
             self.__dict__["fused"] = [
-                (torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight]),
-                 torch.cat([l.self_attn.q_proj.bias, l.self_attn.k_proj.bias, l.self_attn.v_proj.bias]),
-                 torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight])) for l in model.model.layers]
+                (
+                    torch.cat([ly.self_attn.q_proj.weight, ly.self_attn.k_proj.weight, ly.self_attn.v_proj.weight]),
+                    torch.cat([ly.self_attn.q_proj.bias, ly.self_attn.k_proj.bias, ly.self_attn.v_proj.bias]),
+                    torch.cat([ly.mlp.gate_proj.weight, ly.mlp.up_proj.weight]),
+                )
+                for ly in model.model.layers
+            ]
 
     def __getattr__(self, k):
         return getattr(self.m, k)
@@ -65,10 +69,16 @@ class MinimalDecoder:
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kw):
         if not isinstance(attention_mask, dict):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, **kw)
-        return types.SimpleNamespace(logits=self.step(input_ids, attention_mask["full_attention"], position_ids,
-                                                      past_key_values))
+            return self.m(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                **kw,
+            )
+        return types.SimpleNamespace(
+            logits=self.step(input_ids, attention_mask["full_attention"], position_ids, past_key_values)
+        )
 
     def step(self, ids, mask, pos, cache):
         from transformers.models.qwen2.modeling_qwen2 import rotate_half
@@ -87,12 +97,14 @@ class MinimalDecoder:
             if self.fused:
                 wqkv, bqkv, wgu = self.fused[i]
                 qkv = F.linear(h, wqkv, bqkv).view(b, q, nh + 2 * nk, a.head_dim).transpose(1, 2)
-                qk = qkv[:, :nh + nk]
+                qk = qkv[:, : nh + nk]
                 qk = (qk * cos) + (rotate_half(qk) * sin)
-                qs, ks, vs = qk[:, :nh], qk[:, nh:], qkv[:, nh + nk:]
+                qs, ks, vs = qk[:, :nh], qk[:, nh:], qkv[:, nh + nk :]
             else:
-                def heads(lin):
+
+                def heads(lin, h=h, a=a):
                     return F.linear(h, lin.weight, lin.bias).view(b, q, -1, a.head_dim).transpose(1, 2)
+
                 qs, ks, vs = heads(a.q_proj), heads(a.k_proj), heads(a.v_proj)
                 qs, ks = (qs * cos) + (rotate_half(qs) * sin), (ks * cos) + (rotate_half(ks) * sin)
             ks, vs = cache.layers[i].update(ks, vs)
@@ -120,10 +132,12 @@ def run(workload: str, runs: int) -> None:
     model, tok = rollout_step.build_model(None, hidden, layers)
     problems = build_splits(SyntheticConfig(train_size=2000, eval_size=30))["train"]
     prompts = [render_prompt(tok, p.question) for p in problems[:P]]
-    ways = {"transformers": TorchSampler(model, tok, cascade=False),
-            "minimal": TorchSampler(MinimalDecoder(model, False), tok, cascade=False),
-            "fused": TorchSampler(MinimalDecoder(model, True), tok, cascade=False),
-            "fused + cascade": TorchSampler(MinimalDecoder(model, True), tok, cascade=True)}
+    ways = {
+        "transformers": TorchSampler(model, tok, cascade=False),
+        "minimal": TorchSampler(MinimalDecoder(model, False), tok, cascade=False),
+        "fused": TorchSampler(MinimalDecoder(model, True), tok, cascade=False),
+        "fused + cascade": TorchSampler(MinimalDecoder(model, True), tok, cascade=True),
+    }
     times = {k: [] for k in ways}
     diff = {k: 0.0 for k in ways}
     for s in ways.values():  # warm-up
@@ -138,12 +152,15 @@ def run(workload: str, runs: int) -> None:
             if ref is None:
                 ref, tokens = ro, tokens + int(ro.mask.sum())
                 continue
-            if k != "fused + cascade" and not (torch.equal(ro.response, ref.response)
-                                               and torch.equal(ro.logprobs, ref.logprobs)):
+            if k != "fused + cascade" and not (
+                torch.equal(ro.response, ref.response) and torch.equal(ro.logprobs, ref.logprobs)
+            ):
                 raise SystemExit(f"{k}: tokens or log-probs differ from transformers' forward (seed {i})")
             diff[k] = max(diff[k], float((ro.logprobs - ref.logprobs).abs().max()))
-    print(f"\n{workload}: Qwen2 {hidden}x{layers}, P x K = {P} x {K}, <= {new} new tokens, {THREADS} threads; "
-          f"{runs} runs, {tokens / runs:,.0f} tokens per call; seconds per sampling call, median [min-max]")
+    print(
+        f"\n{workload}: Qwen2 {hidden}x{layers}, P x K = {P} x {K}, <= {new} new tokens, {THREADS} threads; "
+        f"{runs} runs, {tokens / runs:,.0f} tokens per call; seconds per sampling call, median [min-max]"
+    )
     print("| decoding step | s | vs transformers | max log-prob diff |\n|---|---|---|---|")
     base = statistics.median(times["transformers"])
     for k, v in times.items():
@@ -161,8 +178,11 @@ def run(workload: str, runs: int) -> None:
         elif e.key in ("aten::mm", "aten::addmm", "aten::bmm"):
             share["matrix products"] += e.self_cpu_time_total
     share["everything else"] = total - sum(share.values())
-    print("profile of one transformers call (self CPU time): "
-          + ", ".join(f"{k} {v / total:.0%}" for k, v in share.items()) + f" of {total / 1e6:.3f} s")
+    print(
+        "profile of one transformers call (self CPU time): "
+        + ", ".join(f"{k} {v / total:.0%}" for k, v in share.items())
+        + f" of {total / 1e6:.3f} s"
+    )
 
 
 def main() -> int:

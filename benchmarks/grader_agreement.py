@@ -41,8 +41,13 @@ def main() -> int:
 
     graders = sorted(GRADERS)
     pairs = list(itertools.combinations(graders, 2))
-    print("| benchmark | answers | n | " + " | ".join(f"{g} right" for g in graders) + " | "
-          + " | ".join(f"{a} vs {b} disagree" for a, b in pairs) + " |")
+    print(
+        "| benchmark | answers | n | "
+        + " | ".join(f"{g} right" for g in graders)
+        + " | "
+        + " | ".join(f"{a} vs {b} disagree" for a, b in pairs)
+        + " |"
+    )
     print("|---" * (3 + len(graders) + len(pairs)) + "|")
     pools = {g: GraderPool(args.workers, g) for g in graders}
     try:

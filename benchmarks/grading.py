@@ -46,11 +46,15 @@ def main() -> int:
             verdicts, stats = pool.grade_many([t for t, _ in items], [g for _, g in items])
             dt = time.perf_counter() - t0
             total_t, total_n = total_t + dt, total_n + len(items)
-            print(f"{kind:12s} {len(items):5d} answers  {dt:6.2f} s  {len(items) / dt:8.0f} answers/s  "
-                  f"right {sum(verdicts) / len(items):.3f}  fast path {stats.fast / len(items):.2f}  "
-                  f"timeouts {stats.timeouts}")
-    print(f"{'all':12s} {total_n:5d} answers  {total_t:6.2f} s  {total_n / total_t:8.0f} answers/s "
-          f"({args.workers} worker processes)")
+            print(
+                f"{kind:12s} {len(items):5d} answers  {dt:6.2f} s  {len(items) / dt:8.0f} answers/s  "
+                f"right {sum(verdicts) / len(items):.3f}  fast path {stats.fast / len(items):.2f}  "
+                f"timeouts {stats.timeouts}"
+            )
+    print(
+        f"{'all':12s} {total_n:5d} answers  {total_t:6.2f} s  {total_n / total_t:8.0f} answers/s "
+        f"({args.workers} worker processes)"
+    )
     return 0
 
 

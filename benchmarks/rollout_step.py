@@ -49,8 +49,13 @@ def build_model(path: str | None, hidden: int = 128, layers: int = 4):
     out = Path(tempfile.mkdtemp()) / "bench-model"
     # the issue's workload model: hidden 128, 4 layers (~1.07M parameters, as the TRL measurement it compares to)
     arch = ModelConfig(hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=4, intermediate_size=4 * hidden)
-    run_pretrain(SyntheticConfig(train_size=2000, eval_size=30), arch,
-                 PretrainConfig(steps=1, batch_size=2, warmup=1, tokenizer_corpus=1000), out, progress=False)
+    run_pretrain(
+        SyntheticConfig(train_size=2000, eval_size=30),
+        arch,
+        PretrainConfig(steps=1, batch_size=2, warmup=1, tokenizer_corpus=1000),
+        out,
+        progress=False,
+    )
     return load_policy(str(out))
 
 
@@ -81,10 +86,19 @@ def run_once(workload: str, model_path: str | None, repeats: int, with_trl: bool
     n_params = sum(p.numel() for p in model.parameters())
     problems = build_splits(SyntheticConfig(train_size=2000, eval_size=30))["train"]
     prompts = [render_prompt(tok, p.question) for p in problems[:P]]
-    res = {"workload": workload, "P": P, "K": K, "max_new_tokens": NEW_TOKENS,
-           "model": f"Qwen2 {model.config.hidden_size}x{model.config.num_hidden_layers}", "params": n_params}
-    print(f"{workload}: {res['model']}, {n_params:,} parameters; P={P} K={K} <= {NEW_TOKENS} new tokens, "
-          f"{THREADS} threads", flush=True)
+    res = {
+        "workload": workload,
+        "P": P,
+        "K": K,
+        "max_new_tokens": NEW_TOKENS,
+        "model": f"Qwen2 {model.config.hidden_size}x{model.config.num_hidden_layers}",
+        "params": n_params,
+    }
+    print(
+        f"{workload}: {res['model']}, {n_params:,} parameters; P={P} K={K} <= {NEW_TOKENS} new tokens, "
+        f"{THREADS} threads",
+        flush=True,
+    )
 
     # 1. transformers generate
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
@@ -92,9 +106,17 @@ def run_once(workload: str, model_path: str | None, repeats: int, with_trl: bool
 
     def hf_generate():
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
-                                 top_p=1.0, max_new_tokens=NEW_TOKENS, pad_token_id=tok.pad_token_id)
-        gen = out[:, ids.shape[1]:]
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=NEW_TOKENS,
+                pad_token_id=tok.pad_token_id,
+            )
+        gen = out[:, ids.shape[1] :]
         stop = torch.isin(gen, torch.tensor([tok.pad_token_id, tok.eos_token_id]))
         # tokens up to and including the first stop token
         first = torch.where(stop.any(-1), stop.float().argmax(-1) + 1, torch.full((gen.shape[0],), gen.shape[1]))
@@ -102,24 +124,40 @@ def run_once(workload: str, model_path: str | None, repeats: int, with_trl: bool
 
     t_gen, n_gen = median_time(hf_generate, repeats)
     sampler = TorchSampler(model, tok)
-    res["cascade"] = (model.config._attn_implementation == "sdpa"
-                      and sampler._use_cascade(model, P, K, ids.shape[1], torch.device("cpu")))
+    res["cascade"] = model.config._attn_implementation == "sdpa" and sampler._use_cascade(
+        model, P, K, ids.shape[1], torch.device("cpu")
+    )
     t_ours, ro = median_time(lambda: sampler.sample(prompts, K, max_new_tokens=NEW_TOKENS, seed=0), repeats)
     n_ours = int(ro.mask.sum())
     res["generate_tokens_per_s"], res["sampler_tokens_per_s"] = n_gen / t_gen, n_ours / t_ours
-    print(f"  cascade decoding: {'on' if res['cascade'] else 'off'}; update micro-batches of <= {micro_batch_tokens} "
-          "tokens", flush=True)
-    print(f"  sampling   generate: {t_gen:.3f} s, {n_gen / t_gen:,.0f} tokens/s | ours: {t_ours:.3f} s, "
-          f"{n_ours / t_ours:,.0f} tokens/s | speed-up {n_ours / t_ours / (n_gen / t_gen):.2f}x", flush=True)
+    print(
+        f"  cascade decoding: {'on' if res['cascade'] else 'off'}; update micro-batches of <= {micro_batch_tokens} "
+        "tokens",
+        flush=True,
+    )
+    print(
+        f"  sampling   generate: {t_gen:.3f} s, {n_gen / t_gen:,.0f} tokens/s | ours: {t_ours:.3f} s, "
+        f"{n_ours / t_ours:,.0f} tokens/s | speed-up {n_ours / t_ours / (n_gen / t_gen):.2f}x",
+        flush=True,
+    )
 
     # 2. our full rollout step: sample + grade + one optimizer step over all P x K answers
-    cfg = TrainConfig(prompts_per_step=P, answers_per_prompt=K, mini_batch_prompts=P, micro_batch_size=P * K,
-                      micro_batch_tokens=micro_batch_tokens, max_new_tokens=NEW_TOKENS, lr=1e-6, tracking=False,
-                      threads=THREADS)
+    cfg = TrainConfig(
+        prompts_per_step=P,
+        answers_per_prompt=K,
+        mini_batch_prompts=P,
+        micro_batch_size=P * K,
+        micro_batch_tokens=micro_batch_tokens,
+        max_new_tokens=NEW_TOKENS,
+        lr=1e-6,
+        tracking=False,
+        threads=THREADS,
+    )
     res["micro_batch_tokens"] = micro_batch_tokens
     engine = TorchEngine(model, cfg)
     splits = []
     with GraderPool(2) as pool:
+
         def ours_step():
             cursor = Cursor(P, 0)
             t0 = time.perf_counter()
@@ -132,16 +170,22 @@ def run_once(workload: str, model_path: str | None, repeats: int, with_trl: bool
         t_step, _ = median_time(ours_step, repeats)
     med = [statistics.median(s[i] for s in splits[1:]) for i in range(5)]
     res.update(step_s=t_step, sample_s=med[0], grade_s=med[1], old_logprob_s=med[2], update_s=med[3])
-    print(f"  ours       rollout step: {t_step:.3f} s  (sample {med[0]:.3f} / grade {med[1]:.3f} / "
-          f"old-logprob {med[2]:.3f} / update {med[3]:.3f})", flush=True)
+    print(
+        f"  ours       rollout step: {t_step:.3f} s  (sample {med[0]:.3f} / grade {med[1]:.3f} / "
+        f"old-logprob {med[2]:.3f} / update {med[3]:.3f})",
+        flush=True,
+    )
     if with_trl:
         try:
             per_device = trl_micro_batch(P * K, ids.shape[1] + NEW_TOKENS, micro_batch_tokens)
             res["trl_micro_batch"] = per_device
             res["trl_step_s"] = trl_step(model, tok, prompts, problems[:P], repeats, P, K, NEW_TOKENS, per_device)
-            print(f"  TRL 1.16   GRPOTrainer step ({per_device} answers per micro-batch): {res['trl_step_s']:.3f} s | "
-                  "ours / TRL = "
-                  f"{t_step / res['trl_step_s']:.2f}", flush=True)
+            print(
+                f"  TRL 1.16   GRPOTrainer step ({per_device} answers per micro-batch): {res['trl_step_s']:.3f} s | "
+                "ours / TRL = "
+                f"{t_step / res['trl_step_s']:.2f}",
+                flush=True,
+            )
         except ImportError as e:
             print(f"  TRL        not installed ({e}); `pip install -e '.[bench]'` to compare")
     return res
@@ -149,6 +193,7 @@ def run_once(workload: str, model_path: str | None, repeats: int, with_trl: bool
 
 def table(runs: list[dict]) -> str:
     """Markdown: per workload, ours, the peer, and the ratio as median [min-max] over the runs."""
+
     def span(vals, fmt):
         return f"{fmt(statistics.median(vals))} [{fmt(min(vals))}–{fmt(max(vals))}]"
 
@@ -159,13 +204,17 @@ def table(runs: list[dict]) -> str:
         desc = f"{w}: {r0['model']}, P×K = {r0['P']}×{r0['K']}, ≤ {r0['max_new_tokens']} tokens"
         tps = lambda v: f"{v:,.0f}"
         sec = lambda v: f"{v:.2f}"
-        lines.append(f"| {desc} | sampling tokens/s (peer: `generate`) | {span([r['sampler_tokens_per_s'] for r in rs], tps)} "
-                     f"| {span([r['generate_tokens_per_s'] for r in rs], tps)} | "
-                     f"{span([r['sampler_tokens_per_s'] / r['generate_tokens_per_s'] for r in rs], sec)}× |")
+        lines.append(
+            f"| {desc} | sampling tokens/s (peer: `generate`) | {span([r['sampler_tokens_per_s'] for r in rs], tps)} "
+            f"| {span([r['generate_tokens_per_s'] for r in rs], tps)} | "
+            f"{span([r['sampler_tokens_per_s'] / r['generate_tokens_per_s'] for r in rs], sec)}× |"
+        )
         if all("trl_step_s" in r for r in rs):
-            lines.append(f"| {desc} | rollout step s (peer: TRL GRPOTrainer) | {span([r['step_s'] for r in rs], sec)} | "
-                         f"{span([r['trl_step_s'] for r in rs], sec)} | "
-                         f"{span([r['step_s'] / r['trl_step_s'] for r in rs], sec)}× |")
+            lines.append(
+                f"| {desc} | rollout step s (peer: TRL GRPOTrainer) | {span([r['step_s'] for r in rs], sec)} | "
+                f"{span([r['trl_step_s'] for r in rs], sec)} | "
+                f"{span([r['step_s'] / r['trl_step_s'] for r in rs], sec)}× |"
+            )
     return "\n".join(lines)
 
 
@@ -181,8 +230,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-trl", action="store_true")
-    ap.add_argument("--micro-batch-tokens", type=int, default=4096,
-                    help="train.micro_batch_tokens of our update (0: one padded micro-batch of all answers)")
+    ap.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        default=4096,
+        help="train.micro_batch_tokens of our update (0: one padded micro-batch of all answers)",
+    )
     ap.add_argument("--json", default=None, help="write the runs, machine and versions here")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
@@ -196,18 +249,23 @@ def main() -> int:
     bad = [w for w in names if w not in WORKLOADS]
     if bad:
         ap.error(f"--workloads: unknown {bad}; expected some of {list(WORKLOADS)}")
-    runs = [run_once(w, args.model, args.repeats, not args.no_trl, args.micro_batch_tokens)
-            for _ in range(args.runs) for w in names]
+    runs = [
+        run_once(w, args.model, args.repeats, not args.no_trl, args.micro_batch_tokens)
+        for _ in range(args.runs)
+        for w in names
+    ]
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:
         import trl
+
         versions["trl"] = trl.__version__
     except ImportError:
         pass
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} threads, "
-               f"malloc thresholds {'tuned' if malloc else 'default'}")
-    print(f"\n{args.runs} runs, median [min–max]; {machine}; "
-          + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} threads, "
+        f"malloc thresholds {'tuned' if malloc else 'default'}"
+    )
+    print(f"\n{args.runs} runs, median [min–max]; {machine}; " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(table(runs))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "versions": versions, "runs": runs}, indent=2))
@@ -250,14 +308,35 @@ def trl_step(model, tok, prompts, problems, repeats: int, P: int, K: int, NEW_TO
             times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=per_device, num_generations=K,
-                         max_completion_length=NEW_TOKENS, gradient_accumulation_steps=P * K // per_device, beta=0.0,
-                         loss_type="dapo", learning_rate=1e-6, max_steps=repeats + 1, logging_steps=1000,
-                         save_strategy="no", report_to=[], temperature=1.0, use_cpu=True, seed=0, bf16=False,
-                         dataloader_num_workers=0, disable_tqdm=True)
+        cfg = GRPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=per_device,
+            num_generations=K,
+            max_completion_length=NEW_TOKENS,
+            gradient_accumulation_steps=P * K // per_device,
+            beta=0.0,
+            loss_type="dapo",
+            learning_rate=1e-6,
+            max_steps=repeats + 1,
+            logging_steps=1000,
+            save_strategy="no",
+            report_to=[],
+            temperature=1.0,
+            use_cpu=True,
+            seed=0,
+            bf16=False,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
         ds = Dataset.from_dict({"prompt": prompts * (repeats + 2)})
-        trainer = GRPOTrainer(model=copy.deepcopy(model), reward_funcs=reward, args=cfg, train_dataset=ds,
-                              processing_class=tok, callbacks=[Timer()])
+        trainer = GRPOTrainer(
+            model=copy.deepcopy(model),
+            reward_funcs=reward,
+            args=cfg,
+            train_dataset=ds,
+            processing_class=tok,
+            callbacks=[Timer()],
+        )
         trainer.train()
     return statistics.median(times[1:])
 

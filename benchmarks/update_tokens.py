@@ -41,10 +41,15 @@ def make_batch(tok, lengths: str, seed: int = 0) -> dict:
     mask = (torch.arange(T)[None] < n[:, None]).float()
     g = torch.Generator().manual_seed(seed)
     response = torch.randint(3, len(tok), (P * K, T), generator=g) * mask.long()
-    return {"prompt_ids": [prompts[q] for q in range(P) for _ in range(K)], "response": response, "mask": mask,
-            "sampler_logprobs": -torch.rand(P * K, T, generator=g) * mask,
-            "rewards": torch.tensor([float(rng.random() < 0.5) for _ in range(P * K)], dtype=torch.float64),
-            "lengths": n, "group_ids": torch.arange(P * K) // K}
+    return {
+        "prompt_ids": [prompts[q] for q in range(P) for _ in range(K)],
+        "response": response,
+        "mask": mask,
+        "sampler_logprobs": -torch.rand(P * K, T, generator=g) * mask,
+        "rewards": torch.tensor([float(rng.random() < 0.5) for _ in range(P * K)], dtype=torch.float64),
+        "lengths": n,
+        "group_ids": torch.arange(P * K) // K,
+    }
 
 
 def one_update(state, model, cfg, batch, pad_id) -> tuple[float, dict]:
@@ -76,8 +81,16 @@ def main() -> int:
     for lengths in args.lengths.split(","):
         batch = make_batch(tok, lengths)
         budget = max(T + 64, int(seq_lengths(batch).sum()) * MICRO // (P * K))  # about as many micro-batches
-        common = dict(prompts_per_step=P, answers_per_prompt=K, mini_batch_prompts=P, max_new_tokens=T, lr=1e-4,
-                      warmup_steps=1, tracking=False, threads=THREADS)
+        common = dict(
+            prompts_per_step=P,
+            answers_per_prompt=K,
+            mini_batch_prompts=P,
+            max_new_tokens=T,
+            lr=1e-4,
+            warmup_steps=1,
+            tracking=False,
+            threads=THREADS,
+        )
         padded = TrainConfig(micro_batch_size=MICRO, **common)
         tokens = TrainConfig(micro_batch_tokens=budget, **common)
         fill = float(batch["lengths"].sum()) / (P * K * T)
@@ -89,22 +102,35 @@ def main() -> int:
             times["padded"].append(ta)
             times["tokens"].append(tb)
             diff = max(diff, max(float((wa[k] - wb[k]).abs().max()) for k in wa))
-        row = {"lengths": lengths, "answer_fill": fill, "budget": budget, "padded_s": times["padded"],
-               "tokens_s": times["tokens"], "max_weight_diff": diff}
+        row = {
+            "lengths": lengths,
+            "answer_fill": fill,
+            "budget": budget,
+            "padded_s": times["padded"],
+            "tokens_s": times["tokens"],
+            "max_weight_diff": diff,
+        }
         rows.append(row)
-        print(f"{lengths}: answers fill {fill:.0%} of P x K x T; padded {statistics.median(times['padded']):.2f} s, "
-              f"tokens {statistics.median(times['tokens']):.2f} s; max weight difference {diff:.1e}", flush=True)
+        print(
+            f"{lengths}: answers fill {fill:.0%} of P x K x T; padded {statistics.median(times['padded']):.2f} s, "
+            f"tokens {statistics.median(times['tokens']):.2f} s; max weight difference {diff:.1e}",
+            flush=True,
+        )
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {THREADS} threads"
     print(f"\n{args.runs} runs, median [min-max]; {machine}; torch {torch.__version__}")
-    print("| answer lengths | fill | padded, micro-batches of 64 answers (s) | by tokens (s) | tokens / padded | max weight diff |")
+    print(
+        "| answer lengths | fill | padded, micro-batches of 64 answers (s) | by tokens (s) | tokens / padded | max weight diff |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         a, b = r["padded_s"], r["tokens_s"]
         ratios = [y / x for x, y in zip(a, b)]
         span = lambda v, f: f"{f(statistics.median(v))} [{f(min(v))}-{f(max(v))}]"
-        print(f"| {'8-128 uniform' if r['lengths'] == 'spread' else 'all 128'} | {r['answer_fill']:.0%} | "
-              f"{span(a, '{:.2f}'.format)} | {span(b, '{:.2f}'.format)} | {span(ratios, '{:.2f}'.format)}x | "
-              f"{r['max_weight_diff']:.1e} |")
+        print(
+            f"| {'8-128 uniform' if r['lengths'] == 'spread' else 'all 128'} | {r['answer_fill']:.0%} | "
+            f"{span(a, '{:.2f}'.format)} | {span(b, '{:.2f}'.format)} | {span(ratios, '{:.2f}'.format)}x | "
+            f"{r['max_weight_diff']:.1e} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=2))
     return 0

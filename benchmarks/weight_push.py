@@ -22,10 +22,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
-    "qwen0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                     num_key_value_heads=2, vocab_size=151936),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
+    "qwen0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
 }
 
 
@@ -48,9 +60,16 @@ def main() -> int:
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**SHAPES[args.shape], tie_word_embeddings=True, use_sliding_window=False))
     n = sum(p.numel() for p in model.parameters())
-    cfg = TrainConfig(prompts_per_step=2, answers_per_prompt=2, mini_batch_prompts=2, micro_batch_size=2,
-                      tracking=False, threads=1, engine="deepspeed",
-                      deepspeed_config=str(ROOT / "experiments/deepspeed/zero3.json"))
+    cfg = TrainConfig(
+        prompts_per_step=2,
+        answers_per_prompt=2,
+        mini_batch_prompts=2,
+        micro_batch_size=2,
+        tracking=False,
+        threads=1,
+        engine="deepspeed",
+        deepspeed_config=str(ROOT / "experiments/deepspeed/zero3.json"),
+    )
     engine = DeepSpeedEngine(model, cfg, resolve_deepspeed_config(cfg.deepspeed_config, cfg, dist.world))
     ref = None
     for mb in [float(b) for b in args.buckets.split(",")]:
@@ -68,9 +87,12 @@ def main() -> int:
         same = ref is None or digest == ref
         ref = ref or digest
         if dist.is_main:
-            print(f"push {args.shape} ({n / 1e6:.1f}M parameters, {dist.world} ranks, ZeRO-3): bucket {mb:g} MB: "
-                  f"{statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f}); "
-                  f"{'same tensors' if same else 'DIFFERENT tensors'}", flush=True)
+            print(
+                f"push {args.shape} ({n / 1e6:.1f}M parameters, {dist.world} ranks, ZeRO-3): bucket {mb:g} MB: "
+                f"{statistics.median(times):.3f} s (min {min(times):.3f}, max {max(times):.3f}); "
+                f"{'same tensors' if same else 'DIFFERENT tensors'}",
+                flush=True,
+            )
     return 0
 
 

@@ -43,8 +43,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
     cfg = load_study(args.config, args.set)
     summary = run_pretrain(cfg["data"], cfg["model"], cfg["pretrain"], args.out, progress=not args.quiet)
-    print(f"pretrain: {summary['parameters']:,} parameters, final loss {summary['final_loss']:.4f}, "
-          f"{summary['seconds']:.1f} s -> {args.out}")
+    print(
+        f"pretrain: {summary['parameters']:,} parameters, final loss {summary['final_loss']:.4f}, "
+        f"{summary['seconds']:.1f} s -> {args.out}"
+    )
     return 0
 
 
@@ -59,8 +61,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
     missing = [k for k in ("algorithms", "seeds") if k not in raw]
     missing += [f"variants.{a}" for a in raw.get("algorithms") or [] if a not in (raw.get("variants") or {})]
     if missing and Path(args.config).name == "params.yaml":  # the file dvc.yaml reads these keys from
-        raise ConfigError(f"{args.config}: missing key(s) {missing}, which dvc.yaml reads (`nft compose PRESET "
-                          f"--out params.yaml` writes every key)")
+        raise ConfigError(
+            f"{args.config}: missing key(s) {missing}, which dvc.yaml reads (`nft compose PRESET "
+            f"--out params.yaml` writes every key)"
+        )
     found = problems(cfg, processes=args.processes, jobs=args.jobs)
     for line in found:
         print(f"nft check: {line}", file=sys.stderr)
@@ -89,8 +93,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
     sources = fetch(names, args.out)
     for rel, src in sorted(sources.items()):
         if src["set"] in names:
-            print(f"data fetch: {src['repo_id']}@{src['revision'][:12]} -> {args.out}/{rel} ({src['rows']} rows, "
-                  f"sha256 {src['sha256'][:12]})")
+            print(
+                f"data fetch: {src['repo_id']}@{src['revision'][:12]} -> {args.out}/{rel} ({src['rows']} rows, "
+                f"sha256 {src['sha256'][:12]})"
+            )
     return 0
 
 
@@ -100,9 +106,11 @@ def _cmd_compose(args: argparse.Namespace) -> int:
     from nft.config import compose_study
     from nft.io import atomic_write
 
-    text = (f"# Composed by `nft compose {args.config}`: that preset over the defaults of nft/*/config.py, every key\n"
-            f"# explicit so that DVC tracks it and `dvc exp run -S key=value` can set it. Edit the preset, not this.\n"
-            + yaml.safe_dump(compose_study(args.config, args.set), sort_keys=False))
+    text = (
+        f"# Composed by `nft compose {args.config}`: that preset over the defaults of nft/*/config.py, every key\n"
+        f"# explicit so that DVC tracks it and `dvc exp run -S key=value` can set it. Edit the preset, not this.\n"
+        + yaml.safe_dump(compose_study(args.config, args.set), sort_keys=False)
+    )
     if args.out:
         atomic_write(args.out, text)
         print(f"compose: {args.config} -> {args.out}")
@@ -139,8 +147,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     plan = cfg["plan"]
     algo, train = plan.arm(args.algo, cfg["train"])  # a variant: an algorithm with its own loss hyperparameters
     full = {**to_dict(plan), **{k: to_dict(v) for k, v in cfg.items() if k not in ("_raw", "plan")}}
-    final = run_training(train, algo, args.seed, args.out, study=plan.study.name, full_config=full,
-                         progress=not args.quiet, variant=args.algo)
+    final = run_training(
+        train,
+        algo,
+        args.seed,
+        args.out,
+        study=plan.study.name,
+        full_config=full,
+        progress=not args.quiet,
+        variant=args.algo,
+    )
     if final:  # rank 0 (the other ranks of a launcher return nothing)
         accs = {k: round(v, 4) for k, v in final.items() if k.startswith("val/") and "avg@" in k}
         print(f"train: {args.algo} seed {args.seed} done -> {args.out} {accs}")
@@ -151,13 +167,28 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from nft.evaluate import EvalConfig, run_evaluate
 
     base = _load(args)["eval"] if args.config else EvalConfig()
-    changes = {k: v for k, v in {"k": args.k, "limit": args.limit, "seed": args.seed,
-                                 "temperature": args.temperature, "top_p": args.top_p,
-                                 "max_new_tokens": args.max_new_tokens}.items() if v is not None}
+    changes = {
+        k: v
+        for k, v in {
+            "k": args.k,
+            "limit": args.limit,
+            "seed": args.seed,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "max_new_tokens": args.max_new_tokens,
+        }.items()
+        if v is not None
+    }
     if args.benchmarks:
         changes["benchmarks"] = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
-    run_evaluate(dataclasses.replace(base, **changes), args.model, args.out, data=args.data, samples=args.samples,
-                 threads=args.threads)
+    run_evaluate(
+        dataclasses.replace(base, **changes),
+        args.model,
+        args.out,
+        data=args.data,
+        samples=args.samples,
+        threads=args.threads,
+    )
     return 0
 
 
@@ -187,16 +218,31 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not args.space:
         raise ValueError("nft sweep: --space FILE is required")
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    summary = run_sweep(args.config, args.space, args.trials, args.study_name, storage, seeds, args.set,
-                        args.out_dir, progress=not args.quiet, worker=args.worker)
+    summary = run_sweep(
+        args.config,
+        args.space,
+        args.trials,
+        args.study_name,
+        storage,
+        seeds,
+        args.set,
+        args.out_dir,
+        progress=not args.quiet,
+        worker=args.worker,
+    )
     print("sweep: " + json.dumps(summary, default=str))
     return 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="params file (params.yaml or an experiments/ preset)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -212,8 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain)
     p = sub.add_parser("check", help="validate a study params file (every section and key) and its backends")
     _common(p)
-    p.add_argument("--processes", type=int, default=None,
-                   help="training processes the run will be launched with (default: study.launcher's)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="training processes the run will be launched with (default: study.launcher's)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="stages run at once (make study's JOBS)")
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("data", help="data fetch: write the paper's benchmark and training files from the hub")
@@ -310,8 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # every result and checkpoint write goes through a temporary file or folder: the previous one is intact
-        print(f"nft {args.command}: error: disk full ({e.strerror}{': ' + str(e.filename) if e.filename else ''}); "
-              f"the previous results and checkpoints are intact, free space and rerun to resume", file=sys.stderr)
+        print(
+            f"nft {args.command}: error: disk full ({e.strerror}{': ' + str(e.filename) if e.filename else ''}); "
+            f"the previous results and checkpoints are intact, free space and rerun to resume",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -212,8 +212,9 @@ class StudyConfig:
     """The top-level keys of a study file: the study, its train x seed matrix (``dvc.yaml``) and named variants."""
 
     study: StudySection = field(default_factory=StudySection)
-    algorithms: list[str] = field(default_factory=lambda: ["nft", "rft", "grpo", "dapo", "sft", "nft-onpolicy",
-                                                           "grpo-onpolicy"])
+    algorithms: list[str] = field(
+        default_factory=lambda: ["nft", "rft", "grpo", "dapo", "sft", "nft-onpolicy", "grpo-onpolicy"]
+    )
     """the arms: registered losses or names of ``variants`` (the embedded default's: the paper's four, the
     supervised control and the strictly on-policy pair)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -225,22 +226,27 @@ class StudyConfig:
 
         if not self.algorithms:
             raise ValueError(f"algorithms: expected a non-empty list of registered losses {sorted(LOSSES)}")
-        self.variants = {**self.variants, **{a: ON_POLICY_PAIR[a] for a in self.algorithms
-                                             if a in ON_POLICY_PAIR and a not in self.variants}}
+        self.variants = {
+            **self.variants,
+            **{a: ON_POLICY_PAIR[a] for a in self.algorithms if a in ON_POLICY_PAIR and a not in self.variants},
+        }
         bad = [a for a in self.algorithms if a not in LOSSES and a not in self.variants]
         if bad:
-            raise ValueError(f"algorithms: unknown {bad}; registered: {sorted(LOSSES)}, variants: "
-                             f"{sorted(self.variants)}")
+            raise ValueError(
+                f"algorithms: unknown {bad}; registered: {sorted(LOSSES)}, variants: {sorted(self.variants)}"
+            )
         if not self.seeds:
             raise ValueError("seeds: expected a non-empty list of integers")
         for name, v in self.variants.items():
             official_rft = name == "rft" and v.algo == "nft" and v.loss.get("neg_weight") == 0
             if name in LOSSES and v.algo != name and not official_rft:
-                raise ValueError(f"variants.{name}: an arm named after the registered loss {name!r} must be that loss "
-                                 f"(algo: {name}; rft may also be the official RFT, algo: nft with neg_weight: 0), "
-                                 f"got algo: {v.algo}")
+                raise ValueError(
+                    f"variants.{name}: an arm named after the registered loss {name!r} must be that loss "
+                    f"(algo: {name}; rft may also be the official RFT, algo: nft with neg_weight: 0), "
+                    f"got algo: {v.algo}"
+                )
 
-    def with_every_arm(self) -> "StudyConfig":
+    def with_every_arm(self) -> StudyConfig:
         """The same study with a ``variants`` entry for every arm (a plain algorithm: ``{algo: NAME}``) and none for
         names that are not arms: DVC's train stage reads its arm's entry (``variants.<arm>``), so that changing one
         arm reruns that arm's runs only."""
@@ -268,13 +274,18 @@ STUDY_KEYS = tuple(f.name for f in dataclasses.fields(StudyConfig))
 
 def _sections():
     from .data.synthetic import SyntheticConfig
-    from .modeling import ModelConfig
     from .evaluate import EvalConfig
+    from .modeling import ModelConfig
     from .pretrain import PretrainConfig
     from .train.config import TrainConfig
 
-    return {"data": SyntheticConfig, "model": ModelConfig, "pretrain": PretrainConfig, "train": TrainConfig,
-            "eval": EvalConfig}
+    return {
+        "data": SyntheticConfig,
+        "model": ModelConfig,
+        "pretrain": PretrainConfig,
+        "train": TrainConfig,
+        "eval": EvalConfig,
+    }
 
 
 def load_study(path: str | Path, sets: list[str] | None = None, extra_sections: dict[str, type] | None = None):
@@ -313,4 +324,17 @@ def compose_study(path: str | Path, sets: list[str] | None = None) -> dict:
     return out
 
 
-__all__ = ["ConfigError", "compose_study", "StudyConfig", "StudySection", "Variant", "STUDY_KEYS", "from_dict", "to_dict", "flatten", "apply_overrides", "load_yaml", "load_study"]
+__all__ = [
+    "ConfigError",
+    "compose_study",
+    "StudyConfig",
+    "StudySection",
+    "Variant",
+    "STUDY_KEYS",
+    "from_dict",
+    "to_dict",
+    "flatten",
+    "apply_overrides",
+    "load_yaml",
+    "load_study",
+]

@@ -92,8 +92,9 @@ def stage_code(stage: str) -> list[str]:
     if func is None:
         roots |= _imports(tree, path)
     else:
-        body = ast.Module(body=[n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))],
-                          type_ignores=[])
+        body = ast.Module(
+            body=[n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))], type_ignores=[]
+        )
         entry = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func)
         roots |= _imports(body, path) | _imports(entry, path)
     files = closure(roots) | {path}
@@ -101,7 +102,7 @@ def stage_code(stage: str) -> list[str]:
 
 
 def main() -> int:
-    for stage in (sys.argv[1:] or STAGE_ENTRIES):
+    for stage in sys.argv[1:] or STAGE_ENTRIES:
         print(f"{stage}:")
         for f in stage_code(stage):
             print(f"  - {f}")

@@ -50,8 +50,9 @@ class Dist:
         for src in range(self.world):
             box: list[Any] = [None]
             # this rank's own share is not sent (an empty placeholder keeps the scatter's shape)
-            blobs = ([b"" if r == self.rank else pickle.dumps(x) for r, x in enumerate(send)]
-                     if src == self.rank else None)
+            blobs = (
+                [b"" if r == self.rank else pickle.dumps(x) for r, x in enumerate(send)] if src == self.rank else None
+            )
             self._td.scatter_object_list(box, blobs, src=src)
             if src == self.rank:
                 got.append(send[self.rank])

@@ -91,15 +91,18 @@ def majority_correct(answers: list[str | None], correct: list[bool]) -> bool:
     return False
 
 
-def summarize(correct: np.ndarray, lengths: np.ndarray, truncated: np.ndarray, answers: list[list[str | None]],
-              k: int) -> dict[str, float]:
+def summarize(
+    correct: np.ndarray, lengths: np.ndarray, truncated: np.ndarray, answers: list[list[str | None]], k: int
+) -> dict[str, float]:
     """Metrics of one benchmark from ``[problems, k]`` arrays."""
     per_problem = correct.mean(axis=1)
     n = len(per_problem)
     return {
         f"avg@{k}": float(per_problem.mean()) if n else float("nan"),
         f"pass@{k}": float(np.mean([pass_at_k(k, int(c), k) for c in correct.sum(axis=1)])) if n else float("nan"),
-        f"maj@{k}": float(np.mean([majority_correct(a, list(c)) for a, c in zip(answers, correct)])) if n else float("nan"),
+        f"maj@{k}": float(np.mean([majority_correct(a, list(c)) for a, c in zip(answers, correct)]))
+        if n
+        else float("nan"),
         "stderr": float(per_problem.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
         "problems": n,
         "mean_length": float(lengths.mean()) if n else 0.0,
@@ -111,8 +114,15 @@ def k_for(cfg: EvalConfig, benchmark: str) -> int:
     return cfg.k_per_benchmark.get(benchmark, cfg.k)
 
 
-def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: GraderPool,
-                      extra_pools: dict[str, GraderPool] | None = None, seed: int | None = None):
+def evaluate_problems(
+    sampler,
+    tokenizer,
+    problems,
+    cfg: EvalConfig,
+    pool: GraderPool,
+    extra_pools: dict[str, GraderPool] | None = None,
+    seed: int | None = None,
+):
     """Sample ``cfg.k`` answers per problem with ``sampler``, grade them, return ``(metrics, records)``
     (the caller picks the benchmark's k with :func:`k_for`).
 
@@ -124,10 +134,16 @@ def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: Grade
     texts, finished, lengths = [], [], []
     ent_sum, ent_tokens = 0.0, 0
     for start in range(0, len(problems), cfg.prompts_per_batch):
-        chunk = problems[start: start + cfg.prompts_per_batch]
+        chunk = problems[start : start + cfg.prompts_per_batch]
         prompts = [render_prompt(tokenizer, p.question) for p in chunk]
-        ro = sampler.sample(prompts, k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                            top_p=cfg.top_p, seed=seed + start)
+        ro = sampler.sample(
+            prompts,
+            k,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=seed + start,
+        )
         texts += ro.texts
         finished += ro.finished.tolist()
         lengths += ro.lengths.tolist()
@@ -138,8 +154,13 @@ def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: Grade
     # an answer cut at the length limit is wrong, whatever it contains
     ok = np.array([v and f for v, f in zip(verdicts, finished)], dtype=bool).reshape(len(problems), k)
     answers = [extract_boxed(t) for t in texts]
-    metrics = summarize(ok, np.array(lengths).reshape(len(problems), k), ~np.array(finished, dtype=bool),
-                        [answers[i * k:(i + 1) * k] for i in range(len(problems))], k)
+    metrics = summarize(
+        ok,
+        np.array(lengths).reshape(len(problems), k),
+        ~np.array(finished, dtype=bool),
+        [answers[i * k : (i + 1) * k] for i in range(len(problems))],
+        k,
+    )
     # the policy's mean token entropy on its answers (exact for the torch sampler, the -log p estimate for vLLM)
     metrics["entropy"] = ent_sum / max(ent_tokens, 1)
     metrics["grader_timeouts"] = stats.timeouts
@@ -152,9 +173,17 @@ def evaluate_problems(sampler, tokenizer, problems, cfg: EvalConfig, pool: Grade
         metrics[f"{name}/disagreement"] = float((ok2 != ok).mean()) if len(problems) else 0.0
         others[name] = ok2.reshape(-1).tolist()
     records = [
-        {"problem": i // k, "sample": i % k, "answer_text": texts[i], "extracted": answers[i], "gold": golds[i],
-         "correct": bool(ok.reshape(-1)[i]), "finished": bool(finished[i]), "length": int(lengths[i]),
-         **{f"correct_{n}": others[n][i] for n in others}}
+        {
+            "problem": i // k,
+            "sample": i % k,
+            "answer_text": texts[i],
+            "extracted": answers[i],
+            "gold": golds[i],
+            "correct": bool(ok.reshape(-1)[i]),
+            "finished": bool(finished[i]),
+            "length": int(lengths[i]),
+            **{f"correct_{n}": others[n][i] for n in others},
+        }
         for i in range(len(texts))
     ]
     return metrics, records
@@ -171,8 +200,15 @@ def eval_benchmarks(result: dict) -> dict[str, dict]:
     return {k: v for k, v in result.items() if k != "mean" and isinstance(v, dict)}
 
 
-def run_evaluate(cfg: EvalConfig, model: str, out: str | Path, *, data: str | Path = "data",
-                 samples: str | Path | None = None, threads: int | None = None) -> dict:
+def run_evaluate(
+    cfg: EvalConfig,
+    model: str,
+    out: str | Path,
+    *,
+    data: str | Path = "data",
+    samples: str | Path | None = None,
+    threads: int | None = None,
+) -> dict:
     """``nft evaluate``: every benchmark of ``cfg`` on the model folder ``model``. Writes atomically the metrics JSON
     ``out`` (metrics only, ``{benchmark: {avg@k, pass@k, maj@k, ...}, "mean": {"avg": ...}}``: what ``dvc exp show``
     tabulates), the settings beside it (``<out stem>.meta.json``: model, config, seconds per benchmark) and the
@@ -201,16 +237,19 @@ def run_evaluate(cfg: EvalConfig, model: str, out: str | Path, *, data: str | Pa
         for name, problems in sets.items():
             t0 = time.perf_counter()
             bcfg = dataclasses.replace(cfg, k=k_for(cfg, name))
-            metrics, recs = evaluate_problems(sampler, tok, problems, bcfg, pools[cfg.graders[0]],
-                                              {g: pools[g] for g in cfg.graders[1:]})
+            metrics, recs = evaluate_problems(
+                sampler, tok, problems, bcfg, pools[cfg.graders[0]], {g: pools[g] for g in cfg.graders[1:]}
+            )
             metrics["skipped_rows"] = problems.skipped
             meta["seconds"][name] = round(time.perf_counter() - t0, 2)
             result[name] = metrics
             records += [{"benchmark": name, "question": problems[r["problem"]].question, **r} for r in recs]
             k = bcfg.k
-            print(f"evaluate: {name}: avg@{k} {metrics[f'avg@{k}']:.4f} pass@{k} "
-                  f"{metrics[f'pass@{k}']:.4f} ({metrics['problems']} problems, {meta['seconds'][name]} s)",
-                  flush=True)
+            print(
+                f"evaluate: {name}: avg@{k} {metrics[f'avg@{k}']:.4f} pass@{k} "
+                f"{metrics[f'pass@{k}']:.4f} ({metrics['problems']} problems, {meta['seconds'][name]} s)",
+                flush=True,
+            )
     finally:
         for p in pools.values():
             p.close()

@@ -32,11 +32,17 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(
+                f"model.num_heads ({self.num_heads}) must be divisible by model.num_kv_heads ({self.num_kv_heads})"
+            )
         if self.vocab_size < 300:
-            raise ValueError(f"model.vocab_size: a byte-level BPE needs >= 259 entries plus merges; got {self.vocab_size}")
+            raise ValueError(
+                f"model.vocab_size: a byte-level BPE needs >= 259 entries plus merges; got {self.vocab_size}"
+            )
 
 
 def build_tiny_qwen2(cfg: ModelConfig, vocab_size: int, special_ids: dict[str, int]):
@@ -96,8 +102,8 @@ def pack(prompt_ids: list[list[int]], response: torch.Tensor, response_mask: tor
     ids = torch.full((B, Lp + T), pad_id, dtype=torch.long)
     attn = torch.zeros((B, Lp + T), dtype=torch.long)
     for i, p in enumerate(prompt_ids):
-        ids[i, Lp - len(p): Lp] = torch.tensor(p, dtype=torch.long)
-        attn[i, Lp - len(p): Lp] = 1
+        ids[i, Lp - len(p) : Lp] = torch.tensor(p, dtype=torch.long)
+        attn[i, Lp - len(p) : Lp] = 1
     ids[:, Lp:] = torch.where(response_mask > 0, response, torch.full_like(response, pad_id))
     attn[:, Lp:] = (response_mask > 0).long()
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -155,8 +161,8 @@ def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: in
     ids = torch.full((len(uniq), Lp), pad_id, dtype=torch.long)
     attn = torch.zeros((len(uniq), Lp), dtype=torch.long)
     for i, p in enumerate(uniq):
-        ids[i, Lp - len(p):] = torch.tensor(p, dtype=torch.long)
-        attn[i, Lp - len(p):] = 1
+        ids[i, Lp - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attn[i, Lp - len(p) :] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     dev = model_device(model)
     ids, attn, pos, inv = ids.to(dev), attn.to(dev), pos.to(dev), inv.to(dev)
@@ -171,13 +177,20 @@ def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: in
     full_attn = torch.cat([attn[inv], resp_attn], dim=-1)
     resp_pos = pos[inv, -1:] + 1 + torch.arange(T, device=dev)[None, :]
     resp_ids = torch.where(response_mask > 0, response, torch.full_like(response, pad_id))
-    out2 = model(input_ids=resp_ids, attention_mask=full_attn, position_ids=resp_pos, past_key_values=cache,
-                 use_cache=True)
+    out2 = model(
+        input_ids=resp_ids, attention_mask=full_attn, position_ids=resp_pos, past_key_values=cache, use_cache=True
+    )
     return torch.cat([spread(out.logits[:, -1:, :]), out2.logits[:, :-1, :]], dim=1)
 
 
 def response_logprobs(
-    model, prompt_ids, response, response_mask, pad_id: int, temperature: float = 1.0, with_entropy: bool = False,
+    model,
+    prompt_ids,
+    response,
+    response_mask,
+    pad_id: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
     shared_prefix: bool = True,
 ):
     """Log-probs ``[B, T]`` of the response tokens under ``model`` (and the per-token entropy ``[B, T]``).
@@ -194,7 +207,7 @@ def response_logprobs(
         ids, attn, pos, Lp = pack(prompt_ids, response, response_mask, pad_id)
         dev = model_device(model)
         out = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), use_cache=False)
-        logits = out.logits[:, Lp - 1: Lp + T - 1, :].float()
+        logits = out.logits[:, Lp - 1 : Lp + T - 1, :].float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)

@@ -29,8 +29,10 @@ def model_folder(path: str, key: str) -> list[str]:
     """A hub-format (``save_pretrained``) model folder: config, tokenizer and weights."""
     folder = Path(path)
     if not folder.is_dir():
-        return [f"{key}: model folder {folder} not found (download it first, e.g. `huggingface-cli download "
-                f"Qwen/Qwen2.5-Math-7B --local-dir {folder}`)"]
+        return [
+            f"{key}: model folder {folder} not found (download it first, e.g. `huggingface-cli download "
+            f"Qwen/Qwen2.5-Math-7B --local-dir {folder}`)"
+        ]
     lacks = []
     if not (folder / "config.json").is_file():
         lacks.append("config.json")
@@ -57,16 +59,20 @@ def data_files(cfg: dict) -> list[str]:
     if study.benchmarks_source == "hub" or not sets:
         return []
     root = Path(study.benchmarks_dir) if study.benchmarks_dir else benchmarks_root()
-    key = "study.benchmarks_dir" if study.benchmarks_dir else "the benchmarks folder ($NFT_BENCHMARKS_DIR or " \
-                                                              "../shared/benchmarks)"
+    key = (
+        "study.benchmarks_dir"
+        if study.benchmarks_dir
+        else "the benchmarks folder ($NFT_BENCHMARKS_DIR or ../shared/benchmarks)"
+    )
     if not root.is_dir():
         return [f"{key}: {root} not found; it holds {', '.join(sets)} (write it with `nft data fetch --out {root}`)"]
     out = []
     for name in sets:
         gone = missing_files(name, root)
         if gone:
-            out.append(f"{key}: {name} needs {', '.join(str(p) for p in gone)} (`nft data fetch --sets {name} "
-                       f"--out {root}`)")
+            out.append(
+                f"{key}: {name} needs {', '.join(str(p) for p in gone)} (`nft data fetch --sets {name} --out {root}`)"
+            )
     return out
 
 
@@ -108,8 +114,10 @@ def versions() -> list[str]:
     base = re.split(r"[+]", vllm)[0]
     if TESTED_VLLM.get(base) != torch:
         pairs = ", ".join(f"vllm {v} with torch {t}" for v, t in TESTED_VLLM.items())
-        return [f"train.sampler / eval.sampler: vllm {vllm} with torch {torch} is not a tested pair ({pairs}); "
-                f"install the pinned extra: pip install -e '.[vllm]'"]
+        return [
+            f"train.sampler / eval.sampler: vllm {vllm} with torch {torch} is not a tested pair ({pairs}); "
+            f"install the pinned extra: pip install -e '.[vllm]'"
+        ]
     return []
 
 
@@ -125,8 +133,10 @@ def problems(cfg: dict, processes: int | None = None, jobs: int = 1, gpus_here: 
     if base:
         out += model_folder(base, "pretrain.base_model")
         if Path(train.model) != Path(base):
-            out.append(f"train.model: {train.model} is not pretrain.base_model ({base}); the runs start from the base "
-                       f"model, so set both to the same folder")
+            out.append(
+                f"train.model: {train.model} is not pretrain.base_model ({base}); the runs start from the base "
+                f"model, so set both to the same folder"
+            )
     elif Path(train.model) != Path(BASE_STAGE_OUT):
         out += model_folder(train.model, "train.model")
     out += data_files(cfg)
@@ -136,15 +146,20 @@ def problems(cfg: dict, processes: int | None = None, jobs: int = 1, gpus_here: 
 
         gpus_here = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus_here and per_node > gpus_here:
-        out.append(f"study.launcher: asks for {per_node} GPUs per node ({study.launcher!r}) but this machine has "
-                   f"{gpus_here}")
+        out.append(
+            f"study.launcher: asks for {per_node} GPUs per node ({study.launcher!r}) but this machine has {gpus_here}"
+        )
     if jobs > 1 and whole_machine(study.launcher):
-        out.append(f"make study: JOBS={jobs} would start {jobs} launchers ({study.launcher!r}) on the same GPUs at "
-                   f"once; run it with JOBS=1")
+        out.append(
+            f"make study: JOBS={jobs} would start {jobs} launchers ({study.launcher!r}) on the same GPUs at "
+            f"once; run it with JOBS=1"
+        )
     world = processes or world
     if train.prompts_per_step % world:
-        out.append(f"train.prompts_per_step ({train.prompts_per_step}) must be divisible by the {world} training "
-                   f"processes ({'--processes' if processes else 'study.launcher'})")
+        out.append(
+            f"train.prompts_per_step ({train.prompts_per_step}) must be divisible by the {world} training "
+            f"processes ({'--processes' if processes else 'study.launcher'})"
+        )
     if "vllm" in (train.sampler, cfg["eval"].sampler):
         out += versions()
     if not out:

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_isa
-
 from .data.prompts import END_OF_TURN, SYSTEM_PROMPT, build_messages
 from .data.synthetic import Problem, SyntheticConfig, build_splits
 from .data.tokenizer import SPECIAL_TOKENS, save_as_qwen2, train_bpe
@@ -64,7 +63,9 @@ class PretrainConfig:
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"pretrain.steps / pretrain.batch_size: must be >= 1, got {self.steps}, {self.batch_size}")
-        if not (0 <= self.wrong_frac <= 1 and 0 <= self.truncate_frac <= 1 and self.wrong_frac + self.truncate_frac <= 1):
+        if not (
+            0 <= self.wrong_frac <= 1 and 0 <= self.truncate_frac <= 1 and self.wrong_frac + self.truncate_frac <= 1
+        ):
             raise ValueError("pretrain.wrong_frac / pretrain.truncate_frac: need fractions in [0, 1] summing to <= 1")
 
 
@@ -131,8 +132,10 @@ def reference_base(path: str, out: Path) -> dict:
     folder = Path(path)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"pretrain.base_model: {folder}/config.json not found (download the model first, e.g. "
-                                f"`huggingface-cli download Qwen/Qwen2.5-Math-7B --local-dir {folder}`)")
+        raise FileNotFoundError(
+            f"pretrain.base_model: {folder}/config.json not found (download the model first, e.g. "
+            f"`huggingface-cli download Qwen/Qwen2.5-Math-7B --local-dir {folder}`)"
+        )
     config = json.loads(cfg_file.read_text())
     weights = sorted(p.name for p in folder.glob("*.safetensors")) or sorted(p.name for p in folder.glob("*.bin"))
     if not weights:
@@ -140,16 +143,21 @@ def reference_base(path: str, out: Path) -> dict:
     if not (folder / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"pretrain.base_model: {folder}/tokenizer_config.json not found")
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"base_model": str(folder.resolve()), "model_type": config.get("model_type"),
-               "architectures": config.get("architectures"), "weights": weights,
-               "config_sha256": hashlib.sha256(cfg_file.read_bytes()).hexdigest()}
+    summary = {
+        "base_model": str(folder.resolve()),
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+        "weights": weights,
+        "config_sha256": hashlib.sha256(cfg_file.read_bytes()).hexdigest(),
+    }
     (out / "reference.json").write_text(json.dumps(summary, indent=2))
     summary.update({"seconds": 0.0, "parameters": 0, "final_loss": float("nan")})
     return summary
 
 
-def run_pretrain(data_cfg: SyntheticConfig, model_cfg: ModelConfig, cfg: PretrainConfig, out: str | Path,
-                 progress: bool = True) -> dict:
+def run_pretrain(
+    data_cfg: SyntheticConfig, model_cfg: ModelConfig, cfg: PretrainConfig, out: str | Path, progress: bool = True
+) -> dict:
     """Train the base model and write it to ``out`` (atomically). Returns the summary written to pretrain.json."""
     from transformers import AutoTokenizer
 
@@ -176,14 +184,18 @@ def run_pretrain(data_cfg: SyntheticConfig, model_cfg: ModelConfig, cfg: Pretrai
 
         rng = random.Random(f"{cfg.seed}-traces")
         prompts = tokenizer([prompt_text(p.question) for p in train], add_special_tokens=False)["input_ids"]
-        responses = tokenizer([noisy_trace(p, rng, cfg) + END_OF_TURN for p in train],
-                              add_special_tokens=False)["input_ids"]
+        responses = tokenizer([noisy_trace(p, rng, cfg) + END_OF_TURN for p in train], add_special_tokens=False)[
+            "input_ids"
+        ]
         pad = special["<|endoftext|>"]
 
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, cfg.adam_beta2))
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(0.9, cfg.adam_beta2),
+        )
 
         def lr_at(step: int) -> float:
             if step < cfg.warmup:
@@ -208,12 +220,13 @@ def run_pretrain(data_cfg: SyntheticConfig, model_cfg: ModelConfig, cfg: Pretrai
                 s = seqs[r]
                 ids[r, : len(s)] = torch.tensor(s)
                 attn[r, : len(s)] = 1
-                labels[r, len(prompts[i]): len(s)] = torch.tensor(responses[i])
+                labels[r, len(prompts[i]) : len(s)] = torch.tensor(responses[i])
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -26,5 +26,15 @@ class Progress:
             return
         per = (time.perf_counter() - self.t0) / max(step - self.start, 1)
         cells = [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()]
-        print(" | ".join([f"{self.label}: step {step}/{self.total}", *cells, f"{per:.2f} s/step",
-                          f"ETA {_clock(per * (self.total - step))}"]), file=sys.stdout, flush=True)
+        print(
+            " | ".join(
+                [
+                    f"{self.label}: step {step}/{self.total}",
+                    *cells,
+                    f"{per:.2f} s/step",
+                    f"ETA {_clock(per * (self.total - step))}",
+                ]
+            ),
+            file=sys.stdout,
+            flush=True,
+        )

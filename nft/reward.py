@@ -21,9 +21,9 @@ import functools
 import multiprocessing as mp
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
-from typing import Callable
 
 MAX_ANSWER_CHARS = 2000  # longer text is cut to its tail before parsing
 MAX_BOXED_CHARS = 300  # a boxed answer longer than this is wrong without parsing
@@ -46,7 +46,7 @@ def extract_boxed(text: str) -> str | None:
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1: j]
+                return text[i + 1 : j]
     return None
 
 
@@ -241,8 +241,14 @@ class GraderPool:
     """Grades in ``workers`` processes with a hard per-answer bound ``hard_timeout`` (the worker is killed and
     replaced; the answer counts as wrong). Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, workers: int = 2, grader: str = "math_verify", hard_timeout: float = 5.0,
-                 soft_timeout: float = 2.0, fn=None):
+    def __init__(
+        self,
+        workers: int = 2,
+        grader: str = "math_verify",
+        hard_timeout: float = 5.0,
+        soft_timeout: float = 2.0,
+        fn=None,
+    ):
         """``fn``: a picklable ``(response, gold) -> bool`` replacing the named grader (no fast path then)."""
         if fn is None:
             spec = get_grader(grader)
@@ -287,8 +293,9 @@ class GraderPool:
             self._conns[k].close()
         self._procs[k] = self._conns[k] = None
 
-    def grade_many(self, responses: list[str], golds: list[str], only: list[bool] | None = None
-                   ) -> tuple[list[bool], GradeStats]:
+    def grade_many(
+        self, responses: list[str], golds: list[str], only: list[bool] | None = None
+    ) -> tuple[list[bool], GradeStats]:
         """Verdicts for all answers; where ``only[i]`` is False the answer is not graded (False), e.g. answers cut
         at the length limit, which count as wrong anyway."""
         if len(responses) != len(golds):

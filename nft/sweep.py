@@ -144,8 +144,10 @@ def suggest(trial, space: SweepSpace) -> dict[str, Any]:
 
 
 def _sets(values: dict[str, Any]) -> list[str]:
-    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for k, v in values.items()]
+    return [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for k, v in values.items()
+    ]
 
 
 def _pruner(spec: dict):
@@ -174,8 +176,11 @@ def _storage(url: str, space: SweepSpace):
 
     hb = space.heartbeat
     return optuna.storages.RDBStorage(
-        url, heartbeat_interval=hb["interval"], grace_period=hb["grace"],
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=hb["retries"]))
+        url,
+        heartbeat_interval=hb["interval"],
+        grace_period=hb["grace"],
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=hb["retries"]),
+    )
 
 
 def _sampler(space: SweepSpace, worker: str):
@@ -245,10 +250,16 @@ class FinishedTrials:
         trials = study.get_trials(deepcopy=False)
         history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
         retried = {n for t in trials for n in history(t)}  # every trial a later copy retries, chains included
-        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-                       or (t.state == TrialState.FAIL and t.number not in retried) for t in trials)
-        return (finished, sum(t.state == TrialState.RUNNING for t in trials),
-                sum(t.state == TrialState.WAITING for t in trials))
+        finished = sum(
+            t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            or (t.state == TrialState.FAIL and t.number not in retried)
+            for t in trials
+        )
+        return (
+            finished,
+            sum(t.state == TrialState.RUNNING for t in trials),
+            sum(t.state == TrialState.WAITING for t in trials),
+        )
 
     def __call__(self, study, trial) -> None:
         if sum(self.counts(study)) >= self.n:
@@ -260,9 +271,18 @@ def default_storage(study_name: str) -> str:
     return f"sqlite:///sweeps/{study_name}.db"
 
 
-def run_sweep(config: str, space_path: str, trials: int, study_name: str, storage: str | None = None,
-              seeds: list[int] | None = None, sets: list[str] | None = None, out_dir: str = "sweeps",
-              progress: bool = False, worker: str | None = None) -> dict:
+def run_sweep(
+    config: str,
+    space_path: str,
+    trials: int,
+    study_name: str,
+    storage: str | None = None,
+    seeds: list[int] | None = None,
+    sets: list[str] | None = None,
+    out_dir: str = "sweeps",
+    progress: bool = False,
+    worker: str | None = None,
+) -> dict:
     """Run trials until the study holds ``trials`` finished ones (:class:`FinishedTrials`), all workers together.
     ``worker``: this worker's id (default host-pid), which seeds its sampler. Returns a summary of the study."""
     import warnings
@@ -281,8 +301,10 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
     # validate the base config, the space's base overrides and one sample of every parameter before any work
     base_sets = list(sets or []) + _sets(space.base)
     cfg0 = load_study(config, base_sets)
-    probe = {k: (p.choices[0] if p.type == "categorical" else p.low if p.type == "float" else int(p.low))
-             for k, p in space.params.items()}
+    probe = {
+        k: (p.choices[0] if p.type == "categorical" else p.low if p.type == "float" else int(p.low))
+        for k, p in space.params.items()
+    }
     load_study(config, base_sets + _sets(probe))
     storage = storage or default_storage(study_name)
     tcfg = cfg0["train"]
@@ -322,8 +344,11 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
         if retried is not None:  # the copy of a dead worker's trial: say which and why
             dead = next(t for t in study.get_trials(deepcopy=False) if t.number == retried)
             trial.set_user_attr("retry_of", retried)
-            trial.set_user_attr("retry_reason", f"trial {retried} of worker {dead.user_attrs.get('worker', '?')} "
-                                                f"failed: its heartbeat stopped (the worker died)")
+            trial.set_user_attr(
+                "retry_reason",
+                f"trial {retried} of worker {dead.user_attrs.get('worker', '?')} "
+                f"failed: its heartbeat stopped (the worker died)",
+            )
         try:
             values = suggest(trial, space)
             cfg = load_study(config, base_sets + _sets(values))
@@ -334,14 +359,16 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
         tracker = None
         parent_id = parent_run()
         if tcfg.tracking and parent_id:
-            tracker = MLflowTracker(tcfg.tracking_uri, sweep_exp, f"{study_name}-trial{trial.number}",
-                                    parent_run_id=parent_id)
+            tracker = MLflowTracker(
+                tcfg.tracking_uri, sweep_exp, f"{study_name}-trial{trial.number}", parent_run_id=parent_id
+            )
             tracker.log_params({**values, "seeds": ",".join(map(str, seeds)), "trial": trial.number})
             tracker.set_tags({"sweep": study_name, "trial": str(trial.number)})
         finals = []
         status = "FAILED"
         try:
             for i, (algo, seed) in enumerate((a, s) for a in space.algos for s in seeds):
+
                 def report(step, row, i=i, algo=algo, seed=seed):
                     if space.metric in row and math.isfinite(row[space.metric]):
                         done = finals + [row[space.metric]]
@@ -349,9 +376,20 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
                         if trial.should_prune():
                             raise optuna.TrialPruned(f"pruned at {algo} seed {seed} step {step}")
 
-                name = f"trial{trial.number}-s{seed}" if len(space.algos) == 1 else f"trial{trial.number}-{algo}-s{seed}"
-                final = run_training(cfg["train"], algo, seed, Path(out_dir) / study_name / name, study=study_name,
-                                     full_config=full, progress=progress, tracker=NullTracker(), on_validate=report)
+                name = (
+                    f"trial{trial.number}-s{seed}" if len(space.algos) == 1 else f"trial{trial.number}-{algo}-s{seed}"
+                )
+                final = run_training(
+                    cfg["train"],
+                    algo,
+                    seed,
+                    Path(out_dir) / study_name / name,
+                    study=study_name,
+                    full_config=full,
+                    progress=progress,
+                    tracker=NullTracker(),
+                    on_validate=report,
+                )
                 if space.metric not in final:
                     raise ValueError(f"metric {space.metric!r} not in the run's final metrics {sorted(final)}")
                 finals.append(final[space.metric])
@@ -386,8 +424,10 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
         if finished + running >= bound.n and not waiting:  # the last trials run elsewhere; their worker may die
             waited_since = waited_since or time.time()
             if time.time() - waited_since > _max_wait(study, space):
-                print(f"sweep: {running} trial(s) still RUNNING with no sign of their worker's end; this worker stops "
-                      f"waiting (they are failed once their heartbeat is stale, when a worker next starts a trial)")
+                print(
+                    f"sweep: {running} trial(s) still RUNNING with no sign of their worker's end; this worker stops "
+                    f"waiting (they are failed once their heartbeat is stale, when a worker next starts a trial)"
+                )
                 break
             time.sleep(space.heartbeat["interval"])
             continue
@@ -398,16 +438,18 @@ def run_sweep(config: str, space_path: str, trials: int, study_name: str, storag
             # this worker's trial was failed by a peer (its heartbeat looked stale) and retried there: go on
             print(f"sweep: {e}; its retry runs elsewhere", file=sys.stderr)
     done = study.get_trials(deepcopy=False)
-    summary = {"study": study_name, "storage": storage,
-               "complete": sum(t.state == TrialState.COMPLETE for t in done),
-               "pruned": sum(t.state == TrialState.PRUNED for t in done),
-               "failed": sum(t.state == TrialState.FAIL for t in done)}
+    summary = {
+        "study": study_name,
+        "storage": storage,
+        "complete": sum(t.state == TrialState.COMPLETE for t in done),
+        "pruned": sum(t.state == TrialState.PRUNED for t in done),
+        "failed": sum(t.state == TrialState.FAIL for t in done),
+    }
     try:
         summary["best_value"], summary["best_params"] = study.best_value, study.best_params
     except ValueError:
         pass
     return summary
-
 
 
 def sweep_table(study_name: str, storage: str) -> str:
@@ -421,13 +463,18 @@ def sweep_table(study_name: str, storage: str) -> str:
     params = sorted({k for t in trials for k in t.params})
     seen = list(dict.fromkeys(k.split("/")[1] for t in trials for k in t.user_attrs if k.startswith("value/")))
     algos = [a for a in study.user_attrs.get("algos", []) if a in seen] + sorted(
-        set(seen) - set(study.user_attrs.get("algos", [])))
+        set(seen) - set(study.user_attrs.get("algos", []))
+    )
     sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
     trials.sort(key=lambda t: (t.value is None, sign * (t.value or 0.0), t.number))
-    lines = ["| trial | " + " | ".join(params + algos) + " | objective | state |", "|---" * (len(params) + len(algos) + 3) + "|"]
+    lines = [
+        "| trial | " + " | ".join(params + algos) + " | objective | state |",
+        "|---" * (len(params) + len(algos) + 3) + "|",
+    ]
     for t in trials:
-        cells = [f"{t.params[p]:.3g}" if isinstance(t.params.get(p), float) else str(t.params.get(p, "–"))
-                 for p in params]
+        cells = [
+            f"{t.params[p]:.3g}" if isinstance(t.params.get(p), float) else str(t.params.get(p, "–")) for p in params
+        ]
         for a in algos:
             vals = [v for k, v in t.user_attrs.items() if k.startswith(f"value/{a}/")]
             cells.append(f"{100 * sum(vals) / len(vals):.1f}" if vals else "–")

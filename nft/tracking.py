@@ -28,7 +28,7 @@ def study_root(cwd: str | Path | None = None) -> Path:
     temporary experiments in (``<repo>/.dvc/tmp/exps/...``), whose runs belong to ``<repo>``'s store."""
     parts = Path(cwd or os.getcwd()).resolve().parts
     for i in range(len(parts) - 2):
-        if parts[i: i + 3] == (".dvc", "tmp", "exps"):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return Path(*parts)
 
@@ -50,7 +50,7 @@ def store_lock(uri: str):
         return nullcontext()
     from filelock import FileLock
 
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(db) + ".lock", timeout=300)
 
@@ -73,8 +73,9 @@ def git_state(root: Path | None = None) -> dict[str, str]:
 
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=root or study_root(), capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=root or study_root(), capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except Exception:  # noqa: BLE001 - no git, not a repository
             return ""
 
@@ -149,9 +150,17 @@ class MLflowTracker:
     (``retries`` times: 1, 2, 4 ... s); only then does the tracker go offline (a warning, no exception), and the run
     folder keeps everything for ``nft replay``, which continues the same run."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
-                 parent_run_id: str | None = None, flush_every: int = 1, tags: dict[str, str] | None = None,
-                 retries: int = 3):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        run_id: str | None = None,
+        parent_run_id: str | None = None,
+        flush_every: int = 1,
+        tags: dict[str, str] | None = None,
+        retries: int = 3,
+    ):
         fail_fast()  # each call fails fast; the retries below are ours, with backoff
         self.uri, self.offline, self.run_id = resolve_uri(uri), False, run_id
         self.retries, self._buffer, self.flush_every = retries, [], flush_every
@@ -166,8 +175,9 @@ class MLflowTracker:
                 all_tags = {"mlflow.runName": run_name, **(tags or {})}
                 if parent_run_id:
                     all_tags["mlflow.parentRunId"] = parent_run_id
-                self.run_id = self._retry(lambda: self.client.create_run(
-                    self.experiment_id, tags=all_tags, run_name=run_name).info.run_id)
+                self.run_id = self._retry(
+                    lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=run_name).info.run_id
+                )
             else:
                 self._retry(lambda: self.client.update_run(run_id, status="RUNNING"))
         except Exception as e:  # noqa: BLE001 - server down, bad URI, ...
@@ -180,12 +190,15 @@ class MLflowTracker:
             except Exception:  # noqa: BLE001
                 if attempt == self.retries:
                     raise
-                time.sleep(2 ** attempt)
+                time.sleep(2**attempt)
 
     def _go_offline(self, err: Exception) -> None:
         if not self.offline:
-            print(f"tracking: MLflow at {self.uri} unavailable after {self.retries} retries ({type(err).__name__}: "
-                  f"{str(err)[:160]}); continuing offline, replay later with `nft replay RUN_DIR`", file=sys.stderr)
+            print(
+                f"tracking: MLflow at {self.uri} unavailable after {self.retries} retries ({type(err).__name__}: "
+                f"{str(err)[:160]}); continuing offline, replay later with `nft replay RUN_DIR`",
+                file=sys.stderr,
+            )
         self.offline = True
 
     def _call(self, fn, *args, **kwargs) -> None:
@@ -201,7 +214,7 @@ class MLflowTracker:
 
         items = [Param(mlflow_key(k), str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items) if not self.offline else 0, 100):
-            self._call(self.client.log_batch, self.run_id, params=items[i: i + 100])
+            self._call(self.client.log_batch, self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -230,8 +243,10 @@ class MLflowTracker:
         """The data the run trained on, as an MLflow dataset input (the runs table's Dataset column)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        ds = DatasetInput(Dataset(name=name, digest=digest, source_type="local", source=source),
-                          tags=[InputTag("mlflow.data.context", context)])
+        ds = DatasetInput(
+            Dataset(name=name, digest=digest, source_type="local", source=source),
+            tags=[InputTag("mlflow.data.context", context)],
+        )
         if not self.offline:
             self._call(self.client.log_inputs, self.run_id, datasets=[ds])
 
@@ -252,7 +267,7 @@ class MLflowTracker:
         if self.offline:
             return
         for i in range(0, len(buf), 1000):
-            self._call(self.client.log_batch, self.run_id, metrics=buf[i: i + 1000])
+            self._call(self.client.log_batch, self.run_id, metrics=buf[i : i + 1000])
 
     def finish(self, status: str = "FINISHED") -> None:
         if self._monitor is not None:
@@ -275,8 +290,7 @@ def experiment_id(client, name: str, uri: str) -> str:
         return exp.experiment_id
     local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
     location = (study_root() / "mlartifacts").as_uri() if local else None
-    return client.create_experiment(name, artifact_location=location,
-                                    tags={"mlflow.experimentKind": EXPERIMENT_KIND})
+    return client.create_experiment(name, artifact_location=location, tags={"mlflow.experimentKind": EXPERIMENT_KIND})
 
 
 def study_run(uri: str, study: str, create: bool = True) -> str | None:
@@ -290,16 +304,27 @@ def study_run(uri: str, study: str, create: bool = True) -> str | None:
             client = MlflowClient(tracking_uri=resolve_uri(uri))
             exp_id = experiment_id(client, study, resolve_uri(uri))
             dvc_exp = dvc_experiment()
-            found = client.search_runs([exp_id], filter_string=f"tags.`{STUDY_ROLE}` = 'study' and "
-                                                               f"tags.`dvc.exp_name` = '{dvc_exp}'", max_results=1)
+            found = client.search_runs(
+                [exp_id],
+                filter_string=f"tags.`{STUDY_ROLE}` = 'study' and tags.`dvc.exp_name` = '{dvc_exp}'",
+                max_results=1,
+            )
             if found:
                 return found[0].info.run_id
             if not create:
                 return None
             name = study if dvc_exp == "workspace" else f"{study} ({dvc_exp})"
-            run = client.create_run(exp_id, run_name=name, tags={"mlflow.runName": name, STUDY_ROLE: "study",
-                                                                 "dvc.exp_name": dvc_exp, "study": study,
-                                                                 **git_state()})
+            run = client.create_run(
+                exp_id,
+                run_name=name,
+                tags={
+                    "mlflow.runName": name,
+                    STUDY_ROLE: "study",
+                    "dvc.exp_name": dvc_exp,
+                    "study": study,
+                    **git_state(),
+                },
+            )
             return run.info.run_id
     except Exception as e:  # noqa: BLE001
         print(f"tracking: no study run ({type(e).__name__}: {str(e)[:160]})", file=sys.stderr)
@@ -320,8 +345,12 @@ def log_to_run(run_dir: str | Path, metrics: dict[str, float], step: int, artifa
     if not train.get("tracking", True):
         return None
     tags = json.loads((run_dir / "tags.json").read_text()) if (run_dir / "tags.json").is_file() else {}
-    tracker = MLflowTracker(train.get("tracking_uri", ""), train.get("experiment") or tags.get("study", "nft-study"),
-                            run_dir.name, run_id=id_file.read_text().strip())
+    tracker = MLflowTracker(
+        train.get("tracking_uri", ""),
+        train.get("experiment") or tags.get("study", "nft-study"),
+        run_dir.name,
+        run_id=id_file.read_text().strip(),
+    )
     tracker.log_metrics(metrics, step)
     for a in artifacts:
         tracker.log_artifact(a, "evaluation")
@@ -338,11 +367,14 @@ def log_study(runs_dir: str | Path, reports: str | Path, metrics: dict[str, floa
     for tags_file in sorted(Path(runs_dir).glob("*/tags.json")):
         tags = json.loads(tags_file.read_text())
         cfg_file = tags_file.parent / "config.yaml"
-        train = (yaml.safe_load(cfg_file.read_text()).get("resolved") or {}).get("train", {}) if cfg_file.is_file() \
-            else {}
+        train = (
+            (yaml.safe_load(cfg_file.read_text()).get("resolved") or {}).get("train", {}) if cfg_file.is_file() else {}
+        )
         if tags.get("mlflow.parentRunId") and train.get("tracking", True):
-            studies[tags["mlflow.parentRunId"]] = (train.get("tracking_uri", ""),
-                                                  train.get("experiment") or tags.get("study", "nft-study"))
+            studies[tags["mlflow.parentRunId"]] = (
+                train.get("tracking_uri", ""),
+                train.get("experiment") or tags.get("study", "nft-study"),
+            )
     done = []
     for run_id, (uri, experiment) in studies.items():
         tracker = MLflowTracker(uri, experiment, "study", run_id=run_id)
@@ -388,8 +420,9 @@ def replay(run_dir: str | Path, uri: str = "", experiment: str | None = None) ->
         raise RuntimeError(f"replay: MLflow at {tracker.uri} is unreachable")
     if run_id is None:
         tracker.log_params(flatten(cfg))
-    tracker.set_tags({k: v for k, v in {**tags, "replayed_from": str(run_dir.resolve())}.items()
-                      if k != "mlflow.parentRunId"})
+    tracker.set_tags(
+        {k: v for k, v in {**tags, "replayed_from": str(run_dir.resolve())}.items() if k != "mlflow.parentRunId"}
+    )
     hist = run_dir / "history.jsonl"
     if hist.is_file():
         for line in hist.read_text().splitlines():

@@ -34,11 +34,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: Qwen/Qwen2.5-0.5B's config.json (architecture fields)
-QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0,
-                  rms_norm_eps=1e-6, tie_word_embeddings=True)
-TINY = dict(QWEN25_05B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, max_position_embeddings=2048)
+QWEN25_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    QWEN25_05B,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=2048,
+)
 
 
 def build(out: Path, arch: dict) -> tuple[Path, Path]:
@@ -60,8 +76,13 @@ def build(out: Path, arch: dict) -> tuple[Path, Path]:
     model_dir.mkdir(parents=True, exist_ok=True)
     save_as_qwen2(bpe, model_dir)
     special = {t: bpe.token_to_id(t) for t in SPECIAL_TOKENS}
-    config = Qwen2Config(**arch, bos_token_id=None, eos_token_id=[special["<|im_end|>"], special["<|endoftext|>"]],
-                         pad_token_id=special["<|endoftext|>"], use_sliding_window=False)
+    config = Qwen2Config(
+        **arch,
+        bos_token_id=None,
+        eos_token_id=[special["<|im_end|>"], special["<|endoftext|>"]],
+        pad_token_id=special["<|endoftext|>"],
+        use_sliding_window=False,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     model.save_pretrained(model_dir, safe_serialization=True)
@@ -78,8 +99,9 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def bench(model_dir: Path, P: int, K: int, new_tokens: int, micro: int, modes: list[str] | None = None,
-          train: bool = True) -> dict:
+def bench(
+    model_dir: Path, P: int, K: int, new_tokens: int, micro: int, modes: list[str] | None = None, train: bool = True
+) -> dict:
     """Sampler vs ``generate`` tokens/s, then trainer tokens/s and MFU, on the bf16 model (see the module doc)."""
     from nft.data.prompts import render_prompt
     from nft.data.synthetic import SyntheticConfig, build_splits
@@ -95,14 +117,29 @@ def bench(model_dir: Path, P: int, K: int, new_tokens: int, micro: int, modes: l
     stops = torch.tensor(stop_token_ids(tok), device=dev)
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     ids, attn = enc["input_ids"].repeat_interleave(K, 0).to(dev), enc["attention_mask"].repeat_interleave(K, 0).to(dev)
-    out: dict = {"workload": {"P": P, "K": K, "max_new_tokens": new_tokens, "dtype": str(model.dtype),
-                              "params": sum(p.numel() for p in model.parameters())}}
+    out: dict = {
+        "workload": {
+            "P": P,
+            "K": K,
+            "max_new_tokens": new_tokens,
+            "dtype": str(model.dtype),
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+    }
 
     def hf_generate(n_new: int) -> int:
         with torch.inference_mode():
-            g = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0,
-                               top_p=1.0, max_new_tokens=n_new, pad_token_id=tok.pad_token_id)
-        gen = g[:, ids.shape[1]:]
+            g = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=n_new,
+                pad_token_id=tok.pad_token_id,
+            )
+        gen = g[:, ids.shape[1] :]
         stop = torch.isin(gen, stops)
         first = torch.where(stop.any(-1), stop.float().argmax(-1) + 1, torch.full_like(gen[:, 0], gen.shape[1]))
         return int(first.sum())
@@ -116,11 +153,15 @@ def bench(model_dir: Path, P: int, K: int, new_tokens: int, micro: int, modes: l
             if mode:
                 torch_sampler.DECODE_GQA[model.device.type] = mode
             return int(sampler.sample(prompts, K, max_new_tokens=n, seed=0).mask.sum())
+
         return run
 
     default = torch_sampler.DECODE_GQA.get(torch.device(dev).type)
-    for name, fn in (("generate", lambda n: hf_generate(n)), ("ours", ours(None)),
-                     *((f"ours_{m}", ours(m)) for m in (modes or []) if m != default)):
+    for name, fn in (
+        ("generate", lambda n: hf_generate(n)),
+        ("ours", ours(None)),
+        *((f"ours_{m}", ours(m)) for m in (modes or []) if m != default),
+    ):
         fn(16)  # warm-up (kernels, allocator)
         if gpu:
             torch.cuda.reset_peak_memory_stats()
@@ -129,8 +170,12 @@ def bench(model_dir: Path, P: int, K: int, new_tokens: int, micro: int, modes: l
         n = fn(new_tokens)
         _sync()
         dt = time.perf_counter() - t0
-        out[f"sample_{name}"] = {"seconds": dt, "tokens": n, "tokens_per_s": n / dt,
-                                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
+        out[f"sample_{name}"] = {
+            "seconds": dt,
+            "tokens": n,
+            "tokens_per_s": n / dt,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+        }
         print(f"bench: sampling {name}: {n:,} tokens in {dt:.2f} s = {n / dt:,.0f} tokens/s", flush=True)
     out["sampler_speedup"] = out["sample_ours"]["tokens_per_s"] / out["sample_generate"]["tokens_per_s"]
     out["decode_gqa"] = default
@@ -172,17 +217,27 @@ def bench(model_dir: Path, P: int, K: int, new_tokens: int, micro: int, modes: l
     dt = time.perf_counter() - t0
     name = torch.cuda.get_device_name(0) if gpu else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    out["train"] = {"seconds": dt, "micro_batch_rows": micro, "processed_tokens": tot[0], "answer_tokens": tot[1],
-                    "processed_tokens_per_s": tot[0] / dt, "answer_tokens_per_s": tot[1] / dt,
-                    "tflops": tot[2] / dt / 1e12, "peak_bf16_tflops": peak,
-                    "mfu": tot[2] / dt / 1e12 / peak if peak else None,
-                    "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
+    out["train"] = {
+        "seconds": dt,
+        "micro_batch_rows": micro,
+        "processed_tokens": tot[0],
+        "answer_tokens": tot[1],
+        "processed_tokens_per_s": tot[0] / dt,
+        "answer_tokens_per_s": tot[1] / dt,
+        "tflops": tot[2] / dt / 1e12,
+        "peak_bf16_tflops": peak,
+        "mfu": tot[2] / dt / 1e12 / peak if peak else None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+    }
     t = out["train"]
-    print(f"bench: train fwd+bwd: {t['processed_tokens']:,} tokens ({t['answer_tokens']:,} answer) in {dt:.2f} s = "
-          f"{t['processed_tokens_per_s']:,.0f} tokens/s, {t['tflops']:.1f} TFLOP/s"
-          + (f", MFU {t['mfu']:.1%}" if t["mfu"] else "") + (f", peak {t['peak_gib']:.1f} GiB" if gpu else ""),
-          flush=True)
-    del model, sampler, ro
+    print(
+        f"bench: train fwd+bwd: {t['processed_tokens']:,} tokens ({t['answer_tokens']:,} answer) in {dt:.2f} s = "
+        f"{t['processed_tokens_per_s']:,.0f} tokens/s, {t['tflops']:.1f} TFLOP/s"
+        + (f", MFU {t['mfu']:.1%}" if t["mfu"] else "")
+        + (f", peak {t['peak_gib']:.1f} GiB" if gpu else ""),
+        flush=True,
+    )
+    model = sampler = ro = None  # free the device before the DeepSpeed part
     if gpu:
         torch.cuda.empty_cache()
     return out
@@ -195,8 +250,9 @@ def main() -> int:
     ap.add_argument("--answers", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU dry run)")
-    ap.add_argument("--engine", choices=["auto", "deepspeed", "torch"], default="auto",
-                    help="auto: deepspeed where installed")
+    ap.add_argument(
+        "--engine", choices=["auto", "deepspeed", "torch"], default="auto", help="auto: deepspeed where installed"
+    )
     ap.add_argument("--sampler", choices=["auto", "vllm", "torch"], default="auto", help="auto: vllm where installed")
     ap.add_argument("--bench", action="store_true", help="sampler vs generate and trainer MFU first")
     ap.add_argument("--bench-only", action="store_true", help="the bench alone (no training run)")
@@ -218,8 +274,15 @@ def main() -> int:
     else:
         data, model_dir = build(out, TINY if args.tiny else QWEN25_05B)
     if args.bench or args.bench_only:
-        res = bench(model_dir, args.bench_prompts, args.bench_answers, args.bench_tokens, args.bench_micro,
-                    [m for m in args.bench_modes.split(",") if m], not args.bench_no_train)
+        res = bench(
+            model_dir,
+            args.bench_prompts,
+            args.bench_answers,
+            args.bench_tokens,
+            args.bench_micro,
+            [m for m in args.bench_modes.split(",") if m],
+            not args.bench_no_train,
+        )
         res["device"] = torch.cuda.get_device_name(0) if gpu else "cpu"
         res["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__}
         (out / "bench.json").write_text(json.dumps(res, indent=2))
@@ -229,35 +292,71 @@ def main() -> int:
     has_vllm = importlib.util.find_spec("vllm") is not None if args.sampler == "auto" else args.sampler == "vllm"
     repo = Path(__file__).resolve().parents[1]
     cfg = TrainConfig(
-        model=str(model_dir), data=str(data), steps=2, prompts_per_step=args.prompts, answers_per_prompt=args.answers,
-        mini_batch_prompts=max(args.prompts // 2, 1), micro_batch_size=32, max_new_tokens=args.max_new_tokens,
-        batch_rule="all", lr=1e-6, val_every=0, val_benchmarks=["synth-easy"], val_k=1, val_limit=16,
-        checkpoint_every=100, threads=4, grader="dapo", grader_workers=4, tracking=False,
+        model=str(model_dir),
+        data=str(data),
+        steps=2,
+        prompts_per_step=args.prompts,
+        answers_per_prompt=args.answers,
+        mini_batch_prompts=max(args.prompts // 2, 1),
+        micro_batch_size=32,
+        max_new_tokens=args.max_new_tokens,
+        batch_rule="all",
+        lr=1e-6,
+        val_every=0,
+        val_benchmarks=["synth-easy"],
+        val_k=1,
+        val_limit=16,
+        checkpoint_every=100,
+        threads=4,
+        grader="dapo",
+        grader_workers=4,
+        tracking=False,
         engine="deepspeed" if has_ds else "torch",
         deepspeed_config=str(repo / "experiments/deepspeed/zero3.json") if has_ds else "",
         sampler="vllm" if has_vllm else "torch",
         vllm={"gpu_memory_utilization": 0.35, "sleep": gpu, "max_model_len": 1024},
     )
-    missing = [n for n, want in (("deepspeed", args.engine), ("vllm", args.sampler))
-               if want == "auto" and importlib.util.find_spec(n) is None]
-    print(f"smoke: engine {cfg.engine}{' (ZeRO-3)' if has_ds else ''}, sampler {cfg.sampler} "
-          f"(not installed: {missing or 'none'}), "
-          f"{args.prompts} prompts x {args.answers} answers x <= {args.max_new_tokens} tokens")
+    missing = [
+        n
+        for n, want in (("deepspeed", args.engine), ("vllm", args.sampler))
+        if want == "auto" and importlib.util.find_spec(n) is None
+    ]
+    print(
+        f"smoke: engine {cfg.engine}{' (ZeRO-3)' if has_ds else ''}, sampler {cfg.sampler} "
+        f"(not installed: {missing or 'none'}), "
+        f"{args.prompts} prompts x {args.answers} answers x <= {args.max_new_tokens} tokens"
+    )
     t0 = time.perf_counter()
     run_dir = out / f"run-{cfg.engine}-{cfg.sampler}"
     run_training(cfg, "grpo", 0, run_dir, progress=False)
     rows = [json.loads(ln) for ln in (run_dir / "history.jsonl").read_text().splitlines()]
-    keys = ["time/step", "time/sample", "time/grade", "time/old_logprob", "time/update", "time/weight_push",
-            "perf/sample_tokens_per_s", "perf/train_tokens_per_s", "train/tokens", "response/length_mean"]
-    summary = {"device": torch.cuda.get_device_name(0) if gpu else "cpu", "engine": cfg.engine,
-               "sampler": cfg.sampler, "total_s": time.perf_counter() - t0,
-               "steps": [{k: r.get(k) for k in ["step", *keys]} for r in rows if r["step"] > 0]}
+    keys = [
+        "time/step",
+        "time/sample",
+        "time/grade",
+        "time/old_logprob",
+        "time/update",
+        "time/weight_push",
+        "perf/sample_tokens_per_s",
+        "perf/train_tokens_per_s",
+        "train/tokens",
+        "response/length_mean",
+    ]
+    summary = {
+        "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+        "engine": cfg.engine,
+        "sampler": cfg.sampler,
+        "total_s": time.perf_counter() - t0,
+        "steps": [{k: r.get(k) for k in ["step", *keys]} for r in rows if r["step"] > 0],
+    }
     if gpu:
         summary["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     for s in summary["steps"]:
-        print("smoke: step {step}: {time/step:.2f} s (sample {time/sample:.2f}, update {time/update:.2f}, push "
-              "{time/weight_push:.2f}); sampling {perf/sample_tokens_per_s:,.0f} tokens/s, training "
-              "{perf/train_tokens_per_s:,.0f} tokens/s".format(**s))
+        print(
+            "smoke: step {step}: {time/step:.2f} s (sample {time/sample:.2f}, update {time/update:.2f}, push "
+            "{time/weight_push:.2f}); sampling {perf/sample_tokens_per_s:,.0f} tokens/s, training "
+            "{perf/train_tokens_per_s:,.0f} tokens/s".format(**s)
+        )
     if gpu:
         print(f"smoke: peak GPU memory {summary['max_memory_allocated_gib']:.1f} GiB")
     (out / f"summary-{cfg.engine}-{cfg.sampler}.json").write_text(json.dumps(summary, indent=2))

@@ -51,16 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=2, help="stages at once (default 2)")
     p.add_argument("--first", action="append", default=[], help="stage(s) reproduced before the parallel ones")
-    p.add_argument("--chain", nargs="+", required=True,
-                   help="matrix stages run in this order for each key, e.g. train evaluate")
+    p.add_argument(
+        "--chain", nargs="+", required=True, help="matrix stages run in this order for each key, e.g. train evaluate"
+    )
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs: must be >= 1")
     t0 = time.perf_counter()
     if args.first and dvc(["repro", *args.first]) != 0:
         return 1
-    names = subprocess.run(["dvc", "stage", "list", "--name-only"], check=True, capture_output=True,
-                           text=True).stdout.split()
+    names = subprocess.run(
+        ["dvc", "stage", "list", "--name-only"], check=True, capture_output=True, text=True
+    ).stdout.split()
     head = args.chain[0]
     keys = [s.split("@", 1)[1] for s in names if fnmatch.fnmatchcase(s, f"{head}@*")]
     if not keys:
@@ -80,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             key = futures[fut]
             rc, seconds, log = fut.result()
-            print(f"repro_parallel: [{done}/{len(keys)}] {' -> '.join(jobs[key])} "
-                  f"{'ok' if rc == 0 else f'FAILED ({rc})'} in {seconds:.1f} s", flush=True)
+            print(
+                f"repro_parallel: [{done}/{len(keys)}] {' -> '.join(jobs[key])} "
+                f"{'ok' if rc == 0 else f'FAILED ({rc})'} in {seconds:.1f} s",
+                flush=True,
+            )
             if rc != 0:
                 failed.append(key)
                 sys.stdout.write(log[-4000:])

@@ -49,8 +49,10 @@ def pytest_sessionfinish(session, exitstatus):
     after = _outputs_state(REPO)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     if changed:
-        print(f"\nconftest: the tests changed the checkout's outputs ({len(changed)} files), e.g. {changed[:5]}",
-              file=sys.stderr)
+        print(
+            f"\nconftest: the tests changed the checkout's outputs ({len(changed)} files), e.g. {changed[:5]}",
+            file=sys.stderr,
+        )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -60,18 +62,45 @@ def _away_from_checkout(tmp_path_factory, monkeypatch):
     (``evals/``, ``runs/``, ``reports/``, ``mlflow.db``) never see the checkout's study."""
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
+
 #: a small study: tiny model, add/sub/mul easy questions, short answers. The base model reaches ~20-40% sampled
 #: accuracy on its training questions after 250 steps (~15 s), so groups with both right and wrong answers exist.
 TINY = {
     "data": {"families": ["add", "sub", "mul"], "tiers": ["easy"], "train_size": 400, "eval_size": 24},
-    "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128,
-              "vocab_size": 320},
-    "pretrain": {"steps": 250, "batch_size": 16, "warmup": 20, "lr": 3e-3, "tokenizer_corpus": 300,
-                 "wrong_frac": 0.0, "truncate_frac": 0.0},
-    "train": {"steps": 2, "prompts_per_step": 4, "answers_per_prompt": 4, "mini_batch_prompts": 2,
-              "micro_batch_size": 6, "max_new_tokens": 24, "val_every": 0, "val_k": 2, "val_limit": 8,
-              "val_benchmarks": ["synth-easy"], "checkpoint_every": 1, "grader_workers": 1, "lr": 1e-4,
-              "tracking": False, "max_num_gen_batches": 4},
+    "model": {
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "intermediate_size": 128,
+        "vocab_size": 320,
+    },
+    "pretrain": {
+        "steps": 250,
+        "batch_size": 16,
+        "warmup": 20,
+        "lr": 3e-3,
+        "tokenizer_corpus": 300,
+        "wrong_frac": 0.0,
+        "truncate_frac": 0.0,
+    },
+    "train": {
+        "steps": 2,
+        "prompts_per_step": 4,
+        "answers_per_prompt": 4,
+        "mini_batch_prompts": 2,
+        "micro_batch_size": 6,
+        "max_new_tokens": 24,
+        "val_every": 0,
+        "val_k": 2,
+        "val_limit": 8,
+        "val_benchmarks": ["synth-easy"],
+        "checkpoint_every": 1,
+        "grader_workers": 1,
+        "lr": 1e-4,
+        "tracking": False,
+        "max_num_gen_batches": 4,
+    },
 }
 
 
@@ -79,8 +108,21 @@ def copy_checkout(dst: Path) -> Path:
     """The checkout's code and pipeline (no outputs, no DVC cache) in a fresh git repository at ``dst``."""
     import shutil
 
-    top = {".venv", ".git", "data", "models", "runs", "evals", "reports", "mlflow.db", "tmp", "dvc.lock", "mlartifacts",
-           "metrics.json", "sweeps"}
+    top = {
+        ".venv",
+        ".git",
+        "data",
+        "models",
+        "runs",
+        "evals",
+        "reports",
+        "mlflow.db",
+        "tmp",
+        "dvc.lock",
+        "mlartifacts",
+        "metrics.json",
+        "sweeps",
+    }
     anywhere = shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.egg-info")
 
     def ignore(folder, names):
@@ -97,8 +139,13 @@ def copy_checkout(dst: Path) -> Path:
 
 
 def nft_cli(*args, check=True, env=None, cwd=None):
-    r = subprocess.run([sys.executable, "-m", "nft.cli", *map(str, args)], capture_output=True, text=True,
-                       env={**os.environ, **(env or {})}, cwd=cwd)
+    r = subprocess.run(
+        [sys.executable, "-m", "nft.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+    )
     if check and r.returncode != 0:
         raise AssertionError(f"nft {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r

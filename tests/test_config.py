@@ -25,8 +25,9 @@ def test_params_yaml_sets_nothing_the_defaults_do_not_say():
     differ = []
     for name, cls in _sections().items():
         defaults = {f.name: _default(f) for f in dataclasses.fields(cls)}
-        differ += [f"{name}.{k}: {v!r} != {defaults[k]!r}" for k, v in (raw.get(name) or {}).items()
-                   if defaults.get(k) != v]
+        differ += [
+            f"{name}.{k}: {v!r} != {defaults[k]!r}" for k, v in (raw.get(name) or {}).items() if defaults.get(k) != v
+        ]
     plan = {f.name: _default(f) for f in dataclasses.fields(StudyConfig)}
     differ += [f"{k}: {raw[k]!r}" for k in ("algorithms", "seeds") if raw[k] != plan[k]]
     assert not differ, "params.yaml differs from the dataclass defaults: " + "; ".join(differ)
@@ -53,22 +54,27 @@ def _study(tmp_path: Path, **top) -> Path:
     return p
 
 
-@pytest.mark.parametrize("top, key", [
-    ({"algorithms": ["nft", "ppo"]}, "algorithms: unknown ['ppo']"),
-    ({"algorithms": []}, "algorithms: expected a non-empty list"),
-    ({"seeds": [0, "one"]}, "seeds[1]: expected an integer"),
-    ({"variants": {"v": {"algo": "nft", "loss": {"epsilon": 1}}}}, "variants.v.loss: "),
-    ({"variants": {"v": {"algo": "ppo"}}}, "variants.v.algo: unknown 'ppo'"),
-    ({"variants": {"v": {"algo": "nft", "lr": 1}}}, "unknown key(s) variants.v.lr"),
-    ({"study": {"name": "x", "owner": "me"}}, "unknown key(s) study.owner"),
-    ({"variants": {"v": {"algo": "nft", "train": {"lrr": 1}}}}, "variants.v.train: unknown key(s) ['lrr']"),
-    ({"variants": {"v": {"algo": "nft", "train": {"mini_batch_prompts": 999}}}},
-     "variants.v.train.mini_batch_prompts (999) exceeds train.prompts_per_step"),
-    ({"variants": {"v": {"algo": "nft", "train": {"lr": "big"}}}}, "variants.v.train.lr: expected a number"),
-    ({"sweep": {}}, "unknown section(s) ['sweep']"),
-    ({"train": {"checkpoint_every": 0}}, "train.checkpoint_every: must be >= 1, got 0"),
-    ({"train": {"val_every": -1}}, "train.val_every: must be >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "top, key",
+    [
+        ({"algorithms": ["nft", "ppo"]}, "algorithms: unknown ['ppo']"),
+        ({"algorithms": []}, "algorithms: expected a non-empty list"),
+        ({"seeds": [0, "one"]}, "seeds[1]: expected an integer"),
+        ({"variants": {"v": {"algo": "nft", "loss": {"epsilon": 1}}}}, "variants.v.loss: "),
+        ({"variants": {"v": {"algo": "ppo"}}}, "variants.v.algo: unknown 'ppo'"),
+        ({"variants": {"v": {"algo": "nft", "lr": 1}}}, "unknown key(s) variants.v.lr"),
+        ({"study": {"name": "x", "owner": "me"}}, "unknown key(s) study.owner"),
+        ({"variants": {"v": {"algo": "nft", "train": {"lrr": 1}}}}, "variants.v.train: unknown key(s) ['lrr']"),
+        (
+            {"variants": {"v": {"algo": "nft", "train": {"mini_batch_prompts": 999}}}},
+            "variants.v.train.mini_batch_prompts (999) exceeds train.prompts_per_step",
+        ),
+        ({"variants": {"v": {"algo": "nft", "train": {"lr": "big"}}}}, "variants.v.train.lr: expected a number"),
+        ({"sweep": {}}, "unknown section(s) ['sweep']"),
+        ({"train": {"checkpoint_every": 0}}, "train.checkpoint_every: must be >= 1, got 0"),
+        ({"train": {"val_every": -1}}, "train.val_every: must be >= 0, got -1"),
+    ],
+)
 def test_bad_top_level_keys_name_the_key(tmp_path, top, key):
     with pytest.raises(ConfigError) as e:
         load_study(_study(tmp_path, **top))
@@ -76,8 +82,14 @@ def test_bad_top_level_keys_name_the_key(tmp_path, top, key):
 
 
 def test_variant_arm_merges_its_loss_into_train(tmp_path):
-    cfg = load_study(_study(tmp_path, algorithms=["x"], train={"loss": {"nft": {"eps": 0.5, "omega": "one"}}},
-                            variants={"x": {"algo": "nft", "loss": {"eps": 0.25}}}))
+    cfg = load_study(
+        _study(
+            tmp_path,
+            algorithms=["x"],
+            train={"loss": {"nft": {"eps": 0.5, "omega": "one"}}},
+            variants={"x": {"algo": "nft", "loss": {"eps": 0.25}}},
+        )
+    )
     algo, train = cfg["plan"].arm("x", cfg["train"])
     assert algo == "nft" and train.loss["nft"] == {"eps": 0.25, "omega": "one"}
     assert cfg["plan"].arm("grpo", cfg["train"]) == ("grpo", cfg["train"])
@@ -117,7 +129,8 @@ def test_nft_processes_tune_malloc_unless_the_environment_does():
 
     code = "from nft.cli import tune_malloc; print(tune_malloc())"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    run = lambda extra: subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,
-                                       text=True, check=True, cwd=REPO).stdout.strip()
+    run = lambda extra: subprocess.run(
+        [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout.strip()
     assert run({}) == "True"  # glibc (Linux)
     assert run({"MALLOC_MMAP_THRESHOLD_": "131072"}) == "False"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,8 +28,9 @@ SMOKE = {
 
 def _dvc(cwd: Path, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    r = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, capture_output=True, text=True,
-                       env=env)
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, capture_output=True, text=True, env=env
+    )
     assert r.returncode == 0, f"dvc {' '.join(args)}:\n{r.stdout}\n{r.stderr}"
     return r
 
@@ -48,8 +48,16 @@ def _ran(output: str) -> set[str]:
 
 def test_dvc_repro_smoke_and_selective_rerun(repo_copy):
     r = _dvc(repo_copy, "repro")
-    assert _ran(r.stdout) == {"prepare", "base", "evaluate-base", "train@nft-0", "train@grpo-0", "evaluate@nft-0",
-                              "evaluate@grpo-0", "analyze"}
+    assert _ran(r.stdout) == {
+        "prepare",
+        "base",
+        "evaluate-base",
+        "train@nft-0",
+        "train@grpo-0",
+        "evaluate@nft-0",
+        "evaluate@grpo-0",
+        "analyze",
+    }
     assert json.loads((repo_copy / "metrics.json").read_text())["avg@2"]["base"]["seeds"] == 1  # the base row
     for run in ("nft-s0", "grpo-s0"):
         assert (repo_copy / "runs" / run / "metrics.json").is_file()
@@ -126,8 +134,13 @@ def test_bad_params_stop_before_any_stage(repo_copy):
     params["train"]["promts_per_step"] = 3
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    r = subprocess.run([sys.executable, "-m", "nft.cli", "check", "--config", "params.yaml"], cwd=repo_copy,
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "nft.cli", "check", "--config", "params.yaml"],
+        cwd=repo_copy,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2 and "train.promts_per_step" in r.stderr
 
 
@@ -248,8 +261,9 @@ def test_study_files_carry_the_train_params():
 
 
 def _git(cwd: Path, *args) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True
+    )
 
 
 @pytest.mark.slow

@@ -34,8 +34,13 @@ def test_majority():
 
 def test_summarize_exact():
     correct = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=bool)
-    m = summarize(correct, np.full((3, 4), 10), np.zeros(12, dtype=bool),
-                  [["1", "2", "3", "1"], ["5", "5", None, "6"], ["7"] * 4], 4)
+    m = summarize(
+        correct,
+        np.full((3, 4), 10),
+        np.zeros(12, dtype=bool),
+        [["1", "2", "3", "1"], ["5", "5", None, "6"], ["7"] * 4],
+        4,
+    )
     assert m["avg@4"] == pytest.approx((0.5 + 0 + 1) / 3)
     assert m["pass@4"] == pytest.approx(2 / 3)
     assert m["maj@4"] == pytest.approx(2 / 3)
@@ -51,8 +56,14 @@ class FakeSampler:
             q = int(p.split("Q")[1].split("?")[0])
             texts += [f"\\boxed{{{q if j < (q % n) + 1 else q + 1}}}" for j in range(n)]
         B = len(texts)
-        return Rollout([[0]] * B, torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1), torch.zeros(B, 1),
-                       torch.ones(B, dtype=torch.bool), texts)
+        return Rollout(
+            [[0]] * B,
+            torch.zeros(B, 1, dtype=torch.long),
+            torch.ones(B, 1),
+            torch.zeros(B, 1),
+            torch.ones(B, dtype=torch.bool),
+            texts,
+        )
 
 
 class Tok:
@@ -68,15 +79,32 @@ def test_avg_at_k_of_a_fake_sampler_is_exact():
         m, recs = evaluate_problems(FakeSampler(), Tok(), problems, EvalConfig(k=4, prompts_per_batch=5), pool)
     expected = np.mean([((i % 4) + 1) / 4 for i in range(12)])
     assert m["avg@4"] == pytest.approx(expected)
-    assert m["pass@4"] == 1.0 and m["maj@4"] == pytest.approx(np.mean([(i % 4) + 1 >= 2 for i in range(12)]))  # ties: earliest (right) answer
+    assert m["pass@4"] == 1.0 and m["maj@4"] == pytest.approx(
+        np.mean([(i % 4) + 1 >= 2 for i in range(12)])
+    )  # ties: earliest (right) answer
     assert len(recs) == 48
 
 
 def test_evaluate_cli(tiny_study, tmp_path):
     params, data, base = tiny_study
     out, samples = tmp_path / "e.json", tmp_path / "s.jsonl"
-    nft_cli("evaluate", "--model", base, "--benchmarks", "synth-easy,synth-medium", "--k", "2", "--limit", "6",
-            "--data", data, "--out", out, "--samples", samples)
+    nft_cli(
+        "evaluate",
+        "--model",
+        base,
+        "--benchmarks",
+        "synth-easy,synth-medium",
+        "--k",
+        "2",
+        "--limit",
+        "6",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--samples",
+        samples,
+    )
     res = json.loads(out.read_text())
     assert set(res) == {"synth-easy", "synth-medium", "mean"}  # metrics only: the settings go beside them
     meta = json.loads((tmp_path / "e.meta.json").read_text())
@@ -88,6 +116,16 @@ def test_evaluate_cli(tiny_study, tmp_path):
         assert all(isinstance(v, (int, float)) for v in m.values())
     lines = samples.read_text().splitlines()
     assert len(lines) == 2 * 6 * 2 and "answer_text" in json.loads(lines[0])
-    bad = nft_cli("evaluate", "--model", base, "--benchmarks", "synth-easy,nope", "--out", tmp_path / "x.json",
-                  "--data", data, check=False)
+    bad = nft_cli(
+        "evaluate",
+        "--model",
+        base,
+        "--benchmarks",
+        "synth-easy,nope",
+        "--out",
+        tmp_path / "x.json",
+        "--data",
+        data,
+        check=False,
+    )
     assert bad.returncode == 2 and "nope" in bad.stderr and not (tmp_path / "x.json").exists()

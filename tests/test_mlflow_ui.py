@@ -19,9 +19,21 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def _dom(url: str) -> str:
     """The page's text as rendered (scripts run), tags and styles stripped, whitespace collapsed."""
-    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=3000,1600",
-                        "--virtual-time-budget=20000", "--dump-dom", url], capture_output=True, text=True,
-                       timeout=180)
+    r = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=3000,1600",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     text = re.sub(r"<(style|script)[^>]*>.*?</\1>", " ", r.stdout, flags=re.S)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
@@ -33,20 +45,64 @@ def test_mlflow_ui_shows_the_study(tiny_study, tmp_path, mlflow_server):  # noqa
     from mlflow.tracking import MlflowClient
 
     params, data, _ = tiny_study
-    track = ["--set", "train.tracking=true", "--set", f"train.tracking_uri={mlflow_server}",
-             "--set", "study.name=ui-study", "--set", "train.steps=1"]
+    track = [
+        "--set",
+        "train.tracking=true",
+        "--set",
+        f"train.tracking_uri={mlflow_server}",
+        "--set",
+        "study.name=ui-study",
+        "--set",
+        "train.steps=1",
+    ]
     runs = {}
     for algo in ("nft", "grpo"):
         run = tmp_path / f"{algo}-s0"
         nft_cli("train", "--config", params, "--algo", algo, "--seed", "0", "--out", run, "--quiet", *track)
-        nft_cli("evaluate", "--model", run / "model", "--benchmarks", "synth-easy", "--k", "2", "--limit", "4",
-                "--data", data, "--out", tmp_path / "evals" / f"{algo}-s0.json")
+        nft_cli(
+            "evaluate",
+            "--model",
+            run / "model",
+            "--benchmarks",
+            "synth-easy",
+            "--k",
+            "2",
+            "--limit",
+            "4",
+            "--data",
+            data,
+            "--out",
+            tmp_path / "evals" / f"{algo}-s0.json",
+        )
         runs[algo] = (run / "mlflow_run_id").read_text().strip()
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"algo": "nft", "metric": "val/mean/avg@2", "direction": "maximize",
-                                     "params": {"train.lr": {"type": "float", "low": 1e-5, "high": 1e-4}}}))
-    nft_cli("sweep", "--config", params, "--space", space, "--trials", "1", "--study-name", "uisweep",
-            "--storage", f"sqlite:///{tmp_path}/optuna.db", "--out-dir", tmp_path / "sweeps", "--quiet", *track)
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "algo": "nft",
+                "metric": "val/mean/avg@2",
+                "direction": "maximize",
+                "params": {"train.lr": {"type": "float", "low": 1e-5, "high": 1e-4}},
+            }
+        )
+    )
+    nft_cli(
+        "sweep",
+        "--config",
+        params,
+        "--space",
+        space,
+        "--trials",
+        "1",
+        "--study-name",
+        "uisweep",
+        "--storage",
+        f"sqlite:///{tmp_path}/optuna.db",
+        "--out-dir",
+        tmp_path / "sweeps",
+        "--quiet",
+        *track,
+    )
 
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("ui-study")

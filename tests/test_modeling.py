@@ -28,8 +28,9 @@ def _same_logprobs_and_grads(model, tok, ro, perm):
     grads = []
     for shared in (False, True):
         model.zero_grad()
-        lp, ent = response_logprobs(model, prompt_ids, response, mask, tok.pad_token_id, with_entropy=True,
-                                    shared_prefix=shared)
+        lp, ent = response_logprobs(
+            model, prompt_ids, response, mask, tok.pad_token_id, with_entropy=True, shared_prefix=shared
+        )
         (lp * mask).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         on = mask > 0
@@ -51,7 +52,7 @@ def test_spread_is_indexing_with_its_sums_in_order():
         up = torch.randn(40, 2, 10, 16, generator=g)
         for inv in (torch.arange(5).repeat_interleave(8), torch.arange(40).remainder(5)):
             got = []
-            for spread in (lambda t: t[inv], _spreader(inv, 5)):
+            for spread in (lambda t, inv=inv: t[inv], _spreader(inv, 5)):
                 x.grad = None
                 y = spread(x)
                 torch.cat([y, new], dim=2).backward(up)

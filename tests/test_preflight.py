@@ -13,7 +13,6 @@ from nft.cli import main
 from nft.preflight import launcher_world
 from tests.conftest import REPO, TINY
 
-
 DEEPSPEED = ("train.engine=deepspeed", f"train.deepspeed_config={REPO / 'experiments' / 'deepspeed' / 'zero2.json'}")
 
 
@@ -23,8 +22,11 @@ def study(tmp_path, tiny_study):
     _, _, base = tiny_study
     model = tmp_path / "hub-model"
     shutil.copytree(base, model)
-    cfg = {**TINY, "pretrain": {**TINY["pretrain"], "base_model": str(model)},
-           "train": {**TINY["train"], "model": str(model)}}
+    cfg = {
+        **TINY,
+        "pretrain": {**TINY["pretrain"], "base_model": str(model)},
+        "train": {**TINY["train"], "model": str(model)},
+    }
 
     def check(*sets: str, args: tuple = (), **kw) -> tuple[int, list[str]]:
         params = tmp_path / "study.yaml"
@@ -45,9 +47,15 @@ def test_a_valid_study_passes(study, capsys):
     assert check(capsys=capsys) == (0, [])
 
 
-@pytest.mark.parametrize("remove, says", [(None, "not found"), ("config.json", "lacks config.json"),
-                                          ("tokenizer.json", "lacks a tokenizer"),
-                                          ("model.safetensors", "lacks weights")])
+@pytest.mark.parametrize(
+    "remove, says",
+    [
+        (None, "not found"),
+        ("config.json", "lacks config.json"),
+        ("tokenizer.json", "lacks a tokenizer"),
+        ("model.safetensors", "lacks weights"),
+    ],
+)
 def test_a_model_folder_missing_or_incomplete(study, capsys, remove, says):
     model, check = study
     if remove:
@@ -73,8 +81,12 @@ def test_missing_benchmark_and_training_files(study, capsys, tmp_path):
     empty.mkdir()
     rc, lines = check(f"study.benchmarks_dir={tmp_path / 'nowhere'}", "eval.benchmarks=[math500]", capsys=capsys)
     assert rc == 1 and len(lines) == 1 and "study.benchmarks_dir:" in lines[0] and "not found" in lines[0]
-    rc, lines = check(f"study.benchmarks_dir={empty}", "eval.benchmarks=[math500, aime25]",
-                      "train.train_set=dapo-math-17k", capsys=capsys)
+    rc, lines = check(
+        f"study.benchmarks_dir={empty}",
+        "eval.benchmarks=[math500, aime25]",
+        "train.train_set=dapo-math-17k",
+        capsys=capsys,
+    )
     assert rc == 1 and len(lines) == 3
     assert "dapo-math-17k needs" in lines[0] and "dapo_math_17k.parquet" in lines[0]
     assert "aime25 needs" in lines[2] and "test2025-I.jsonl" in lines[2] and "test2025-II.jsonl" in lines[2]
@@ -89,8 +101,7 @@ def test_missing_benchmarks_dir_from_the_environment(study, capsys, tmp_path, mo
 
 def test_a_batch_the_world_size_does_not_divide(study, capsys):
     _, check = study
-    rc, lines = check("study.launcher=deepspeed --num_gpus 3 --module nft.cli", *DEEPSPEED,
-                      capsys=capsys)
+    rc, lines = check("study.launcher=deepspeed --num_gpus 3 --module nft.cli", *DEEPSPEED, capsys=capsys)
     assert rc == 1 and len(lines) == 1
     assert "train.prompts_per_step (4) must be divisible by the 3 training processes (study.launcher)" in lines[0]
     rc, lines = check(args=("--processes", "3"), capsys=capsys)
@@ -103,17 +114,21 @@ def test_a_launcher_asking_for_more_gpus_than_the_machine_has(study, capsys, mon
     _, check = study
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    rc, lines = check("study.launcher=deepspeed --num_gpus 8 --module nft.cli", *DEEPSPEED,
-                      "train.prompts_per_step=8", capsys=capsys)
-    assert rc == 1 and lines == ["nft check: study.launcher: asks for 8 GPUs per node ('deepspeed --num_gpus 8 "
-                                 "--module nft.cli') but this machine has 4"]
+    rc, lines = check(
+        "study.launcher=deepspeed --num_gpus 8 --module nft.cli", *DEEPSPEED, "train.prompts_per_step=8", capsys=capsys
+    )
+    assert rc == 1 and lines == [
+        "nft check: study.launcher: asks for 8 GPUs per node ('deepspeed --num_gpus 8 "
+        "--module nft.cli') but this machine has 4"
+    ]
 
 
 def test_vllm_and_torch_outside_the_tested_pairs(study, capsys, monkeypatch):
     _, check = study
     real = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
-                        lambda d: {"vllm": "0.33.0", "torch": "2.13.0+cpu"}.get(d) or real(d))
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda d: {"vllm": "0.33.0", "torch": "2.13.0+cpu"}.get(d) or real(d)
+    )
     rc, lines = check("train.sampler=vllm", capsys=capsys)
     assert rc == 1 and len(lines) == 1
     assert "vllm 0.33.0 with torch 2.13.0 is not a tested pair (vllm 0.32.0 with torch 2.13.0)" in lines[0]
@@ -124,7 +139,7 @@ def test_stages_at_once_with_launchers_that_take_the_machine(study, capsys):
     launcher = "study.launcher=deepspeed --num_gpus 1 --module nft.cli"
     rc, lines = check(launcher, *DEEPSPEED, args=("--jobs", "2"), capsys=capsys)
     assert rc == 1 and len(lines) == 1 and "JOBS=2" in lines[0] and "JOBS=1" in lines[0]
-    assert check(args=("--jobs", "2"), capsys=capsys)[0] == 0   # `nft` alone: one process, two at once are fine
+    assert check(args=("--jobs", "2"), capsys=capsys)[0] == 0  # `nft` alone: one process, two at once are fine
 
 
 def test_launcher_world():

@@ -11,29 +11,32 @@ ADVERSARIAL = [
     "\\boxed{" + "{" * 10000 + "1" + "}" * 10000 + "}",
     "x" * 100_000 + "\\boxed{3}",
     "\\boxed{" + "1+" * 50_000 + "1}",
-    "\\boxed{\u202e\u0000\ud7ff\U0001F600 ∑∫√ \ufeff}",
+    "\\boxed{\u202e\u0000\ud7ff\U0001f600 ∑∫√ \ufeff}",
     "\\boxed{(" * 3000 + ")}" * 3000,
     "\\boxed{\\frac{\\frac{\\frac{1}{2}}{3}}{" + "\\sqrt{" * 500 + "2" + "}" * 500 + "}}",
     "\\boxed{10^{10^{10^{10^{10}}}} - 10^{10^{10^{10^{10}}}}}",
 ]
 
 
-@pytest.mark.parametrize("response,gold,ok", [
-    ("so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", True),
-    ("so \\boxed{0.5}", "\\frac{1}{2}", True),
-    ("so \\boxed{\\dfrac{2}{4}}", "\\frac{1}{2}", True),
-    ("so \\boxed{-3}", "-3", True),
-    ("so \\boxed{3}", "-3", False),
-    ("no box but the answer is $42$", "42", False),   # the prompt asks for \boxed{}; unboxed text is not graded
-    ("What is 64 + 48?\n64 + 48", "112", False),       # reward hacking seen in training: restate the question
-    ("\\boxed{64 + 48}", "112", False),                # an unevaluated expression is not a final number
-    ("\\boxed{112}", "112", True),
-    ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", True),
-    ("\\boxed{\\frac{3^{1/2}}{2}}", "\\frac{\\sqrt{3}}{2}", True),  # symbolic gold: math-verify decides
-    ("\\boxed{x = 5}", "5", True),
-    ("\\boxed{27}", "27", True),
-    ("", "1", False),
-])
+@pytest.mark.parametrize(
+    "response,gold,ok",
+    [
+        ("so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}", True),
+        ("so \\boxed{0.5}", "\\frac{1}{2}", True),
+        ("so \\boxed{\\dfrac{2}{4}}", "\\frac{1}{2}", True),
+        ("so \\boxed{-3}", "-3", True),
+        ("so \\boxed{3}", "-3", False),
+        ("no box but the answer is $42$", "42", False),  # the prompt asks for \boxed{}; unboxed text is not graded
+        ("What is 64 + 48?\n64 + 48", "112", False),  # reward hacking seen in training: restate the question
+        ("\\boxed{64 + 48}", "112", False),  # an unevaluated expression is not a final number
+        ("\\boxed{112}", "112", True),
+        ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}", True),
+        ("\\boxed{\\frac{3^{1/2}}{2}}", "\\frac{\\sqrt{3}}{2}", True),  # symbolic gold: math-verify decides
+        ("\\boxed{x = 5}", "5", True),
+        ("\\boxed{27}", "27", True),
+        ("", "1", False),
+    ],
+)
 def test_math_verify_cases(response, gold, ok):
     assert grade(response, gold) is ok
 
@@ -41,8 +44,13 @@ def test_math_verify_cases(response, gold, ok):
 def test_fast_path_agrees_with_math_verify():
     from nft.reward import grade_math_verify
 
-    for resp, gold in [("\\boxed{12}", "12"), ("\\boxed{13}", "12"), ("\\boxed{-0}", "0"), ("\\boxed{007}", "7"),
-                       ("\\boxed{\\frac{3}{4}}", "\\frac{3}{4}")]:
+    for resp, gold in [
+        ("\\boxed{12}", "12"),
+        ("\\boxed{13}", "12"),
+        ("\\boxed{-0}", "0"),
+        ("\\boxed{007}", "7"),
+        ("\\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),
+    ]:
         fast = fast_verdict(resp, gold)
         assert fast is not None and fast == grade_math_verify(resp, gold)
 

@@ -23,8 +23,10 @@ SPACE = {
     "sampler_seed": 0,
     "heartbeat": {"interval": 1, "grace": 3, "retries": 1},
     "base": {"train.steps": 2, "train.val_every": 1},
-    "params": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
-               "train.loss.nft.omega": {"type": "categorical", "choices": ["one", "one_minus_r", "sqrt"]}},
+    "params": {
+        "train.lr": {"type": "float", "low": 1e-4, "high": 1e-3, "log": True},
+        "train.loss.nft.omega": {"type": "categorical", "choices": ["one", "one_minus_r", "sqrt"]},
+    },
 }
 
 
@@ -35,11 +37,29 @@ def _space(tmp_path, **changes) -> Path:
 
 
 def _two_workers(params, space, storage, study, tmp_path, extra=()):
-    cmd = [sys.executable, "-m", "nft.cli", "sweep", "--config", str(params), "--space", str(space), "--trials", "4",
-           "--study-name", study, "--storage", storage, "--out-dir", str(tmp_path / "sweeps"), "--quiet", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nft.cli",
+        "sweep",
+        "--config",
+        str(params),
+        "--space",
+        str(space),
+        "--trials",
+        "4",
+        "--study-name",
+        study,
+        "--storage",
+        storage,
+        "--out-dir",
+        str(tmp_path / "sweeps"),
+        "--quiet",
+        *extra,
+    ]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err
     return outs
 
@@ -60,9 +80,14 @@ def test_sqlite_two_workers_and_nested_mlflow(tiny_study, tmp_path):
     params, _, _ = tiny_study
     storage = f"sqlite:///{tmp_path}/optuna.db"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    _two_workers(params, _space(tmp_path), storage, "s1", tmp_path,
-                 ["--set", "train.tracking=true", "--set", f"train.tracking_uri={uri}", "--set",
-                  "train.experiment=sweeps"])
+    _two_workers(
+        params,
+        _space(tmp_path),
+        storage,
+        "s1",
+        tmp_path,
+        ["--set", "train.tracking=true", "--set", f"train.tracking_uri={uri}", "--set", "train.experiment=sweeps"],
+    )
     trials = _check_trials(storage, "s1")
     assert all(t.state.name == "COMPLETE" for t in trials)
     client = MlflowClient(tracking_uri=uri)
@@ -86,8 +111,23 @@ def test_sqlite_two_workers_and_nested_mlflow(tiny_study, tmp_path):
     assert chosen["train"]["lr"] == pytest.approx(study.best_params["train.lr"])
     assert chosen["train"]["loss"]["nft"]["omega"] == study.best_params["train.loss.nft.omega"]
     nft_cli("check", "--config", best, check=False)  # the written file is a valid params file
-    assert nft_cli("train", "--config", best, "--algo", "nft", "--seed", "0", "--out", tmp_path / "from-best",
-                   "--quiet", "--set", "train.steps=1").returncode == 0
+    assert (
+        nft_cli(
+            "train",
+            "--config",
+            best,
+            "--algo",
+            "nft",
+            "--seed",
+            "0",
+            "--out",
+            tmp_path / "from-best",
+            "--quiet",
+            "--set",
+            "train.steps=1",
+        ).returncode
+        == 0
+    )
 
 
 def _kill_one_worker_mid_trial(params, space, storage, study, tmp_path):
@@ -96,10 +136,29 @@ def _kill_one_worker_mid_trial(params, space, storage, study, tmp_path):
     differ (each has its own sampler seed)."""
     import optuna
 
-    base = [sys.executable, "-m", "nft.cli", "sweep", "--config", str(params), "--space", str(space), "--trials", "4",
-            "--study-name", study, "--storage", storage, "--out-dir", str(tmp_path / "sweeps"), "--quiet"]
-    procs = {w: subprocess.Popen(base + ["--worker", w], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for w in ("a", "b")}
+    base = [
+        sys.executable,
+        "-m",
+        "nft.cli",
+        "sweep",
+        "--config",
+        str(params),
+        "--space",
+        str(space),
+        "--trials",
+        "4",
+        "--study-name",
+        study,
+        "--storage",
+        storage,
+        "--out-dir",
+        str(tmp_path / "sweeps"),
+        "--quiet",
+    ]
+    procs = {
+        w: subprocess.Popen(base + ["--worker", w], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for w in ("a", "b")
+    }
     deadline = time.time() + 300
     victim = None
     while time.time() < deadline and victim is None:
@@ -119,13 +178,21 @@ def _kill_one_worker_mid_trial(params, space, storage, study, tmp_path):
     dead = trials[victim.number]
     assert dead.state.name == "FAIL" and dead.user_attrs["worker"] == "b"
     copies = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
-    assert len(copies) == 1 and copies[0].state.name == "COMPLETE" and "heartbeat stopped" in copies[0].user_attrs[
-        "retry_reason"]
+    assert (
+        len(copies) == 1
+        and copies[0].state.name == "COMPLETE"
+        and "heartbeat stopped" in copies[0].user_attrs["retry_reason"]
+    )
     assert copies[0].params == dead.params  # the retry runs the same setting
     finished = [t for t in trials if t.state.name == "COMPLETE"]
     assert 4 <= len(finished) <= 5 and not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
-    first = {w: min((t for t in trials if t.user_attrs.get("worker") == w and t.user_attrs.get("retry_of") is None),
-                    key=lambda t: t.number) for w in ("a", "b")}
+    first = {
+        w: min(
+            (t for t in trials if t.user_attrs.get("worker") == w and t.user_attrs.get("retry_of") is None),
+            key=lambda t: t.number,
+        )
+        for w in ("a", "b")
+    }
     assert first["a"].params != first["b"].params
     assert first["a"].user_attrs["sampler_seed"] != first["b"].user_attrs["sampler_seed"]
 
@@ -166,16 +233,22 @@ def test_pruning_and_a_crashing_trial(tiny_study, tmp_path):
 
     params, _, _ = tiny_study
     storage = f"sqlite:///{tmp_path}/prune.db"
-    space = _space(tmp_path, pruner={"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
-                   metric="val/mean/avg@4",
-                   base={"train.steps": 3, "train.val_every": 1, "train.val_limit": 24, "train.val_k": 4},
-                   params={"train.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True},
-                           "train.sampler": {"type": "categorical", "choices": ["torch", "vllm"]}})
+    space = _space(
+        tmp_path,
+        pruner={"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+        metric="val/mean/avg@4",
+        base={"train.steps": 3, "train.val_every": 1, "train.val_limit": 24, "train.val_k": 4},
+        params={
+            "train.lr": {"type": "float", "low": 1e-4, "high": 10.0, "log": True},
+            "train.sampler": {"type": "categorical", "choices": ["torch", "vllm"]},
+        },
+    )
     study = optuna.create_study(study_name="p", storage=storage, direction="maximize")
     for lr, sampler in [(1e-4, "torch"), (1e-4, "torch"), (10.0, "torch"), (1e-4, "vllm")]:
         study.enqueue_trial({"train.lr": lr, "train.sampler": sampler})
-    summary = run_sweep(str(params), str(space), 4, "p", storage, [0], ["train.tracking=false"],
-                        str(tmp_path / "sweeps"))
+    summary = run_sweep(
+        str(params), str(space), 4, "p", storage, [0], ["train.tracking=false"], str(tmp_path / "sweeps")
+    )
     trials = optuna.load_study(study_name="p", storage=storage).get_trials()
     states = [t.state.name for t in trials]
     assert states == ["COMPLETE", "COMPLETE", "PRUNED", "FAIL"], states
@@ -186,12 +259,32 @@ def test_pruning_and_a_crashing_trial(tiny_study, tmp_path):
 def test_bad_space_fails_before_work(tiny_study, tmp_path):
     params, _, _ = tiny_study
     bad = _space(tmp_path, params={"train.lrr": {"type": "float", "low": 1e-4, "high": 1e-3}})
-    r = nft_cli("sweep", "--config", params, "--space", bad, "--study-name", "b", "--storage",
-                f"sqlite:///{tmp_path}/b.db", check=False)
+    r = nft_cli(
+        "sweep",
+        "--config",
+        params,
+        "--space",
+        bad,
+        "--study-name",
+        "b",
+        "--storage",
+        f"sqlite:///{tmp_path}/b.db",
+        check=False,
+    )
     assert r.returncode == 2 and "train.lrr" in r.stderr
     bad = _space(tmp_path, params={"train.lr": {"type": "float", "low": 1e-3, "high": 1e-4}})
-    r = nft_cli("sweep", "--config", params, "--space", bad, "--study-name", "b", "--storage",
-                f"sqlite:///{tmp_path}/b.db", check=False)
+    r = nft_cli(
+        "sweep",
+        "--config",
+        params,
+        "--space",
+        bad,
+        "--study-name",
+        "b",
+        "--storage",
+        f"sqlite:///{tmp_path}/b.db",
+        check=False,
+    )
     assert r.returncode == 2 and "low" in r.stderr
 
 
@@ -204,11 +297,16 @@ def test_shared_setting_over_algorithms_on_a_grid(tiny_study, tmp_path):
 
     params, _, _ = tiny_study
     storage = f"sqlite:///{tmp_path}/grid.db"
-    space = _space(tmp_path, algos=["nft", "grpo"], sampler="grid",
-                   base={"train.steps": 1, "train.val_every": 1},
-                   params={"train.lr": {"type": "categorical", "choices": [1e-4, 1e-3]}})
-    summary = run_sweep(str(params), str(space), 5, "g", storage, [0], ["train.tracking=false"],
-                        str(tmp_path / "sweeps"))
+    space = _space(
+        tmp_path,
+        algos=["nft", "grpo"],
+        sampler="grid",
+        base={"train.steps": 1, "train.val_every": 1},
+        params={"train.lr": {"type": "categorical", "choices": [1e-4, 1e-3]}},
+    )
+    summary = run_sweep(
+        str(params), str(space), 5, "g", storage, [0], ["train.tracking=false"], str(tmp_path / "sweeps")
+    )
     assert summary["complete"] == 2  # the grid has two points: five trials asked, two run
     trials = optuna.load_study(study_name="g", storage=storage).get_trials()
     assert sorted(t.params["train.lr"] for t in trials) == [1e-4, 1e-3]
@@ -216,7 +314,11 @@ def test_shared_setting_over_algorithms_on_a_grid(tiny_study, tmp_path):
         per_algo = [t.user_attrs[f"value/{a}/s0"] for a in ("nft", "grpo")]
         assert t.value == pytest.approx(sum(per_algo) / 2)
     assert sorted(p.name for p in (tmp_path / "sweeps" / "g").iterdir()) == [
-        "trial0-grpo-s0", "trial0-nft-s0", "trial1-grpo-s0", "trial1-nft-s0"]
+        "trial0-grpo-s0",
+        "trial0-nft-s0",
+        "trial1-grpo-s0",
+        "trial1-nft-s0",
+    ]
     table = sweep_table("g", storage).splitlines()
     r = nft_cli("sweep", "table", "--study-name", "g", "--storage", storage, "--config", params)
     assert r.stdout.splitlines() == table
@@ -224,6 +326,16 @@ def test_shared_setting_over_algorithms_on_a_grid(tiny_study, tmp_path):
     best = max(trials, key=lambda t: t.value)
     assert table[2].startswith(f"| {best.number} |") and f"{100 * best.value:.1f}" in table[2]
     bad = _space(tmp_path, sampler="grid", params={"train.lr": {"type": "float", "low": 1e-4, "high": 1e-3}})
-    r = nft_cli("sweep", "--config", params, "--space", bad, "--study-name", "b", "--storage",
-                f"sqlite:///{tmp_path}/b.db", check=False)
+    r = nft_cli(
+        "sweep",
+        "--config",
+        params,
+        "--space",
+        bad,
+        "--study-name",
+        "b",
+        "--storage",
+        f"sqlite:///{tmp_path}/b.db",
+        check=False,
+    )
     assert r.returncode == 2 and "grid needs every parameter categorical" in r.stderr

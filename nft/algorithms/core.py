@@ -15,8 +15,9 @@ each micro-batch and passes them to :func:`policy_loss`; the micro-batch losses 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -238,8 +239,11 @@ def batch_context(name: str, *, mask, rewards, group_ids, params=None, **overrid
     """
     p = _resolve(name, params, overrides)
     rate, sd = group_stats(rewards, group_ids, std=getattr(p, "std", "population"))
-    return {"group_rate": rate, "group_std": sd, "normalizer": loss_normalizer(name, mask=mask, rewards=rewards,
-                                                                               params=p)}
+    return {
+        "group_rate": rate,
+        "group_std": sd,
+        "normalizer": loss_normalizer(name, mask=mask, rewards=rewards, params=p),
+    }
 
 
 def _rule_mask(spec: LossSpec, mask: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
@@ -302,9 +306,7 @@ def policy_loss(
     # Padded positions can hold garbage (even NaN); zero them so that nothing leaks into values or gradients.
     zero = torch.zeros((), dtype=dtype)
     log_ratio = torch.where(on, logp - old_logp.detach(), zero)
-    per_token, parts = spec.fn(
-        log_ratio, mask, rewards.to(dtype), group_rate.to(dtype), group_std.to(dtype), p
-    )
+    per_token, parts = spec.fn(log_ratio, mask, rewards.to(dtype), group_rate.to(dtype), group_std.to(dtype), p)
     if normalizer is None:
         normalizer = agg_normalizer(mask, p.agg, p.agg_const)
     loss = agg_loss(per_token, mask, p.agg, normalizer=normalizer, const=p.agg_const)
@@ -318,8 +320,9 @@ def _metrics(loss, per_token, mask, rewards, log_ratio, parts, p, normalizer) ->
     ratio = torch.exp(log_ratio.detach().clamp(max=20.0))
     pos_rows = (rewards > 0.5)[:, None] & on
     with torch.no_grad():
-        pos = agg_loss(per_token.detach(), mask * pos_rows.to(mask.dtype), p.agg, normalizer=normalizer,
-                       const=p.agg_const)
+        pos = agg_loss(
+            per_token.detach(), mask * pos_rows.to(mask.dtype), p.agg, normalizer=normalizer, const=p.agg_const
+        )
     m = {
         "loss": float(loss.detach()),
         "loss_pos": float(pos),

@@ -62,10 +62,12 @@ class NFTParams:
             raise ValueError(f"omega: expected 'one', 'one_minus_r' or 'sqrt', got {self.omega!r}")
         if self.ratio not in ("token", "sequence"):
             raise ValueError(f"ratio: expected 'token' or 'sequence', got {self.ratio!r}")
-        if not 0 < self.eps:
+        if not self.eps > 0:
             raise ValueError(f"eps: must be > 0, got {self.eps}")
         if not 0 < self.rate_min <= self.rate_max < 1:
-            raise ValueError(f"rate_min/rate_max: need 0 < rate_min <= rate_max < 1, got {self.rate_min}, {self.rate_max}")
+            raise ValueError(
+                f"rate_min/rate_max: need 0 < rate_min <= rate_max < 1, got {self.rate_min}, {self.rate_max}"
+            )
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,9 @@ class GRPOParams:
         if self.std not in ("population", "unbiased"):
             raise ValueError(f"std: expected 'population' or 'unbiased', got {self.std!r}")
         if self.clip_low < 0 or self.clip_high < 0 or self.clip_low >= 1:
-            raise ValueError(f"clip_low/clip_high: need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+            raise ValueError(
+                f"clip_low/clip_high: need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}"
+            )
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,9 @@ class ProblemSet(list):
 def synthetic_set(name: str, data_dir: str | Path) -> ProblemSet:
     path = Path(data_dir) / f"{name}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: synthetic set {name!r} not found; run `nft prepare --config params.yaml "
-                                f"--out {data_dir}` first")
+        raise FileNotFoundError(
+            f"{path}: synthetic set {name!r} not found; run `nft prepare --config params.yaml --out {data_dir}` first"
+        )
     return ProblemSet(read_jsonl(path), name)
 
 

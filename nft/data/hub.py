@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .benchmarks import Item, ProblemSet
 
@@ -72,34 +72,101 @@ def _row(q: str, a: Callable[[dict], str | None], meta: tuple[str, ...] = ()):
     return lambda r: (r.get(q), a(r), {m: r.get(m) for m in meta if m in r})
 
 
-REGISTRY: dict[str, Entry] = {e.name: e for e in [
-    Entry("aime24", ("aime24/test.jsonl",), "HuggingFaceH4/aime_2024", "train", None,
-          _row("problem", lambda r: str(r["answer"]).strip() if r.get("answer") not in (None, "") else None, ("id",)),
-          32, 30),
-    Entry("aime25", ("aime25/test2025-I.jsonl", "aime25/test2025-II.jsonl"), "math-ai/aime25", "test", None,
-          _row("problem", lambda r: str(r["answer"]).strip() if r.get("answer") not in (None, "") else None, ("id",)),
-          32, 30),
-    Entry("amc23", ("amc23/test.jsonl",), "math-ai/amc23", "test", None,
-          lambda r: (r.get("problem") or r.get("question"),
-                     _strip_float(r["answer"]) if r.get("answer") not in (None, "") else None, {"id": r.get("id")}),
-          32, 40),
-    Entry("math500", ("math500/test.jsonl",), "HuggingFaceH4/MATH-500", "test", None,
-          _row("problem", lambda r: r.get("answer") or None, ("subject", "level", "unique_id")), 1, 500),
-    Entry("minerva", ("minerva/test.jsonl",), "math-ai/minervamath", "test", None,
-          lambda r: (r.get("problem") or r.get("question"),
-                     (r["answer"] if isinstance(r.get("answer"), str) and r["answer"] else
-                      _boxed_from_solution(r.get("solution") or "")), {"type": r.get("type")}),
-          1, 272),
-    Entry("olympiadbench", ("olympiadbench/test.jsonl",), "Hothan/OlympiadBench", "train", "OE_TO_maths_en_COMP",
-          lambda r: (r.get("question"), _olympiad_answer(r.get("final_answer")),
-                     {"unit": r.get("unit"), "answer_type": r.get("answer_type"), "id": r.get("id")}),
-          1, 675),
-    Entry("dapo-math-17k", ("train/dapo_math_17k/dapo_math_17k.parquet",), "BytedTsinghua-SIA/DAPO-Math-17k", "train",
-          None,
-          lambda r: (_dapo_question(r["prompt"]), str((r.get("reward_model") or {}).get("ground_truth") or "") or None,
-                     {"index": (r.get("extra_info") or {}).get("index")}),
-          1, 17917),
-]}
+REGISTRY: dict[str, Entry] = {
+    e.name: e
+    for e in [
+        Entry(
+            "aime24",
+            ("aime24/test.jsonl",),
+            "HuggingFaceH4/aime_2024",
+            "train",
+            None,
+            _row("problem", lambda r: str(r["answer"]).strip() if r.get("answer") not in (None, "") else None, ("id",)),
+            32,
+            30,
+        ),
+        Entry(
+            "aime25",
+            ("aime25/test2025-I.jsonl", "aime25/test2025-II.jsonl"),
+            "math-ai/aime25",
+            "test",
+            None,
+            _row("problem", lambda r: str(r["answer"]).strip() if r.get("answer") not in (None, "") else None, ("id",)),
+            32,
+            30,
+        ),
+        Entry(
+            "amc23",
+            ("amc23/test.jsonl",),
+            "math-ai/amc23",
+            "test",
+            None,
+            lambda r: (
+                r.get("problem") or r.get("question"),
+                _strip_float(r["answer"]) if r.get("answer") not in (None, "") else None,
+                {"id": r.get("id")},
+            ),
+            32,
+            40,
+        ),
+        Entry(
+            "math500",
+            ("math500/test.jsonl",),
+            "HuggingFaceH4/MATH-500",
+            "test",
+            None,
+            _row("problem", lambda r: r.get("answer") or None, ("subject", "level", "unique_id")),
+            1,
+            500,
+        ),
+        Entry(
+            "minerva",
+            ("minerva/test.jsonl",),
+            "math-ai/minervamath",
+            "test",
+            None,
+            lambda r: (
+                r.get("problem") or r.get("question"),
+                (
+                    r["answer"]
+                    if isinstance(r.get("answer"), str) and r["answer"]
+                    else _boxed_from_solution(r.get("solution") or "")
+                ),
+                {"type": r.get("type")},
+            ),
+            1,
+            272,
+        ),
+        Entry(
+            "olympiadbench",
+            ("olympiadbench/test.jsonl",),
+            "Hothan/OlympiadBench",
+            "train",
+            "OE_TO_maths_en_COMP",
+            lambda r: (
+                r.get("question"),
+                _olympiad_answer(r.get("final_answer")),
+                {"unit": r.get("unit"), "answer_type": r.get("answer_type"), "id": r.get("id")},
+            ),
+            1,
+            675,
+        ),
+        Entry(
+            "dapo-math-17k",
+            ("train/dapo_math_17k/dapo_math_17k.parquet",),
+            "BytedTsinghua-SIA/DAPO-Math-17k",
+            "train",
+            None,
+            lambda r: (
+                _dapo_question(r["prompt"]),
+                str((r.get("reward_model") or {}).get("ground_truth") or "") or None,
+                {"index": (r.get("extra_info") or {}).get("index")},
+            ),
+            1,
+            17917,
+        ),
+    ]
+}
 
 
 #: where this process reads the registered sets: set from the study file by :func:`use_benchmarks` (``nft`` does it
@@ -172,8 +239,10 @@ def load_local(name: str, root: str | Path | None = None) -> ProblemSet:
     for rel in entry.local:
         path = root / rel
         if not path.exists():
-            raise FileNotFoundError(f"{path}: benchmark file for {name!r} not found (set NFT_BENCHMARKS_DIR to the "
-                                    f"folder holding {rel}, or load it with source='hub')")
+            raise FileNotFoundError(
+                f"{path}: benchmark file for {name!r} not found (set NFT_BENCHMARKS_DIR to the "
+                f"folder holding {rel}, or load it with source='hub')"
+            )
         rows += read_rows(path)
     return _to_set(entry, rows)
 
@@ -187,9 +256,16 @@ def load_hub(name: str, snapshot_dir: str | Path | None = None) -> ProblemSet:
         snapshot_dir = snapshot_download(entry.hub_id, repo_type="dataset")
     root = Path(snapshot_dir)
     base = root / entry.hub_config if entry.hub_config and (root / entry.hub_config).is_dir() else root
-    files = [p for pat in (f"**/{entry.hub_split}-*.parquet", f"**/{entry.hub_split}.parquet",
-                           f"**/{entry.hub_split}*.jsonl", f"**/{entry.hub_split}.json")
-             for p in sorted(base.glob(pat))]
+    files = [
+        p
+        for pat in (
+            f"**/{entry.hub_split}-*.parquet",
+            f"**/{entry.hub_split}.parquet",
+            f"**/{entry.hub_split}*.jsonl",
+            f"**/{entry.hub_split}.json",
+        )
+        for p in sorted(base.glob(pat))
+    ]
     if not files:
         raise FileNotFoundError(f"{root}: no files for split {entry.hub_split!r} of {entry.hub_id}")
     rows = []
@@ -198,8 +274,9 @@ def load_hub(name: str, snapshot_dir: str | Path | None = None) -> ProblemSet:
     return _to_set(entry, rows)
 
 
-def load_registered(name: str, source: str | None = None, root: str | Path | None = None,
-                    snapshot_dir: str | Path | None = None) -> ProblemSet:
+def load_registered(
+    name: str, source: str | None = None, root: str | Path | None = None, snapshot_dir: str | Path | None = None
+) -> ProblemSet:
     source = source or benchmarks_source()
     if source == "local":
         return load_local(name, root)
@@ -215,12 +292,17 @@ def _hub_rows(entry: Entry, revision: str | None) -> tuple[list[dict], str]:
     from huggingface_hub import HfApi
 
     revision = revision or HfApi().dataset_info(entry.hub_id).sha
-    return datasets.load_dataset(entry.hub_id, entry.hub_config, split=entry.hub_split, revision=revision).to_list(), \
-        revision
+    return datasets.load_dataset(
+        entry.hub_id, entry.hub_config, split=entry.hub_split, revision=revision
+    ).to_list(), revision
 
 
-def fetch(names: list[str], out: str | Path, revisions: dict[str, str] | None = None,
-          rows_of: Callable[[Entry, str | None], tuple[list[dict], str]] | None = None) -> dict:
+def fetch(
+    names: list[str],
+    out: str | Path,
+    revisions: dict[str, str] | None = None,
+    rows_of: Callable[[Entry, str | None], tuple[list[dict], str]] | None = None,
+) -> dict:
     """Write the registered sets ``names`` under ``out`` in the layout :func:`load_local` reads, as the hub serves
     them (rows unchanged: the registry's field mapping applies when they are loaded), and ``out/SOURCES.json`` with
     each file's repository id, revision and sha256. ``rows_of(entry, revision)`` returns ``(rows, revision)``; by
@@ -243,9 +325,15 @@ def fetch(names: list[str], out: str | Path, revisions: dict[str, str] | None = 
             path = out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_rows(path, part)
-            sources[rel] = {"set": name, "repo_id": entry.hub_id, "config": entry.hub_config,
-                            "split": entry.hub_split, "revision": revision, "rows": len(part),
-                            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            sources[rel] = {
+                "set": name,
+                "repo_id": entry.hub_id,
+                "config": entry.hub_config,
+                "split": entry.hub_split,
+                "revision": revision,
+                "rows": len(part),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            }
         atomic_write(index, json.dumps(sources, indent=2, sort_keys=True) + "\n")
     return sources
 
@@ -258,8 +346,10 @@ def _split_like_local(entry: Entry, rows: list[dict]) -> dict[str, list[dict]]:
     second = [str(r.get("id", "")).startswith("II") for r in rows]
     if not any(second) or all(second):
         second = [i >= (len(rows) + 1) // 2 for i in range(len(rows))]
-    return {entry.local[0]: [r for r, s in zip(rows, second) if not s],
-            entry.local[1]: [r for r, s in zip(rows, second) if s]}
+    return {
+        entry.local[0]: [r for r, s in zip(rows, second) if not s],
+        entry.local[1]: [r for r, s in zip(rows, second) if s],
+    }
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:

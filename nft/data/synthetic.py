@@ -27,9 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable
 
 FAMILIES = ("add", "sub", "mul", "frac", "linear", "expr")
 TIERS = ("easy", "medium", "hard")
@@ -162,8 +162,7 @@ def gen_linear(rng, tier):
     x = rng.randint(-xmax if tier == "hard" else 1, xmax)
     b = rng.randint(1, 5 * amax)
     c = a * x + b
-    return (f"Solve for x: {a}x + {b} = {c}.", str(x),
-            [f"{a}x = {c} - {b} = {c - b}", f"x = {c - b} / {a} = {x}"])
+    return (f"Solve for x: {a}x + {b} = {c}.", str(x), [f"{a}x = {c} - {b} = {c - b}", f"x = {c - b} / {a} = {x}"])
 
 
 def gen_expr(rng, tier):
@@ -183,7 +182,12 @@ def gen_expr(rng, tier):
 
 
 GENERATORS: dict[str, Callable] = {
-    "add": gen_add, "sub": gen_sub, "mul": gen_mul, "frac": gen_frac, "linear": gen_linear, "expr": gen_expr,
+    "add": gen_add,
+    "sub": gen_sub,
+    "mul": gen_mul,
+    "frac": gen_frac,
+    "linear": gen_linear,
+    "expr": gen_expr,
 }
 
 
@@ -202,7 +206,7 @@ def build_splits(cfg: SyntheticConfig) -> dict[str, list[Problem]]:
     """The held-out sets (one tier each, all families, no duplicates) and the disjoint training pool."""
     out: dict[str, list[Problem]] = {}
     held_out: set[str] = set()
-    for k, tier in enumerate(TIERS):
+    for tier in TIERS:
         rng = random.Random(f"{cfg.seed}-eval-{tier}")
         items: list[Problem] = []
         seen: set[str] = set()

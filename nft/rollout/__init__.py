@@ -9,8 +9,17 @@ from typing import Any
 from .base import Rollout, Sampler
 
 
-def make_sampler(kind: str, model_dir: str, tokenizer, *, seed: int = 0, vllm: dict[str, Any] | None = None,
-                 section: str = "train", weights=None, dtype=None) -> Sampler:
+def make_sampler(
+    kind: str,
+    model_dir: str,
+    tokenizer,
+    *,
+    seed: int = 0,
+    vllm: dict[str, Any] | None = None,
+    section: str = "train",
+    weights=None,
+    dtype=None,
+) -> Sampler:
     """A ``kind`` sampler on the model in ``model_dir``.
 
     ``weights``: what to sample from instead of the folder's weights (the training engine's ``rollout_weights()``):

@@ -51,7 +51,13 @@ class Sampler(Protocol):
     """What the loop and ``nft evaluate`` use of a rollout backend."""
 
     def sample(
-        self, prompts: list[str], n: int, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+        self,
+        prompts: list[str],
+        n: int,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
         seed: int = 0,
     ) -> Rollout: ...
 

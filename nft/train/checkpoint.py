@@ -54,8 +54,11 @@ def file_sha256(path: Path) -> str:
 def write_manifest(folder: Path, step: int) -> None:
     """``manifest.json``: every file under ``folder`` with its size and sha256 (written last: its presence says the
     checkpoint is complete)."""
-    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     atomic_write_json(folder / MANIFEST, {"step": step, "files": files})
 
 
@@ -91,12 +94,15 @@ def save_checkpoint(run_dir: Path, tokenizer, engine, cursor: Cursor, step: int)
     engine_state = engine.save_state(tmp)
     dist.barrier()
     if dist.is_main:
-        torch.save({
-            "engine": engine_state,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-            "cursor": cursor.state(),
-            "step": step,
-        }, tmp / "state.pt")
+        torch.save(
+            {
+                "engine": engine_state,
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                "cursor": cursor.state(),
+                "step": step,
+            },
+            tmp / "state.pt",
+        )
         write_manifest(tmp, step)
         _rotate(tmp, run_dir)
     dist.barrier()

@@ -129,25 +129,40 @@ class TrainConfig:
     def __post_init__(self):
         if self.mini_batch_prompts == 0:
             self.mini_batch_prompts = self.prompts_per_step
-        for name in ("steps", "prompts_per_step", "answers_per_prompt", "mini_batch_prompts", "micro_batch_size",
-                     "max_new_tokens", "max_num_gen_batches", "val_k", "threads", "grader_workers",
-                     "max_skipped_steps", "checkpoint_every"):
+        for name in (
+            "steps",
+            "prompts_per_step",
+            "answers_per_prompt",
+            "mini_batch_prompts",
+            "micro_batch_size",
+            "max_new_tokens",
+            "max_num_gen_batches",
+            "val_k",
+            "threads",
+            "grader_workers",
+            "max_skipped_steps",
+            "checkpoint_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("val_every", "val_limit"):  # 0: only at the end / every question
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
         if self.micro_batch_tokens < 0 or 0 < self.micro_batch_tokens < self.max_new_tokens:
-            raise ValueError(f"train.micro_batch_tokens ({self.micro_batch_tokens}): expected 0 (micro-batches of "
-                             f"train.micro_batch_size answers) or at least train.max_new_tokens ({self.max_new_tokens})")
+            raise ValueError(
+                f"train.micro_batch_tokens ({self.micro_batch_tokens}): expected 0 (micro-batches of "
+                f"train.micro_batch_size answers) or at least train.max_new_tokens ({self.max_new_tokens})"
+            )
         if self.mini_batch_prompts > self.prompts_per_step:
-            raise ValueError(f"train.mini_batch_prompts ({self.mini_batch_prompts}) exceeds train.prompts_per_step "
-                             f"({self.prompts_per_step})")
+            raise ValueError(
+                f"train.mini_batch_prompts ({self.mini_batch_prompts}) exceeds train.prompts_per_step "
+                f"({self.prompts_per_step})"
+            )
         if self.answers_per_prompt < 2:
             raise ValueError("train.answers_per_prompt: group statistics need >= 2 answers per question")
         if self.lr <= 0:
             raise ValueError(f"train.lr: must be > 0, got {self.lr}")
-        if not 0 < self.temperature:
+        if not self.temperature > 0:
             raise ValueError(f"train.temperature: must be > 0, got {self.temperature}")
         if len(self.adam_betas) != 2:
             raise ValueError("train.adam_betas: expected two numbers")
@@ -173,9 +188,13 @@ class TrainConfig:
             if not isinstance(k, int) or k < 1:
                 raise ValueError(f"train.val_k_per_benchmark.{name}: expected an integer >= 1, got {k!r}")
         if self.gen_batch_prompts < 0 or (self.gen_batch_prompts and self.gen_batch_prompts < self.prompts_per_step):
-            raise ValueError(f"train.gen_batch_prompts ({self.gen_batch_prompts}) is below train.prompts_per_step "
-                             f"({self.prompts_per_step}); 0 means P")
+            raise ValueError(
+                f"train.gen_batch_prompts ({self.gen_batch_prompts}) is below train.prompts_per_step "
+                f"({self.prompts_per_step}); 0 means P"
+            )
         if self.push_bucket_mb < 0:
-            raise ValueError(f"train.push_bucket_mb: expected >= 0 (0: one parameter at a time), got {self.push_bucket_mb}")
+            raise ValueError(
+                f"train.push_bucket_mb: expected >= 0 (0: one parameter at a time), got {self.push_bucket_mb}"
+            )
         if self.engine == "deepspeed" and not self.deepspeed_config:
             raise ValueError("train.deepspeed_config: required when train.engine is deepspeed")

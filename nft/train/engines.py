@@ -22,8 +22,9 @@ import json
 import math
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -53,7 +54,7 @@ class Engine(Protocol):
     @property
     def lr(self) -> float: ...
 
-    def rollout_weights(self) -> "torch.nn.Module | Callable[[], dict[str, torch.Tensor]]":
+    def rollout_weights(self) -> torch.nn.Module | Callable[[], dict[str, torch.Tensor]]:
         """What the sampler loads: the trainer's own module, or a gather of the full weights (a collective)."""
 
     def save_model(self, path: Path, tokenizer) -> None: ...
@@ -77,8 +78,14 @@ def init_distributed(engine: str) -> Dist:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
     import deepspeed
 
     if torch.cuda.is_available():
@@ -94,8 +101,11 @@ def init_distributed(engine: str) -> Dist:
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.adam_betas))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=tuple(cfg.adam_betas),
+    )
 
 
 def lr_factor(cfg: TrainConfig):
@@ -180,40 +190,56 @@ def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, hidden_siz
     where = f"train.deepspeed_config ({path})"
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            raise ValueError(f"{where}: remove \"{key}\": the loop owns AdamW and the warmup schedule "
-                             f"(train.lr, train.warmup_steps, train.weight_decay, train.adam_betas)")
+            raise ValueError(
+                f'{where}: remove "{key}": the loop owns AdamW and the warmup schedule '
+                f"(train.lr, train.warmup_steps, train.weight_decay, train.adam_betas)"
+            )
     if cfg.prompts_per_step % world:
-        raise ValueError(f"train.prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
-                         f"training processes ({world})")
+        raise ValueError(
+            f"train.prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
+            f"training processes ({world})"
+        )
     micro = cfg.micro_batch_size
     per_rank = math.ceil(cfg.mini_batch_prompts * cfg.answers_per_prompt / world)
     gas = max(1, math.ceil(per_rank / micro))
-    derived = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-               "train_batch_size": micro * gas * world, "gradient_clipping": cfg.grad_clip}
-    source = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
-              "gradient_accumulation_steps": "ceil(train.mini_batch_prompts * train.answers_per_prompt / processes "
-                                             "/ train.micro_batch_size)",
-              "train_batch_size": "train.micro_batch_size * gradient_accumulation_steps * processes",
-              "gradient_clipping": "train.grad_clip"}
+    derived = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * world,
+        "gradient_clipping": cfg.grad_clip,
+    }
+    source = {
+        "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+        "gradient_accumulation_steps": "ceil(train.mini_batch_prompts * train.answers_per_prompt / processes "
+        "/ train.micro_batch_size)",
+        "train_batch_size": "train.micro_batch_size * gradient_accumulation_steps * processes",
+        "gradient_clipping": "train.grad_clip",
+    }
     for key, value in derived.items():
         given = ds.get(key, "auto")
         if given != "auto" and given != value:
-            raise ValueError(f"{where}: {key} is {given} but the train config gives {value} ({source[key]} with "
-                             f"{world} process(es)); set it to \"auto\" or change the train section")
+            raise ValueError(
+                f"{where}: {key} is {given} but the train config gives {value} ({source[key]} with "
+                f'{world} process(es)); set it to "auto" or change the train section'
+            )
         ds[key] = value
     for half in ("bf16", "fp16"):
         if isinstance(ds.get(half), dict) and ds[half].get("enabled") == "auto":
             ds[half]["enabled"] = half == "bf16" and torch.cuda.is_available()
     if ds.get("fp16", {}).get("enabled"):
-        raise ValueError(f"{where}: fp16 is not supported (its loss scaling breaks the exact micro-batch sums); "
-                         f"use bf16")
+        raise ValueError(
+            f"{where}: fp16 is not supported (its loss scaling breaks the exact micro-batch sums); use bf16"
+        )
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{where}: zero_optimization.stage must be 0-3, got {stage}")
     h = hidden_size or 1024
-    for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
-                       ("stage3_param_persistence_threshold", 10 * h)):
+    for key, value in (
+        ("reduce_bucket_size", h * h),
+        ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+        ("stage3_param_persistence_threshold", 10 * h),
+    ):
         if zero.get(key) == "auto":
             zero[key] = value
     if zero.get("offload_optimizer") or zero.get("offload_param"):
@@ -222,7 +248,7 @@ def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, hidden_siz
     ds.setdefault("wall_clock_breakdown", False)
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
-        raise ValueError(f"{where}: no value to fill \"auto\" with for {leftover}")
+        raise ValueError(f'{where}: no value to fill "auto" with for {leftover}')
     return ds
 
 
@@ -244,7 +270,8 @@ class DeepSpeedEngine:
         self.dist = Dist()
         opt = make_optimizer(model, cfg)
         self.ds, self.opt, _, self.sched = deepspeed.initialize(
-            model=model, optimizer=opt, config=ds_config, lr_scheduler=lambda o: make_schedule(o, cfg))
+            model=model, optimizer=opt, config=ds_config, lr_scheduler=lambda o: make_schedule(o, cfg)
+        )
         # forward passes go through the DeepSpeed engine: its forward advances ZeRO's micro-step counter, without
         # which ZeRO-3 overwrites (instead of adding) the gradients of a mini-batch's earlier micro-batches
         self.model = self.ds
@@ -260,8 +287,10 @@ class DeepSpeedEngine:
         self.ds.backward(loss * (self.dist.world if self.cfg.dp_reduce == "sum" else 1), scale_wrt_gas=False)
 
     def discard(self) -> None:
-        raise RuntimeError("a non-finite loss under DeepSpeed cannot be skipped here (every rank must take the same "
-                           "step); lower train.lr and resume from the last checkpoint")
+        raise RuntimeError(
+            "a non-finite loss under DeepSpeed cannot be skipped here (every rank must take the same "
+            "step); lower train.lr and resume from the last checkpoint"
+        )
 
     def step(self) -> float | None:
         """DeepSpeed's step (its fp16 loss scaler skips overflow steps; bf16/fp32 steps are applied as they come);
@@ -333,8 +362,10 @@ class DeepSpeedEngine:
 
     def load_state(self, path: Path, state: dict) -> None:
         if state.get("world") not in (None, self.dist.world):
-            raise ValueError(f"checkpoint {path} was written by {state['world']} processes; resume it with the same "
-                             f"number (this run has {self.dist.world})")
+            raise ValueError(
+                f"checkpoint {path} was written by {state['world']} processes; resume it with the same "
+                f"number (this run has {self.dist.world})"
+            )
         self.ds.load_checkpoint(str(Path(path) / "deepspeed"), tag="state", load_module_strict=False)
 
 
@@ -343,4 +374,3 @@ def model_hidden_size(model_dir: str) -> int | None:
     if f.is_file():
         return json.loads(f.read_text()).get("hidden_size")
     return None
-

@@ -44,18 +44,39 @@ class RolloutShard:
     grader_timeouts: int = 0
     grader_errors: int = 0
 
-    def metadata(self, rank: int) -> "RolloutShard":
+    def metadata(self, rank: int) -> RolloutShard:
         """This record without its row tensors: each kept group's rewards, lengths, width and where its rows are
         (the rank, and the group's index in that rank's ``kept``)."""
-        kept = [(gb, pos, {"rewards": g["rewards"].tolist(), "lengths": g["lengths"].tolist(),
-                           "width": g["response"].shape[1], "prompt_len": len(g["prompt_ids"][0]), "owner": rank,
-                           "slot": j})
-                for j, (gb, pos, g) in enumerate(self.kept)]
-        return RolloutShard(kept, self.rewards, self.lengths, self.finished, self.tokens, self.entropy_sum,
-                            self.t_sample, self.t_grade, self.grader_timeouts, self.grader_errors)
+        kept = [
+            (
+                gb,
+                pos,
+                {
+                    "rewards": g["rewards"].tolist(),
+                    "lengths": g["lengths"].tolist(),
+                    "width": g["response"].shape[1],
+                    "prompt_len": len(g["prompt_ids"][0]),
+                    "owner": rank,
+                    "slot": j,
+                },
+            )
+            for j, (gb, pos, g) in enumerate(self.kept)
+        ]
+        return RolloutShard(
+            kept,
+            self.rewards,
+            self.lengths,
+            self.finished,
+            self.tokens,
+            self.entropy_sum,
+            self.t_sample,
+            self.t_grade,
+            self.grader_timeouts,
+            self.grader_errors,
+        )
 
     @staticmethod
-    def merge(parts: list["RolloutShard"]) -> "RolloutShard":
+    def merge(parts: list[RolloutShard]) -> RolloutShard:
         """The shards of all ranks as one (times: the slowest rank's)."""
         out = RolloutShard()
         for p in parts:
@@ -72,8 +93,18 @@ class RolloutShard:
         return out
 
 
-def collect_rollout(sampler: Sampler, tokenizer, problems, cursor: Cursor, pool: GraderPool, cfg: TrainConfig,
-                    rule: str, seed: int, step: int, dist: Dist | None = None):
+def collect_rollout(
+    sampler: Sampler,
+    tokenizer,
+    problems,
+    cursor: Cursor,
+    pool: GraderPool,
+    cfg: TrainConfig,
+    rule: str,
+    seed: int,
+    step: int,
+    dist: Dist | None = None,
+):
     """Sample and grade generation batches until the batch rule has P groups (or the generation budget is spent).
 
     Returns ``(batch, metrics)``: ``batch`` (``None`` if nothing was kept) holds the kept rows: prompt_ids,
@@ -89,36 +120,51 @@ def collect_rollout(sampler: Sampler, tokenizer, problems, cursor: Cursor, pool:
     while gen_batches < max_batches and n_kept < P:
         idx = cursor.take(G)
         # one process keeps the seeds of the first version; ranks get their own streams
-        sseed = (derive_seed(seed, "sample", step, gen_batches) if dist.world == 1
-                 else derive_seed(seed, "sample", step, gen_batches, "rank", shard))
-        local = _generation_batch(sampler, tokenizer, [problems[idx[j]] for j in mine], mine, pool, cfg, rule,
-                                  sseed, step, gen_batches, out)
+        sseed = (
+            derive_seed(seed, "sample", step, gen_batches)
+            if dist.world == 1
+            else derive_seed(seed, "sample", step, gen_batches, "rank", shard)
+        )
+        local = _generation_batch(
+            sampler, tokenizer, [problems[idx[j]] for j in mine], mine, pool, cfg, rule, sseed, step, gen_batches, out
+        )
         n_kept += int(dist.sum(local if leader else 0))  # every rank takes the same decision
         gen_batches += 1
     if rule == "dynamic" and n_kept < P and cfg.short_batch == "error":
-        raise ValueError(f"dynamic sampling: {n_kept} of {P} mixed groups after {gen_batches} generation batches of {G} "
-                         f"questions (step {step}); raise train.max_num_gen_batches or train.gen_batch_prompts, or "
-                         f"set train.short_batch: train")
+        raise ValueError(
+            f"dynamic sampling: {n_kept} of {P} mixed groups after {gen_batches} generation batches of {G} "
+            f"questions (step {step}); raise train.max_num_gen_batches or train.gen_batch_prompts, or "
+            f"set train.short_batch: train"
+        )
     own = [g for _, _, g in out.kept] if leader else []
     if dist.world > 1:  # metadata only: the row tensors stay where they were sampled
-        out = RolloutShard.merge([p for p in dist.gather(out.metadata(dist.rank) if leader else None)
-                                  if p is not None])
+        out = RolloutShard.merge([p for p in dist.gather(out.metadata(dist.rank) if leader else None) if p is not None])
     out.kept.sort(key=lambda k: k[:2])
     groups = [k[2] for k in out.kept[:P]]
     batch = stack_metadata(groups, own, dist.rank) if dist.world > 1 else stack_groups(groups)
     return batch, rollout_metrics(out, groups, gen_batches, cfg.answers_per_prompt)
 
 
-def _generation_batch(sampler, tokenizer, questions, positions, pool, cfg, rule, sseed, step, gen_batch,
-                      out: RolloutShard) -> int:
+def _generation_batch(
+    sampler, tokenizer, questions, positions, pool, cfg, rule, sseed, step, gen_batch, out: RolloutShard
+) -> int:
     """Sample K answers to each question, grade them, record them in ``out``; returns the groups kept."""
     K = cfg.answers_per_prompt
     t0 = time.perf_counter()
-    ro = sampler.sample([render_prompt(tokenizer, q.question) for q in questions], K,
-                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=sseed)
+    ro = sampler.sample(
+        [render_prompt(tokenizer, q.question) for q in questions],
+        K,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=sseed,
+    )
     t1 = time.perf_counter()
-    verdicts, gstats = pool.grade_many(ro.texts, [q.answer for q in questions for _ in range(K)],
-                                       only=None if cfg.grade_truncated else ro.finished.tolist())
+    verdicts, gstats = pool.grade_many(
+        ro.texts,
+        [q.answer for q in questions for _ in range(K)],
+        only=None if cfg.grade_truncated else ro.finished.tolist(),
+    )
     for err in gstats.errors[:3]:
         print(f"grader: step {step}: {err} (counted as wrong)", file=sys.stderr)
     if gstats.timeouts:
@@ -143,9 +189,20 @@ def _generation_batch(sampler, tokenizer, questions, positions, pool, cfg, rule,
         if not rows:
             continue
         at = torch.tensor(rows)
-        out.kept.append((gen_batch, pos, {
-            "prompt_ids": [ro.prompt_ids[i] for i in rows], "response": ro.response[at], "mask": ro.mask[at],
-            "logprobs": ro.logprobs[at], "rewards": rewards[at], "lengths": ro.lengths[at]}))
+        out.kept.append(
+            (
+                gen_batch,
+                pos,
+                {
+                    "prompt_ids": [ro.prompt_ids[i] for i in rows],
+                    "response": ro.response[at],
+                    "mask": ro.mask[at],
+                    "logprobs": ro.logprobs[at],
+                    "rewards": rewards[at],
+                    "lengths": ro.lengths[at],
+                },
+            )
+        )
         kept += 1
     return kept
 
@@ -223,9 +280,13 @@ def stack_metadata(groups: list[dict], own: list[dict], rank: int) -> dict | Non
         "sampler_logprobs": widen(rows["sampler_logprobs"]) if rows else torch.zeros((0, T)),
         "rewards": torch.tensor([r for g in groups for r in g["rewards"]], dtype=torch.float64),
         "lengths": torch.tensor([x for g in groups for x in g["lengths"]], dtype=torch.long),
-        "prompt_lengths": torch.tensor([g["prompt_len"] for g, k in zip(groups, n) for _ in range(k)], dtype=torch.long),
+        "prompt_lengths": torch.tensor(
+            [g["prompt_len"] for g, k in zip(groups, n) for _ in range(k)], dtype=torch.long
+        ),
         "group_ids": torch.cat([torch.full((k,), i, dtype=torch.long) for i, k in enumerate(n)]),
-        "owner": owner, "local": local, "T": T,
+        "owner": owner,
+        "local": local,
+        "T": T,
     }
 
 
@@ -246,7 +307,13 @@ def reference_batch(tokenizer, problems, cursor: Cursor, cfg: TrainConfig) -> di
     for i, a in enumerate(answers):
         response[i, : len(a)] = torch.tensor(a)
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
-    return {"prompt_ids": prompts, "response": response, "mask": mask, "sampler_logprobs": torch.zeros_like(mask),
-            "rewards": torch.ones(len(qs), dtype=torch.float64), "lengths": lengths,
-            "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
-            "group_ids": torch.arange(len(qs)) // K}
+    return {
+        "prompt_ids": prompts,
+        "response": response,
+        "mask": mask,
+        "sampler_logprobs": torch.zeros_like(mask),
+        "rewards": torch.ones(len(qs), dtype=torch.float64),
+        "lengths": lengths,
+        "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
+        "group_ids": torch.arange(len(qs)) // K,
+    }

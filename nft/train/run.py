@@ -28,9 +28,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,8 +49,14 @@ from ..progress import Progress
 from ..reward import GraderPool
 from ..rollout import Sampler, make_sampler
 from ..tracking import MLflowTracker, NullTracker, Tracker, dvc_experiment, git_state, study_run
-from .checkpoint import (fingerprint, has_checkpoint, restore_checkpoint, save_checkpoint, truncate_history,
-                         usable_checkpoint)
+from .checkpoint import (
+    fingerprint,
+    has_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    truncate_history,
+    usable_checkpoint,
+)
 from .config import TrainConfig
 from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed, model_hidden_size, resolve_deepspeed_config
 from .rollout import collect_rollout, reference_batch
@@ -68,18 +75,22 @@ def check_backends(cfg: TrainConfig, world: int | None = None) -> dict | None:
         check_vllm(VLLMOptions.from_dict(cfg.vllm), cfg.model, world=world)
     if cfg.engine == "torch":
         if world > 1:
-            raise ValueError(f"train.engine: torch trains in one process, but the launcher started {world}; "
-                             f"set train.engine: deepspeed")
+            raise ValueError(
+                f"train.engine: torch trains in one process, but the launcher started {world}; "
+                f"set train.engine: deepspeed"
+            )
         return None
     ds = resolve_deepspeed_config(cfg.deepspeed_config, cfg, world, model_hidden_size(cfg.model))
     if importlib.util.find_spec("deepspeed") is None:
-        raise ValueError("train.engine: deepspeed is not installed here (pip install -e '.[deepspeed]'), "
-                         "or set train.engine: torch")
+        raise ValueError(
+            "train.engine: deepspeed is not installed here (pip install -e '.[deepspeed]'), or set train.engine: torch"
+        )
     return ds
 
 
-def validate(sampler: Sampler, tokenizer, val_sets: dict, pools: dict[str, GraderPool], cfg: TrainConfig,
-             seed: int) -> dict:
+def validate(
+    sampler: Sampler, tokenizer, val_sets: dict, pools: dict[str, GraderPool], cfg: TrainConfig, seed: int
+) -> dict:
     """avg@k, pass@k, mean length and policy entropy on each validation set (the evaluation code path, each set with
     its k and grader), and their means over sets (``val/mean/avg@{val_k}``: the mean of each set's avg@k)."""
     out, accs, ents = {}, [], []
@@ -87,8 +98,15 @@ def validate(sampler: Sampler, tokenizer, val_sets: dict, pools: dict[str, Grade
     for name, problems in val_sets.items():
         k = cfg.val_k_per_benchmark.get(name, cfg.val_k)
         grader = cfg.grader_per_set.get(name, cfg.grader)
-        ecfg = EvalConfig(benchmarks=[name], k=k, temperature=cfg.val_temperature, top_p=cfg.val_top_p,
-                          max_new_tokens=cfg.max_new_tokens, limit=cfg.val_limit, graders=[grader])
+        ecfg = EvalConfig(
+            benchmarks=[name],
+            k=k,
+            temperature=cfg.val_temperature,
+            top_p=cfg.val_top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            limit=cfg.val_limit,
+            graders=[grader],
+        )
         m, _ = evaluate_problems(sampler, tokenizer, problems, ecfg, pools[grader], seed=derive_seed(seed, "val", name))
         out[f"val/{name}/avg@{k}"] = m[f"avg@{k}"]
         out[f"val/{name}/pass@{k}"] = m[f"pass@{k}"]
@@ -155,8 +173,10 @@ def _prepare_folder(run_dir: Path, fp: str, dist: Dist) -> dict | None:
     ranks other than 0), else ``None``."""
     fp_file, final_path = run_dir / "fingerprint", run_dir / "metrics.json"
     if dist.is_main and run_dir.is_dir() and fp_file.is_file() and fp_file.read_text().strip() != fp:
-        print(f"train: {run_dir} holds a run with another configuration, base model or data; starting afresh",
-              file=sys.stderr)
+        print(
+            f"train: {run_dir} holds a run with another configuration, base model or data; starting afresh",
+            file=sys.stderr,
+        )
         shutil.rmtree(run_dir)
     dist.barrier()
     if final_path.is_file() and fp_file.is_file():
@@ -170,8 +190,16 @@ def _prepare_folder(run_dir: Path, fp: str, dist: Dist) -> dict | None:
     return None
 
 
-def _make_tracker(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dist: Dist, tracker: Tracker | None,
-                  experiment: str, tags: dict) -> Tracker:
+def _make_tracker(
+    cfg: TrainConfig,
+    run_dir: Path,
+    name: str,
+    resume: bool,
+    dist: Dist,
+    tracker: Tracker | None,
+    experiment: str,
+    tags: dict,
+) -> Tracker:
     """The run's tracker: nested under the study's run (``nft.tracking.study_run``), continued on resume."""
     if not dist.is_main:
         return NullTracker()
@@ -187,24 +215,42 @@ def _make_tracker(cfg: TrainConfig, run_dir: Path, name: str, resume: bool, dist
         parent = study_run(cfg.tracking_uri, experiment)
     if parent:
         tags["mlflow.parentRunId"] = parent
-    tracker = MLflowTracker(cfg.tracking_uri, experiment, name, run_id=run_id, parent_run_id=None if run_id else parent,
-                            flush_every=5, tags=tags)
+    tracker = MLflowTracker(
+        cfg.tracking_uri,
+        experiment,
+        name,
+        run_id=run_id,
+        parent_run_id=None if run_id else parent,
+        flush_every=5,
+        tags=tags,
+    )
     if tracker.run_id and not tracker.offline:
         run_id_file.write_text(tracker.run_id)
         tracker.start_system_metrics()
     return tracker
 
 
-def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str, full_config: dict | None,
-           tracker: Tracker | None, variant: str) -> Run | dict:
+def _setup(
+    cfg: TrainConfig,
+    algo: str,
+    seed: int,
+    run_dir: Path,
+    *,
+    study: str,
+    full_config: dict | None,
+    tracker: Tracker | None,
+    variant: str,
+) -> Run | dict:
     """Validate, then set up the run (or return the final metrics of a finished one)."""
     params = make_params(algo, **dict(cfg.loss.get(algo, {}) or {}))  # unknown algorithm: error before any work
     spec = get_spec(algo)
     rule = spec.batch_rule if cfg.batch_rule == "auto" else cfg.batch_rule
     train_set = load_benchmark(cfg.train_set, cfg.data)
     if spec.reference and not all(getattr(q, "solution", "") for q in train_set):
-        raise ValueError(f"train.train_set: {algo} trains on worked solutions, and {cfg.train_set!r} has none "
-                         f"(the synthetic pool has them)")
+        raise ValueError(
+            f"train.train_set: {algo} trains on worked solutions, and {cfg.train_set!r} has none "
+            f"(the synthetic pool has them)"
+        )
     val_sets = {name: load_benchmark(name, cfg.data) for name in cfg.val_benchmarks}
     if not Path(cfg.model).is_dir():
         raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
@@ -240,13 +286,26 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
             truncate_history(run_dir / "history.jsonl", start_step)
     elif dist.is_main:
         (run_dir / "history.jsonl").unlink(missing_ok=True)
-    tags = {"algo": algo, "variant": variant, "seed": str(seed), "study": study, "dvc.exp_name": dvc_experiment(),
-            "mlflow.source.name": "nft train", "mlflow.source.type": "LOCAL", **git_state(),
-            "data_hash": train_set.hash, "batch_rule": rule, "engine": cfg.engine, "sampler": cfg.sampler,
-            "processes": str(dist.world), "cpu_isa": cpu_isa()}
+    tags = {
+        "algo": algo,
+        "variant": variant,
+        "seed": str(seed),
+        "study": study,
+        "dvc.exp_name": dvc_experiment(),
+        "mlflow.source.name": "nft train",
+        "mlflow.source.type": "LOCAL",
+        **git_state(),
+        "data_hash": train_set.hash,
+        "batch_rule": rule,
+        "engine": cfg.engine,
+        "sampler": cfg.sampler,
+        "processes": str(dist.world),
+        "cpu_isa": cpu_isa(),
+    }
     if dist.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump({**(full_config or {}), "resolved": resolved},
-                                                             sort_keys=False))
+        (run_dir / "config.yaml").write_text(
+            yaml.safe_dump({**(full_config or {}), "resolved": resolved}, sort_keys=False)
+        )
     tracker = _make_tracker(cfg, run_dir, f"{variant}-s{seed}", resume, dist, tracker, cfg.experiment or study, tags)
     if dist.is_main:
         (run_dir / "tags.json").write_text(json.dumps(tags, indent=2))
@@ -254,28 +313,53 @@ def _setup(cfg: TrainConfig, algo: str, seed: int, run_dir: Path, *, study: str,
         tracker.log_params({**flatten(resolved), **seeds})
         tracker.set_tags(tags)
         if isinstance(tracker, MLflowTracker):
-            tracker.log_dataset(train_set.name, train_set.hash, str(Path(cfg.data).resolve() / f"{cfg.train_set}.jsonl")
-                                if cfg.train_set == "train" else cfg.train_set)
+            tracker.log_dataset(
+                train_set.name,
+                train_set.hash,
+                str(Path(cfg.data).resolve() / f"{cfg.train_set}.jsonl") if cfg.train_set == "train" else cfg.train_set,
+            )
             tracker.log_artifact(run_dir / "config.yaml")
-    sampler = make_sampler(cfg.sampler, source, tokenizer, seed=seed, vllm=cfg.vllm,
-                           weights=engine.rollout_weights(), dtype=engine.dtype)
+    sampler = make_sampler(
+        cfg.sampler, source, tokenizer, seed=seed, vllm=cfg.vllm, weights=engine.rollout_weights(), dtype=engine.dtype
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # DAPO's overlong penalty shapes the reward; losses that need 0/1 rewards (NFT, RFT) never get it
     graders = {cfg.grader_per_set.get(name, cfg.grader) for name in [cfg.train_set, *cfg.val_benchmarks]}
-    return Run(cfg, algo, variant, seed, run_dir, dist, engine, tokenizer, sampler, tracker,
-               {g: GraderPool(cfg.grader_workers, g) for g in sorted(graders)}, cursor, train_set, val_sets, rule,
-               dict(cfg.loss.get(algo, {}) or {}), not getattr(params, "binary_rewards", False), pad_id, start_step)
+    return Run(
+        cfg,
+        algo,
+        variant,
+        seed,
+        run_dir,
+        dist,
+        engine,
+        tokenizer,
+        sampler,
+        tracker,
+        {g: GraderPool(cfg.grader_workers, g) for g in sorted(graders)},
+        cursor,
+        train_set,
+        val_sets,
+        rule,
+        dict(cfg.loss.get(algo, {}) or {}),
+        not getattr(params, "binary_rewards", False),
+        pad_id,
+        start_step,
+    )
 
 
 def _rollout_step(run: Run, step: int) -> dict:
     """Sample, grade, update, push the new weights to the sampler; returns the step's metrics."""
     cfg = run.cfg
     t0, bytes0 = time.perf_counter(), Dist.bytes_received
-    batch, metrics = collect_rollout(run.sampler, run.tokenizer, run.train_set, run.cursor, run.pool, cfg, run.rule,
-                                     run.seed, step, run.dist)
+    batch, metrics = collect_rollout(
+        run.sampler, run.tokenizer, run.train_set, run.cursor, run.pool, cfg, run.rule, run.seed, step, run.dist
+    )
     if batch is not None and cfg.overlong_buffer and run.shaped_rewards:
-        batch["rewards"] = batch["rewards"] + overlong_penalty(
-            batch["lengths"], cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty).double()
+        batch["rewards"] = (
+            batch["rewards"]
+            + overlong_penalty(batch["lengths"], cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty).double()
+        )
     if get_spec(run.algo).reference:  # the supervised control: sampled for its metrics, trained on solutions
         batch = reference_batch(run.tokenizer, run.train_set, run.cursor, cfg)
     if batch is not None and len(batch["rewards"]):
@@ -316,8 +400,9 @@ def _finish(run: Run, last: dict) -> dict:
 def _steps(run: Run, history, progress: bool, on_validate: Callable | None) -> dict:
     """The step loop (validation, progress, checkpoints); returns the last row."""
     cfg, dist = run.cfg, run.dist
-    bar = Progress(f"train {run.variant}-s{run.seed}", cfg.steps, start=run.start_step,
-                   enabled=progress and dist.is_main)
+    bar = Progress(
+        f"train {run.variant}-s{run.seed}", cfg.steps, start=run.start_step, enabled=progress and dist.is_main
+    )
     if run.start_step == 0:
         row = {"step": 0, **run.validate()}
         run.record(row, history)
@@ -331,19 +416,27 @@ def _steps(run: Run, history, progress: bool, on_validate: Callable | None) -> d
         skipped = int(metrics.get("train/skipped_steps", 0))
         bad_in_a_row = bad_in_a_row + 1 if skipped and skipped == metrics.get("train/optimizer_steps") else 0
         if skipped and dist.is_main:
-            print(f"train: step {done}: {skipped} optimizer step(s) skipped (non-finite loss or gradient norm)",
-                  file=sys.stderr)
+            print(
+                f"train: step {done}: {skipped} optimizer step(s) skipped (non-finite loss or gradient norm)",
+                file=sys.stderr,
+            )
         if bad_in_a_row >= cfg.max_skipped_steps:
-            raise RuntimeError(f"train: every optimizer step of {bad_in_a_row} rollout steps in a row was skipped "
-                               f"(non-finite loss or gradient norm; last: step {done}); nothing was applied, the last "
-                               f"checkpoint is intact: lower train.lr (or fix the data) and rerun to resume")
+            raise RuntimeError(
+                f"train: every optimizer step of {bad_in_a_row} rollout steps in a row was skipped "
+                f"(non-finite loss or gradient norm; last: step {done}); nothing was applied, the last "
+                f"checkpoint is intact: lower train.lr (or fix the data) and rerun to resume"
+            )
         if (cfg.val_every and done % cfg.val_every == 0) or done == cfg.steps:
             metrics.update(run.validate())
         last = {"step": done, **metrics}
         run.record(last, history)
         val = [v for k, v in metrics.items() if k.startswith("val/mean/")]
-        bar.update(done, reward=metrics["rollout/accuracy"], **({"val": val[0]} if val else {}),
-                   **{"tokens/s": round(metrics.get("perf/sample_tokens_per_s", 0.0))})
+        bar.update(
+            done,
+            reward=metrics["rollout/accuracy"],
+            **({"val": val[0]} if val else {}),
+            **{"tokens/s": round(metrics.get("perf/sample_tokens_per_s", 0.0))},
+        )
         if on_validate and dist.is_main and any(k.startswith("val/") for k in metrics):
             on_validate(done, last)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
@@ -355,9 +448,19 @@ def _steps(run: Run, history, progress: bool, on_validate: Callable | None) -> d
     return last
 
 
-def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, study: str = "nft-study",
-                 full_config: dict | None = None, progress: bool = True, tracker: Tracker | None = None,
-                 on_validate: Callable | None = None, variant: str | None = None) -> dict:
+def run_training(
+    cfg: TrainConfig,
+    algo: str,
+    seed: int,
+    out: str | Path,
+    *,
+    study: str = "nft-study",
+    full_config: dict | None = None,
+    progress: bool = True,
+    tracker: Tracker | None = None,
+    on_validate: Callable | None = None,
+    variant: str | None = None,
+) -> dict:
     """Train ``algo`` with ``seed`` into run folder ``out``; resumes from its checkpoint; returns final metrics.
 
     Under a launcher (``deepspeed``/``torchrun`` with ``train.engine: deepspeed``) every process calls this; rank 0
@@ -365,8 +468,9 @@ def run_training(cfg: TrainConfig, algo: str, seed: int, out: str | Path, *, stu
 
     ``on_validate(step, metrics)`` is called after every validation (Optuna reports and prunes from there; an
     exception it raises stops the run with its checkpoint intact)."""
-    run = _setup(cfg, algo, seed, Path(out), study=study, full_config=full_config, tracker=tracker,
-                 variant=variant or algo)
+    run = _setup(
+        cfg, algo, seed, Path(out), study=study, full_config=full_config, tracker=tracker, variant=variant or algo
+    )
     if not isinstance(run, Run):
         return run
     history = (run.run_dir / "history.jsonl").open("a") if run.dist.is_main else None

@@ -18,8 +18,12 @@ def seed_block(seed: int) -> dict[str, int]:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    return {"seed/run": seed, "seed/data_order": derive_seed(seed, "data"),
-            "seed/sampling_base": derive_seed(seed, "sample"), "seed/validation": derive_seed(seed, "val")}
+    return {
+        "seed/run": seed,
+        "seed/data_order": derive_seed(seed, "data"),
+        "seed/sampling_base": derive_seed(seed, "sample"),
+        "seed/validation": derive_seed(seed, "val"),
+    }
 
 
 class Cursor:

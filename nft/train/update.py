@@ -70,7 +70,7 @@ class UpdateStats:
         self.sums[k] = max(self.sums.get(k, 0.0), v) if reduction(k)[0] == "max" else self.sums.get(k, 0.0) + v
 
     @staticmethod
-    def merge(parts: list["UpdateStats"]) -> "UpdateStats":
+    def merge(parts: list[UpdateStats]) -> UpdateStats:
         out = UpdateStats()
         for p in parts:
             for k, v in p.sums.items():
@@ -145,7 +145,7 @@ class _Split:
     def spread(self) -> int:
         return self.sets[0][0] - self.sets[-1][0]
 
-    def __lt__(self, other: "_Split") -> bool:
+    def __lt__(self, other: _Split) -> bool:
         if self.spread != other.spread:
             return self.spread > other.spread
         return _set_key(self.sets[0]) > _set_key(other.sets[0])
@@ -164,7 +164,10 @@ def balanced_partition(sizes: list[int], k: int) -> list[list[int]]:
     heap = [_Split([(n, [(i, n)])] + [(0, [])] * (k - 1)) for n, i in sorted((n, i) for i, n in enumerate(sizes))]
     heapq.heapify(heap)
     while len(heap) > 1:
-        a, b = heapq.heappop(heap), heapq.heappop(heap)  # the two largest spreads: their sets paired largest to smallest
+        a, b = (
+            heapq.heappop(heap),
+            heapq.heappop(heap),
+        )  # the two largest spreads: their sets paired largest to smallest
         heapq.heappush(heap, _Split([(x[0] + y[0], x[1] + y[1]) for x, y in zip(a.sets, reversed(b.sets))]))
     return [sorted(i for i, _ in items) for _, items in heap[0].sets] if heap else [[] for _ in range(k)]
 
@@ -205,18 +208,23 @@ def plan_all_ranks(batch: dict, cfg: TrainConfig, seed: int, step: int, dist: Di
     plans: list[list] = [[] for _ in range(dist.world)]
     for rows in minis:
         if budget:  # as verl's rearrange_micro_batches: the largest count over ranks, then balanced sets
-            shares = [_units(batch, rows[q::dist.world], cfg.normalizer) for q in range(dist.world)]
+            shares = [_units(batch, rows[q :: dist.world], cfg.normalizer) for q in range(dist.world)]
             # no more micro-batches than a rank has units (verl: than rows), so none is empty on every rank
-            n = max(1, min(max(math.ceil(sum(seq[i] for u in us for i in u) / budget) for us in shares),
-                           max(len(us) for us in shares)))
+            n = max(
+                1,
+                min(
+                    max(math.ceil(sum(seq[i] for u in us for i in u) / budget) for us in shares),
+                    max(len(us) for us in shares),
+                ),
+            )
             for plan, units in zip(plans, shares):
                 parts = balanced_partition([sum(seq[i] for i in u) for u in units], n)
                 plan.append([sorted(i for u in part for i in units[u]) for part in parts])
         else:
             n = max(1, math.ceil(math.ceil(len(rows) / dist.world) / mb))
             for r, plan in enumerate(plans):
-                share = rows[r::dist.world]
-                plan.append([share[s * mb: (s + 1) * mb] for s in range(n)])
+                share = rows[r :: dist.world]
+                plan.append([share[s * mb : (s + 1) * mb] for s in range(n)])
     return minis, plans
 
 
@@ -233,9 +241,13 @@ def _pack_rows(batch: dict, rows: list[int]) -> dict:
     is not sent, it is the length), the prompts as lists."""
     at = _at(batch, rows).tolist()
     n = [int(batch["lengths"][i]) for i in rows]
-    return {"rows": rows, "lengths": n, "prompt_ids": [batch["prompt_ids"][j] for j in at],
-            "response": torch.cat([batch["response"][j, :k] for j, k in zip(at, n)]).int() if rows else None,
-            "sampler_logprobs": torch.cat([batch["sampler_logprobs"][j, :k] for j, k in zip(at, n)]) if rows else None}
+    return {
+        "rows": rows,
+        "lengths": n,
+        "prompt_ids": [batch["prompt_ids"][j] for j in at],
+        "response": torch.cat([batch["response"][j, :k] for j, k in zip(at, n)]).int() if rows else None,
+        "sampler_logprobs": torch.cat([batch["sampler_logprobs"][j, :k] for j, k in zip(at, n)]) if rows else None,
+    }
 
 
 def _unpack_rows(piece: dict) -> dict[int, tuple]:
@@ -257,10 +269,12 @@ def localize(batch: dict, minis, cfg: TrainConfig, seed: int, step: int, dist: D
     B = len(batch["rewards"])
     if "owner" not in batch:  # every row here: keep the needed ones
         mine = torch.tensor(need[dist.rank], dtype=torch.long)
-        held = {k: ([batch[k][i] for i in mine.tolist()] if isinstance(batch[k], list) else batch[k][mine])
-                for k in ROW_KEYS}
+        held = {
+            k: ([batch[k][i] for i in mine.tolist()] if isinstance(batch[k], list) else batch[k][mine])
+            for k in ROW_KEYS
+        }
     else:
-        owner, at = batch["owner"], batch["local"]
+        owner = batch["owner"]
         send = [_pack_rows(batch, [i for i in need[r] if int(owner[i]) == dist.rank]) for r in range(dist.world)]
         got: dict[int, tuple] = {}
         for piece in dist.exchange(send):
@@ -311,7 +325,7 @@ def answer_passes(batch: dict, idx: list[int], budget: int) -> list[list[int]]:
                 best[j], cut[j] = cost, i
     passes, j = [], len(order)
     while j:
-        passes.append(order[cut[j]: j])
+        passes.append(order[cut[j] : j])
         j = cut[j]
     return passes[::-1]
 
@@ -357,23 +371,50 @@ def old_logprobs(model, batch: dict, minis, passes, cfg: TrainConfig, pad_id: in
         for rows, mini_passes in zip(minis[1:], passes[1:]):
             for idx, part in mini_passes:
                 sub = _micro(batch, part, (idx or rows)[0], trim=trim)
-                lp, _ = response_logprobs(model, sub["prompt_ids"], sub["response"], sub["mask"], pad_id,
-                                          cfg.temperature, shared_prefix=not cfg.gradient_checkpointing)
+                lp, _ = response_logprobs(
+                    model,
+                    sub["prompt_ids"],
+                    sub["response"],
+                    sub["mask"],
+                    pad_id,
+                    cfg.temperature,
+                    shared_prefix=not cfg.gradient_checkpointing,
+                )
                 if part:
                     old[_at(batch, part), : lp.shape[1]] = lp.float().cpu()
     return old
 
 
-def _train_minibatch(engine: Engine, batch, rows, passes, old, ctx_all, algo, params, cfg, pad_id, first: bool,
-                     stats: UpdateStats, reference: bool = False) -> float | None:
+def _train_minibatch(
+    engine: Engine,
+    batch,
+    rows,
+    passes,
+    old,
+    ctx_all,
+    algo,
+    params,
+    cfg,
+    pad_id,
+    first: bool,
+    stats: UpdateStats,
+    reference: bool = False,
+) -> float | None:
     """Forward/backward of the mini-batch's passes (:func:`forward_passes`) and one optimizer step; returns the grad
     norm (None: not measured by the engine)."""
     at_mini = torch.tensor(rows)
     # the mini-batch's denominator (split-invariant), or None: each micro-batch reduced on its own, its losses summed
     # (train.normalizer "micro_batch": verl's token mean as the official code runs it)
-    normalizer = (loss_normalizer(algo, mask=length_mask(batch["lengths"][at_mini], _width(batch)),
-                                  rewards=batch["rewards"][at_mini], params=params)
-                  if cfg.normalizer == "mini_batch" else None)
+    normalizer = (
+        loss_normalizer(
+            algo,
+            mask=length_mask(batch["lengths"][at_mini], _width(batch)),
+            rewards=batch["rewards"][at_mini],
+            params=params,
+        )
+        if cfg.normalizer == "mini_batch"
+        else None
+    )
     mini_loss = 0.0
     trim = cfg.micro_batch_tokens > 0
     micro_norms: dict[tuple, float] = {}  # normalizer micro_batch with passes: each micro-batch's own, computed once
@@ -383,9 +424,16 @@ def _train_minibatch(engine: Engine, batch, rows, passes, old, ctx_all, algo, pa
         at = torch.tensor(part or [stand_in])
         at_row = _at(batch, part or [stand_in])  # where its row tensors (and old log-probs) are
         w = micro["response"].shape[1]
-        logp, ent = response_logprobs(engine.model, micro["prompt_ids"], micro["response"], micro["mask"], pad_id,
-                                      cfg.temperature, with_entropy=True,
-                                      shared_prefix=not cfg.gradient_checkpointing)
+        logp, ent = response_logprobs(
+            engine.model,
+            micro["prompt_ids"],
+            micro["response"],
+            micro["mask"],
+            pad_id,
+            cfg.temperature,
+            with_entropy=True,
+            shared_prefix=not cfg.gradient_checkpointing,
+        )
         logp = logp.float()
         dev = logp.device  # the loss is computed where the model is (inputs stay on the CPU)
         if first and part and not reference:
@@ -397,13 +445,24 @@ def _train_minibatch(engine: Engine, batch, rows, passes, old, ctx_all, algo, pa
             if tuple(idx) not in micro_norms:
                 at_micro = torch.tensor(idx, dtype=torch.long)
                 micro_norms[tuple(idx)] = loss_normalizer(
-                    algo, mask=length_mask(batch["lengths"][at_micro], _width(batch)),
-                    rewards=batch["rewards"][at_micro], params=params)
+                    algo,
+                    mask=length_mask(batch["lengths"][at_micro], _width(batch)),
+                    rewards=batch["rewards"][at_micro],
+                    params=params,
+                )
             micro_norm = micro_norms[tuple(idx)]
-        loss, met = policy_loss(algo, logp=logp, old_logp=old[at_row, :w].to(dev), mask=micro["mask"].to(dev),
-                                rewards=micro["rewards"].to(dev), group_ids=micro["group_ids"].to(dev),
-                                group_rate=ctx_all["group_rate"][at].to(dev),
-                                group_std=ctx_all["group_std"][at].to(dev), normalizer=micro_norm, params=params)
+        loss, met = policy_loss(
+            algo,
+            logp=logp,
+            old_logp=old[at_row, :w].to(dev),
+            mask=micro["mask"].to(dev),
+            rewards=micro["rewards"].to(dev),
+            group_ids=micro["group_ids"].to(dev),
+            group_rate=ctx_all["group_rate"][at].to(dev),
+            group_std=ctx_all["group_std"][at].to(dev),
+            normalizer=micro_norm,
+            params=params,
+        )
         if engine.dist.world == 1 and not torch.isfinite(loss.detach()):
             return _skip(engine, batch, rows, "a non-finite loss")
         engine.backward(loss, last=j == len(passes) - 1)
@@ -419,8 +478,11 @@ def _train_minibatch(engine: Engine, batch, rows, passes, old, ctx_all, algo, pa
 
 
 def _say_skipped(batch: dict, rows: list[int], why: str) -> None:
-    print(f"train: optimizer step skipped ({why}) on the step's questions "
-          f"{sorted(set(batch['group_ids'][torch.tensor(rows)].tolist()))}", file=sys.stderr)
+    print(
+        f"train: optimizer step skipped ({why}) on the step's questions "
+        f"{sorted(set(batch['group_ids'][torch.tensor(rows)].tolist()))}",
+        file=sys.stderr,
+    )
 
 
 def _skip(engine: Engine, batch: dict, rows: list[int], why: str) -> float:
@@ -431,8 +493,17 @@ def _skip(engine: Engine, batch: dict, rows: list[int], why: str) -> float:
     return float("nan")
 
 
-def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainConfig, pad_id: int, seed: int,
-           step: int, trace: list | None = None) -> dict[str, float]:
+def update(
+    engine: Engine,
+    batch: dict,
+    algo: str,
+    overrides: dict,
+    cfg: TrainConfig,
+    pad_id: int,
+    seed: int,
+    step: int,
+    trace: list | None = None,
+) -> dict[str, float]:
     """Old log-probs, then one optimizer step per mini-batch of questions. Returns the step's metrics; ``trace``, if
     given, receives each optimizer step's loss."""
     dist = engine.dist
@@ -447,17 +518,28 @@ def update(engine: Engine, batch: dict, algo: str, overrides: dict, cfg: TrainCo
     reference = get_spec(algo).reference  # supervised rows: no sampling policy, old log-probs stay 0
     t0 = time.perf_counter()
     passes = forward_passes(batch, plans, cfg, dist.rank)
-    old = torch.zeros_like(batch["sampler_logprobs"]) if reference else old_logprobs(engine.model, batch, minis,
-                                                                                      passes, cfg, pad_id)
+    old = (
+        torch.zeros_like(batch["sampler_logprobs"])
+        if reference
+        else old_logprobs(engine.model, batch, minis, passes, cfg, pad_id)
+    )
     t_old = time.perf_counter() - t0
     # group statistics of the whole rollout batch (full groups; RFT's rows are positives only)
-    ctx_all = batch_context(algo, mask=length_mask(batch["lengths"], _width(batch)), rewards=batch["rewards"],
-                            group_ids=batch["group_ids"],
-                            params=params)
+    ctx_all = batch_context(
+        algo,
+        mask=length_mask(batch["lengths"], _width(batch)),
+        rewards=batch["rewards"],
+        group_ids=batch["group_ids"],
+        params=params,
+    )
     stats = UpdateStats()
     t1 = time.perf_counter()
-    grad_norms = [_train_minibatch(engine, batch, rows, mini_passes, old, ctx_all, algo, params, cfg, pad_id,
-                                   m == 0, stats, reference) for m, (rows, mini_passes) in enumerate(zip(minis, passes))]
+    grad_norms = [
+        _train_minibatch(
+            engine, batch, rows, mini_passes, old, ctx_all, algo, params, cfg, pad_id, m == 0, stats, reference
+        )
+        for m, (rows, mini_passes) in enumerate(zip(minis, passes))
+    ]
     t_update = time.perf_counter() - t1
     # a non-finite norm: that optimizer step was not applied (None: the engine did not measure it)
     finite = [g for g in grad_norms if g is not None and math.isfinite(g)]

@@ -13,12 +13,11 @@ from nft.algorithms import (
     LOSSES,
     agg_loss,
     batch_context,
-    keep_rows,
     group_stats,
+    keep_rows,
     overlong_penalty,
     policy_loss,
 )
-
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +47,7 @@ def make_batch(seed: int, n_groups: int, group_size: int, T: int = 7, spread: fl
     # make sure some groups are mixed, one all-correct and one all-wrong when there are enough groups
     if binary and n_groups >= 3:
         rewards[:group_size] = 1.0
-        rewards[group_size: 2 * group_size] = 0.0
+        rewards[group_size : 2 * group_size] = 0.0
         rewards[2 * group_size] = 1.0
         rewards[2 * group_size + 1] = 0.0
     return logp, old, mask, rewards, group_ids
@@ -111,9 +110,7 @@ def ref_loss(name, logp, old, mask, rewards, group_ids, **kw):
         per = [[None] * T for _ in range(B)]
         for i in range(B):
             rate = min(max(means[i], 0.02), 0.98)
-            if name == "rft":
-                w = 1.0
-            elif omega == "one":
+            if name == "rft" or omega == "one":
                 w = 1.0
             elif omega == "one_minus_r":
                 w = 1.0 - rate
@@ -263,9 +260,7 @@ def test_prop_4_2_breaks_off_policy():
     old = logp.detach() + 0.3
     common = dict(old_logp=old, mask=mask, rewards=rewards, group_ids=gids, agg="token-sum")
     _, g_nft = loss_and_grad(lambda x: policy_loss("nft", logp=x, omega="sqrt", **common)[0], logp)
-    _, g_grpo = loss_and_grad(
-        lambda x: policy_loss("grpo", logp=x, std="population", std_eps=0.0, **common)[0], logp
-    )
+    _, g_grpo = loss_and_grad(lambda x: policy_loss("grpo", logp=x, std="population", std_eps=0.0, **common)[0], logp)
     assert (g_nft - g_grpo).abs().max() > 0.1 * g_grpo.abs().max()
 
 
@@ -273,8 +268,11 @@ def test_prop_4_2_breaks_off_policy():
 def test_rft_gradient_is_sft_on_positives(agg):
     logp, mask, rewards, gids = _mixed_batch(1)
     _, g_rft = loss_and_grad(
-        lambda x: policy_loss("rft", logp=x, old_logp=logp.detach(), mask=mask, rewards=rewards, group_ids=gids,
-                              agg=agg)[0], logp)
+        lambda x: policy_loss(
+            "rft", logp=x, old_logp=logp.detach(), mask=mask, rewards=rewards, group_ids=gids, agg=agg
+        )[0],
+        logp,
+    )
     pos_mask = mask * rewards[:, None]
     _, g_sft = loss_and_grad(lambda x: agg_loss(-x, pos_mask, agg), logp)
     assert torch.allclose(g_rft, g_sft, atol=1e-12)
@@ -291,8 +289,9 @@ def test_sft_is_the_cross_entropy_on_the_reference_tokens():
     mask[1, 4:] = 0.0
     mask[3, 2:] = 0.0
     logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
-    loss, _ = policy_loss("sft", logp=logp, old_logp=torch.zeros_like(logp), mask=mask, rewards=torch.ones(B),
-                          group_ids=torch.arange(B))
+    loss, _ = policy_loss(
+        "sft", logp=logp, old_logp=torch.zeros_like(logp), mask=mask, rewards=torch.ones(B), group_ids=torch.arange(B)
+    )
     (g_ours,) = torch.autograd.grad(loss, logits)
     on = mask > 0
     ce = torch.nn.functional.cross_entropy(logits[on], tokens[on])
@@ -325,8 +324,16 @@ def test_micro_batches_add_up_to_the_whole_batch(name, agg, splits):
         sl = slice(start, start + size)
         start += size
         loss, _ = policy_loss(
-            name, logp=x[sl], old_logp=old[sl], mask=mask[sl], rewards=rewards[sl], group_ids=gids[sl],
-            group_rate=ctx["group_rate"][sl], group_std=ctx["group_std"][sl], normalizer=ctx["normalizer"], **kw,
+            name,
+            logp=x[sl],
+            old_logp=old[sl],
+            mask=mask[sl],
+            rewards=rewards[sl],
+            group_ids=gids[sl],
+            group_rate=ctx["group_rate"][sl],
+            group_std=ctx["group_std"][sl],
+            normalizer=ctx["normalizer"],
+            **kw,
         )
         loss.backward()
         total = total + loss.detach()
@@ -340,8 +347,17 @@ def test_naive_micro_batching_is_wrong():
     whole, _ = policy_loss("dapo", logp=logp, old_logp=old, mask=mask, rewards=rewards, group_ids=gids)
     ctx = batch_context("dapo", mask=mask, rewards=rewards, group_ids=gids)
     naive = sum(
-        policy_loss("dapo", logp=logp[sl], old_logp=old[sl], mask=mask[sl], rewards=rewards[sl], group_ids=gids[sl],
-                    group_rate=ctx["group_rate"][sl], group_std=ctx["group_std"][sl])[0] / 2
+        policy_loss(
+            "dapo",
+            logp=logp[sl],
+            old_logp=old[sl],
+            mask=mask[sl],
+            rewards=rewards[sl],
+            group_ids=gids[sl],
+            group_rate=ctx["group_rate"][sl],
+            group_std=ctx["group_std"][sl],
+        )[0]
+        / 2
         for sl in (slice(0, 2), slice(2, 12))
     )
     assert not torch.allclose(naive, whole, atol=1e-6)
@@ -375,8 +391,9 @@ def test_all_correct_and_all_wrong_groups(name):
 def test_empty_mask_gives_zero(name, agg):
     logp, old, _, rewards, gids = make_batch(6, n_groups=2, group_size=3)
     x = logp.detach().clone().requires_grad_(True)
-    loss, _ = policy_loss(name, logp=x, old_logp=old, mask=torch.zeros_like(logp), rewards=rewards, group_ids=gids,
-                          agg=agg)
+    loss, _ = policy_loss(
+        name, logp=x, old_logp=old, mask=torch.zeros_like(logp), rewards=rewards, group_ids=gids, agg=agg
+    )
     loss.backward()
     assert loss.item() == 0.0 and x.grad.abs().max() == 0.0
 
@@ -386,12 +403,14 @@ def test_padding_values_do_not_leak(name):
     """NaN / inf in padded positions (outside the mask) change nothing."""
     logp, old, mask, rewards, gids = make_batch(7, n_groups=2, group_size=4)
     ref, g_ref = loss_and_grad(
-        lambda x: policy_loss(name, logp=x, old_logp=old, mask=mask, rewards=rewards, group_ids=gids)[0], logp)
+        lambda x: policy_loss(name, logp=x, old_logp=old, mask=mask, rewards=rewards, group_ids=gids)[0], logp
+    )
     dirty_logp = torch.where(mask > 0, logp, torch.full_like(logp, float("nan")))
     dirty_old = torch.where(mask > 0, old, torch.full_like(old, float("-inf")))
     got, g_got = loss_and_grad(
         lambda x: policy_loss(name, logp=x, old_logp=dirty_old, mask=mask, rewards=rewards, group_ids=gids)[0],
-        dirty_logp)
+        dirty_logp,
+    )
     assert torch.equal(got, ref)
     assert torch.equal(g_got * mask, g_ref * mask) and torch.isfinite(g_got).all()
 
@@ -481,9 +500,17 @@ def test_positives_rule_restricts_the_rft_loss_and_normaliser():
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
     gids = torch.tensor([0, 0, 0, 1, 1, 1])
     # a token mean: the normaliser counts the positives' tokens only (with token-sum it would not matter)
-    full, _ = policy_loss("rft", logp=logp, old_logp=logp.detach(), mask=mask, rewards=rewards, group_ids=gids,
-                          agg="token-mean")
+    full, _ = policy_loss(
+        "rft", logp=logp, old_logp=logp.detach(), mask=mask, rewards=rewards, group_ids=gids, agg="token-mean"
+    )
     pos = keep_rows("positives", rewards, gids)
-    only, _ = policy_loss("rft", logp=logp[pos], old_logp=logp[pos].detach(), mask=mask[pos], rewards=rewards[pos],
-                          group_ids=gids[pos], agg="token-mean")
+    only, _ = policy_loss(
+        "rft",
+        logp=logp[pos],
+        old_logp=logp[pos].detach(),
+        mask=mask[pos],
+        rewards=rewards[pos],
+        group_ids=gids[pos],
+        agg="token-mean",
+    )
     assert torch.allclose(full, only)

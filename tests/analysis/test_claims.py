@@ -16,12 +16,21 @@ BENCH = ["synth-easy", "synth-hard"]
 def frames(acc: dict[str, list[float]], ent: dict[str, list[float]] | None = None, opt_steps: int = 1):
     """``final`` with each arm's per-seed accuracy (the same on both benchmarks, as a fraction) and ``history`` with
     a constant policy entropy per seed over steps 1..4 and ``opt_steps`` optimizer steps per rollout step."""
-    final = [(f"{a}-s{s}", a, a, s, b, "avg@4", v) for a, vals in acc.items() for s, v in enumerate(vals)
-             for b in BENCH]
-    hist = [(f"{a}-s{s}", a, a, s, step, "policy/entropy", v) for a, vals in (ent or {}).items()
-            for s, v in enumerate(vals) for step in range(1, 5)]
-    hist += [(f"{a}-s{s}", a, a, s, step, "train/optimizer_steps", float(opt_steps)) for a, vals in acc.items()
-             for s in range(len(vals)) for step in range(1, 5)]
+    final = [
+        (f"{a}-s{s}", a, a, s, b, "avg@4", v) for a, vals in acc.items() for s, v in enumerate(vals) for b in BENCH
+    ]
+    hist = [
+        (f"{a}-s{s}", a, a, s, step, "policy/entropy", v)
+        for a, vals in (ent or {}).items()
+        for s, v in enumerate(vals)
+        for step in range(1, 5)
+    ]
+    hist += [
+        (f"{a}-s{s}", a, a, s, step, "train/optimizer_steps", float(opt_steps))
+        for a, vals in acc.items()
+        for s in range(len(vals))
+        for step in range(1, 5)
+    ]
     return pd.DataFrame(hist, columns=HISTORY_COLUMNS), pd.DataFrame(final, columns=FINAL_COLUMNS)
 
 
@@ -39,10 +48,14 @@ def test_verdicts_are_read_off_the_interval():
 
 
 def test_each_verdict_from_frames():
-    acc = {"nft": [0.40, 0.41, 0.42], "rft": [0.30, 0.31, 0.32],  # clearly above: supported
-           "grpo": [0.50, 0.51, 0.52],                              # 10 points below GRPO: contradicted
-           "dapo": [0.39, 0.43, 0.45],                              # noisy, straddles -1: inconclusive
-           "nft-onpolicy": [0.30, 0.31, 0.30], "grpo-onpolicy": [0.30, 0.30, 0.31]}
+    acc = {
+        "nft": [0.40, 0.41, 0.42],
+        "rft": [0.30, 0.31, 0.32],  # clearly above: supported
+        "grpo": [0.50, 0.51, 0.52],  # 10 points below GRPO: contradicted
+        "dapo": [0.39, 0.43, 0.45],  # noisy, straddles -1: inconclusive
+        "nft-onpolicy": [0.30, 0.31, 0.30],
+        "grpo-onpolicy": [0.30, 0.30, 0.31],
+    }
     history, final = frames(acc, {"nft": [0.9, 1.0, 1.1], "rft": [0.5, 0.6, 0.55]})
     rows = {r["id"]: r for r in evaluate_claims(history, final, "avg@4", BENCH)}
     assert rows["nft>rft"]["verdict"] == "supported"
@@ -99,8 +112,12 @@ def test_report_writes_claims_and_base_row(tmp_path):
         (evals / f"{run}.json").write_text(json.dumps({b: {"avg@4": float(v)} for b, v in zip(g.benchmark, g.value)}))
     (evals / "base.json").write_text(json.dumps({"synth-easy": {"avg@4": 0.25}, "synth-hard": {"avg@4": 0.15}}))
     out = tmp_path / "reports"
-    assert main(["--runs", str(runs), "--evals", str(evals), "--out", str(out), "--metrics",
-                 str(tmp_path / "metrics.json")]) == 0
+    assert (
+        main(
+            ["--runs", str(runs), "--evals", str(evals), "--out", str(out), "--metrics", str(tmp_path / "metrics.json")]
+        )
+        == 0
+    )
     numbers = json.loads((out / "metrics.json").read_text())
     assert numbers["variants"]["base"]["mean"] == pytest.approx(20.0)
     assert set(numbers["variants"]["base"]) >= {"mean", "std", "ci_low", "ci_high", "seeds"}

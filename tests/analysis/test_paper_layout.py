@@ -12,8 +12,11 @@ from analysis.tables import PAPER_BENCHMARKS, paper_rows, paper_table_path
 
 K = {"aime24": 32, "aime25": 32, "amc23": 32, "math500": 1, "minerva": 1, "olympiadbench": 1}
 #: the paper's 7B row of each arm, so that the expected numbers are known: seeds at row - 1, row, row + 1 points
-PAPER_7B = {"base": [13.3, 69.0, 5.5, 45.8, 34.7, 21.3], "nft": [32.0, 83.2, 18.3, 88.5, 47.3, 40.8],
-            "grpo": [30.2, 80.4, 17.1, 79.5, 51.8, 38.2]}
+PAPER_7B = {
+    "base": [13.3, 69.0, 5.5, 45.8, 34.7, 21.3],
+    "nft": [32.0, 83.2, 18.3, 88.5, 47.3, 40.8],
+    "grpo": [30.2, 80.4, 17.1, 79.5, 51.8, 38.2],
+}
 ORDER = ["aime24", "math500", "aime25", "amc23", "olympiadbench", "minerva"]
 
 pytestmark = pytest.mark.skipif(not paper_table_path().is_file(), reason="../shared/paper/table1.csv not present")
@@ -58,7 +61,8 @@ def test_table_1_layout_with_a_metric_per_benchmark(tmp_path):
     assert numbers["metric_per_benchmark"]["aime24"] == "avg@32"
     assert numbers["variants"]["nft"]["mean"] == pytest.approx(sum(PAPER_7B["nft"]) / 6)  # six benchmarks averaged
     assert numbers["variants"]["nft"]["gain_over_base"] == pytest.approx(
-        (sum(PAPER_7B["nft"]) - sum(PAPER_7B["base"])) / 6)
+        (sum(PAPER_7B["nft"]) - sum(PAPER_7B["base"])) / 6
+    )
 
 
 def test_side_by_side_with_the_paper(tmp_path):

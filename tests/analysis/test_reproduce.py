@@ -30,16 +30,24 @@ def _study(root, arms=ARMS):
             (run / "metrics.json").write_text("{}")
             (run / "config.yaml").write_text(yaml.safe_dump({"resolved": {"algo": arm, "seed": seed}}))
             (run / "tags.json").write_text(json.dumps({"variant": arm}))
-            (run / "history.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / (s + 1 + seed)}) + "\n"
-                                                       for s in range(3)))
+            (run / "history.jsonl").write_text(
+                "".join(json.dumps({"step": s, "loss": 1.0 / (s + 1 + seed)}) + "\n" for s in range(3))
+            )
             (root / "evals" / f"{name}.json").write_text(json.dumps({b: {"avg@4": m / 100} for b in BENCHES}))
         variants[arm] = {"mean": sum(means) / 3, "std": 1.0, "seeds": 3, "gain_over_base": sum(means) / 3 - 20}
     claims = {"nft>rft": {"diff": 5.0, "ci_low": 4.0, "ci_high": 6.0, "verdict": "supported"}}
     (root / "params.yaml").write_text("study: {name: repro-test}  # a comment\nseeds: [0, 1, 2]\n")
     (root / "reports").mkdir()
-    (root / "reports/metrics.json").write_text(json.dumps({
-        "metric": "avg@4", "metric_per_benchmark": {b: "avg@4" for b in BENCHES}, "variants": variants,
-        "claims": claims}))
+    (root / "reports/metrics.json").write_text(
+        json.dumps(
+            {
+                "metric": "avg@4",
+                "metric_per_benchmark": {b: "avg@4" for b in BENCHES},
+                "variants": variants,
+                "claims": claims,
+            }
+        )
+    )
     return root
 
 
@@ -182,7 +190,7 @@ def test_the_committed_references_are_of_this_repository_s_params(vendor):
 
     repo = Path(__file__).parents[2]
     ref = json.loads((repo / f"experiments/reference/embedded-default.{vendor}.json").read_text())
-    prov = ref["provenance"]   # (the AMD one was recorded before the vendor field: its processor names it)
+    prov = ref["provenance"]  # (the AMD one was recorded before the vendor field: its processor names it)
     assert prov.get("cpu_vendor", "AuthenticAMD" if "AMD" in prov["processor"] else "") == vendor
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert ref["provenance"]["params_sha256"] == params_digest(repo / "params.yaml"), "stale reference"

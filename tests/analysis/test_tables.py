@@ -19,8 +19,12 @@ VALUES = {
 
 def gappy_final() -> pd.DataFrame:
     """The ``final`` frame of VALUES: avg@4 everywhere, and b also as avg@1 (a benchmark with its own metric)."""
-    rows = [(f"{v}-s{s}", v, v, s, bench, m, x) for (v, s), vals in VALUES.items() for bench, x in vals.items()
-            for m in (("avg@4", "avg@1") if bench == "b" else ("avg@4",))]
+    rows = [
+        (f"{v}-s{s}", v, v, s, bench, m, x)
+        for (v, s), vals in VALUES.items()
+        for bench, x in vals.items()
+        for m in (("avg@4", "avg@1") if bench == "b" else ("avg@4",))
+    ]
     return pd.DataFrame(rows[::-1], columns=FINAL_COLUMNS)  # row order must not matter either
 
 
@@ -47,8 +51,10 @@ def test_missing_seeds_are_named(tmp_path):
 
     gaps = seed_gaps(gappy_final(), "avg@4", ["a", "b"])
     assert len(gaps) == 1 and "nft" in gaps[0] and "seed 1" in gaps[0] and "b avg@4" in gaps[0]
-    history = pd.DataFrame([(f"{v}-s{s}", v, v, s, 1, "val/a/avg@4", vals["a"]) for (v, s), vals in VALUES.items()],
-                           columns=HISTORY_COLUMNS)
+    history = pd.DataFrame(
+        [(f"{v}-s{s}", v, v, s, 1, "val/a/avg@4", vals["a"]) for (v, s), vals in VALUES.items()],
+        columns=HISTORY_COLUMNS,
+    )
     analyze(history, gappy_final(), [], tmp_path / "reports", "hand-made frames")
     problems = (tmp_path / "reports" / "summary.md").read_text().split("## Problems")[1]
     assert gaps[0] in problems

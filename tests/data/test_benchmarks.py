@@ -10,11 +10,19 @@ from nft.data.hub import REGISTRY, load_hub, load_local
 from nft.reward import GraderPool
 from tests.conftest import SHARED_BENCHMARKS
 
-needs_shared = pytest.mark.skipif(not SHARED_BENCHMARKS.is_dir(),
-                                  reason=f"{SHARED_BENCHMARKS} absent (the benchmark files live beside the checkout)")
+needs_shared = pytest.mark.skipif(
+    not SHARED_BENCHMARKS.is_dir(), reason=f"{SHARED_BENCHMARKS} absent (the benchmark files live beside the checkout)"
+)
 
-EXPECTED = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva": 272, "olympiadbench": 675,
-            "dapo-math-17k": 17917}
+EXPECTED = {
+    "aime24": 30,
+    "aime25": 30,
+    "amc23": 40,
+    "math500": 500,
+    "minerva": 272,
+    "olympiadbench": 675,
+    "dapo-math-17k": 17917,
+}
 
 
 @needs_shared
@@ -67,25 +75,61 @@ def test_hub_path_on_a_hub_shaped_fixture(tmp_path):
 
     snap = tmp_path / "math500"
     (snap / "data").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([
-        {"problem": "What is $1+1$?", "solution": "\\boxed{2}", "answer": "2", "subject": "Algebra", "level": 1,
-         "unique_id": "a"},
-        {"problem": "Half of one?", "solution": "", "answer": "\\frac{1}{2}", "subject": "Algebra", "level": 1,
-         "unique_id": "b"},
-        {"problem": "No answer here", "solution": "", "answer": "", "subject": "x", "level": 1, "unique_id": "c"},
-    ]), snap / "data" / "test-00000-of-00001.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "problem": "What is $1+1$?",
+                    "solution": "\\boxed{2}",
+                    "answer": "2",
+                    "subject": "Algebra",
+                    "level": 1,
+                    "unique_id": "a",
+                },
+                {
+                    "problem": "Half of one?",
+                    "solution": "",
+                    "answer": "\\frac{1}{2}",
+                    "subject": "Algebra",
+                    "level": 1,
+                    "unique_id": "b",
+                },
+                {
+                    "problem": "No answer here",
+                    "solution": "",
+                    "answer": "",
+                    "subject": "x",
+                    "level": 1,
+                    "unique_id": "c",
+                },
+            ]
+        ),
+        snap / "data" / "test-00000-of-00001.parquet",
+    )
     s = load_hub("math500", snapshot_dir=snap)
     assert [p.answer for p in s] == ["2", "\\frac{1}{2}"] and s.skipped == 1
 
     snap = tmp_path / "dapo"
     (snap / "data").mkdir(parents=True)
-    prompt = ("Solve the following math problem step by step. The last line of your response should be of the form "
-              "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\nWhat is 6*7?\n\n"
-              "Remember to put your answer on its own line after \"Answer:\".")
-    pq.write_table(pa.Table.from_pylist([{
-        "data_source": "math_dapo", "prompt": [{"role": "user", "content": prompt}], "ability": "MATH",
-        "reward_model": {"ground_truth": "42", "style": "rule-lapse"}, "extra_info": {"index": "x"}}]),
-        snap / "data" / "train-00000-of-00001.parquet")
+    prompt = (
+        "Solve the following math problem step by step. The last line of your response should be of the form "
+        "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\nWhat is 6*7?\n\n"
+        'Remember to put your answer on its own line after "Answer:".'
+    )
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "data_source": "math_dapo",
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "ability": "MATH",
+                    "reward_model": {"ground_truth": "42", "style": "rule-lapse"},
+                    "extra_info": {"index": "x"},
+                }
+            ]
+        ),
+        snap / "data" / "train-00000-of-00001.parquet",
+    )
     s = load_hub("dapo-math-17k", snapshot_dir=snap)
     assert s[0].question == "What is 6*7?" and s[0].answer == "42"
 
@@ -102,8 +146,12 @@ def test_bad_names_and_files(tmp_path):
 
 def test_rows_without_answer_are_skipped_and_counted(tmp_path):
     (tmp_path / "amc23").mkdir()
-    rows = [{"id": 0, "problem": "p0", "answer": 3.0}, {"id": 1, "problem": "p1", "answer": None},
-            {"id": 2, "problem": "p2"}, {"id": 3, "problem": "p3", "answer": 2.5}]
+    rows = [
+        {"id": 0, "problem": "p0", "answer": 3.0},
+        {"id": 1, "problem": "p1", "answer": None},
+        {"id": 2, "problem": "p2"},
+        {"id": 3, "problem": "p3", "answer": 2.5},
+    ]
     (tmp_path / "amc23" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = load_local("amc23", tmp_path)
     assert [p.answer for p in s] == ["3", "2.5"] and s.skipped == 2

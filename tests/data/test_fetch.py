@@ -38,7 +38,7 @@ def test_fetch_writes_what_the_local_loader_reads(tmp_path):
         assert src["sha256"] == hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest()
         assert src["repo_id"] == REGISTRY[src["set"]].hub_id and len(src["revision"]) == 40
         assert src["rows"] == len(read_rows(tmp_path / rel))
-    assert sources["aime25/test2025-II.jsonl"]["rows"] == 15   # parts I and II by id
+    assert sources["aime25/test2025-II.jsonl"]["rows"] == 15  # parts I and II by id
 
 
 def test_nft_data_fetch_command(tmp_path, monkeypatch, capsys):

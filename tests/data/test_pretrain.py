@@ -9,15 +9,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SMALL = {
     "data": {"train_size": 600, "eval_size": 30},
-    "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,
-              "vocab_size": 320},
+    "model": {
+        "hidden_size": 32,
+        "num_layers": 1,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "intermediate_size": 64,
+        "vocab_size": 320,
+    },
     "pretrain": {"steps": 6, "batch_size": 4, "warmup": 2, "tokenizer_corpus": 300},
 }
 
 
 def _run(params, out):
-    return subprocess.run([sys.executable, "-m", "nft.cli", "pretrain", "--config", str(params), "--out", str(out),
-                           "--quiet"], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "nft.cli", "pretrain", "--config", str(params), "--out", str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_short_pretrain_is_loadable_and_bit_identical(tmp_path):
@@ -34,8 +43,12 @@ def test_short_pretrain_is_loadable_and_bit_identical(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "a", local_files_only=True)
     tok = AutoTokenizer.from_pretrained(tmp_path / "a", local_files_only=True)
     assert type(model).__name__ == "Qwen2ForCausalLM"
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is 1 + 1?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 1 + 1?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids.shape[1]
     assert not list(tmp_path.glob(".a.tmp*"))

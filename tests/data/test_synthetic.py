@@ -70,11 +70,14 @@ def test_fractions_in_lowest_terms(splits):
             assert gcd(int(m.group(1)), int(m.group(2))) == 1 and int(m.group(2)) > 1
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("families", ["add", "geometry"], "geometry"),
-    ("tiers", ["easy", "insane"], "insane"),
-    ("train_size", 0, "train_size"),
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("families", ["add", "geometry"], "geometry"),
+        ("tiers", ["easy", "insane"], "insane"),
+        ("train_size", 0, "train_size"),
+    ],
+)
 def test_bad_config_names_the_field(key, value, needle):
     with pytest.raises(ConfigError) as err:
         from_dict(SyntheticConfig, {key: value}, "data")

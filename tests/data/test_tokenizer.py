@@ -49,7 +49,8 @@ def test_chat_template_renders_known_prompt(tokenizer):
     assert render_prompt(tok, "What is 2 + 3?") == expected
     assert prompt_text("What is 2 + 3?") == expected
     # the template's default system turn is the same instruction (Qwen2.5-Math behaviour)
-    no_system = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
-                                        add_generation_prompt=True)
+    no_system = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], tokenize=False, add_generation_prompt=True
+    )
     assert no_system == expected
     assert SYSTEM_PROMPT in expected

@@ -66,7 +66,9 @@ def test_every_row_matches_the_trainer_through_compactions(policy, monkeypatch, 
     assert sum(moves) < len(moves) * 24  # ... by moving some rows, not the whole batch each time
     lp, _ = response_logprobs(model, ro.prompt_ids, ro.response, ro.mask, tok.pad_token_id, temperature=1.2)
     on = ro.mask > 0
-    assert (lp - ro.logprobs)[on].abs().max() < 3e-5  # fp32 sums in another order (cached vs one pass); a wrong row is off by >0.1
+    assert (lp - ro.logprobs)[
+        on
+    ].abs().max() < 3e-5  # fp32 sums in another order (cached vs one pass); a wrong row is off by >0.1
 
 
 def test_prepared_mask_and_transformers_mask_draw_the_same_answers(policy, tiny_study):

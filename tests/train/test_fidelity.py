@@ -112,19 +112,37 @@ def test_micro_batch_normalizer_is_the_sum_of_micro_token_means(monkeypatch):
     monkeypatch.setattr(upd, "response_logprobs", fake_logprobs)
     lengths = torch.tensor([3, 1, 2, 2])
     mask = (torch.arange(3)[None] < lengths[:, None]).float()
-    batch = {"prompt_ids": [[1]] * 4, "response": torch.ones(4, 3, dtype=torch.long), "mask": mask,
-             "sampler_logprobs": torch.zeros(4, 3), "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64),
-             "lengths": lengths, "group_ids": torch.tensor([0, 0, 0, 0])}
+    batch = {
+        "prompt_ids": [[1]] * 4,
+        "response": torch.ones(4, 3, dtype=torch.long),
+        "mask": mask,
+        "sampler_logprobs": torch.zeros(4, 3),
+        "rewards": torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64),
+        "lengths": lengths,
+        "group_ids": torch.tensor([0, 0, 0, 0]),
+    }
     out = {}
     for mode in ("mini_batch", "micro_batch"):
         seen.clear()
         eng = _Eng()
-        cfg = TrainConfig(prompts_per_step=1, answers_per_prompt=4, mini_batch_prompts=1, micro_batch_size=2,
-                          normalizer=mode)
+        cfg = TrainConfig(
+            prompts_per_step=1, answers_per_prompt=4, mini_batch_prompts=1, micro_batch_size=2, normalizer=mode
+        )
         passes = [([0, 1], [0, 1]), ([2, 3], [2, 3])]  # (micro-batch, its forward pass): micro-batches of 2
-        upd._train_minibatch(eng, batch, [0, 1, 2, 3], passes, torch.zeros(4, 3),
-                             {"group_rate": torch.full((4,), 0.5), "group_std": torch.full((4,), 0.5)}, "dapo",
-                             upd.make_params("dapo"), cfg, 0, False, upd.UpdateStats())
+        upd._train_minibatch(
+            eng,
+            batch,
+            [0, 1, 2, 3],
+            passes,
+            torch.zeros(4, 3),
+            {"group_rate": torch.full((4,), 0.5), "group_std": torch.full((4,), 0.5)},
+            "dapo",
+            upd.make_params("dapo"),
+            cfg,
+            0,
+            False,
+            upd.UpdateStats(),
+        )
         out[mode] = list(seen)
     assert out["mini_batch"] == [8.0, 8.0]  # the mini-batch's 8 response tokens, for both micro-batches
     assert out["micro_batch"] == [None, None]  # each micro-batch's own count (4 and 4 tokens here)
@@ -155,16 +173,24 @@ class _Sampler:
     def sample(self, prompts, n, **kw):
         self.asked.append(len(prompts))
         B = len(prompts) * n
-        texts = [("\\boxed{1}" if (p.startswith("mixed") or p.startswith("cut")) and j == 0 else "x")
-                 for p in prompts for j in range(n)]
+        texts = [
+            ("\\boxed{1}" if (p.startswith("mixed") or p.startswith("cut")) and j == 0 else "x")
+            for p in prompts
+            for j in range(n)
+        ]
         finished = torch.tensor([not p.startswith("cut") for p in prompts for _ in range(n)])
-        return Rollout(prompt_ids=[[1]] * B, response=torch.ones(B, 2, dtype=torch.long), mask=torch.ones(B, 2),
-                       logprobs=-torch.ones(B, 2), finished=finished, texts=texts, entropy=torch.zeros(B, 2))
+        return Rollout(
+            prompt_ids=[[1]] * B,
+            response=torch.ones(B, 2, dtype=torch.long),
+            mask=torch.ones(B, 2),
+            logprobs=-torch.ones(B, 2),
+            finished=finished,
+            texts=texts,
+            entropy=torch.zeros(B, 2),
+        )
 
     def shard(self, dist):
         return 0, 1, True
-
-
 
 
 def _problems(names):
@@ -173,10 +199,18 @@ def _problems(names):
 
 def test_generation_batches_of_three_p_keep_the_first_p_mixed_groups():
     probs = _problems(["mixed0", "none", "mixed1", "none", "mixed2", "none"])
-    cfg = TrainConfig(prompts_per_step=2, answers_per_prompt=2, mini_batch_prompts=1, gen_batch_prompts=6,
-                      max_num_gen_batches=10, short_batch="error")
+    cfg = TrainConfig(
+        prompts_per_step=2,
+        answers_per_prompt=2,
+        mini_batch_prompts=1,
+        gen_batch_prompts=6,
+        max_num_gen_batches=10,
+        short_batch="error",
+    )
     sampler = _Sampler()
-    batch, m = collect_rollout(sampler, ChatTokenizer(), probs, Cursor(6, 0, pos=0), BoxedOnePool(), cfg, "dynamic", 0, 0)
+    batch, m = collect_rollout(
+        sampler, ChatTokenizer(), probs, Cursor(6, 0, pos=0), BoxedOnePool(), cfg, "dynamic", 0, 0
+    )
     cursor = Cursor(6, 0)
     order = [probs[i].question for i in cursor.take(6)]
     assert sampler.asked == [6] and m["rollout/gen_batches"] == 1.0  # one batch of 3 x P questions
@@ -187,8 +221,9 @@ def test_generation_batches_of_three_p_keep_the_first_p_mixed_groups():
 
 def test_short_dynamic_batch_is_an_error_when_asked():
     probs = _problems(["mixed0", "none", "none", "none"])
-    cfg = TrainConfig(prompts_per_step=2, answers_per_prompt=2, mini_batch_prompts=1, max_num_gen_batches=2,
-                      short_batch="error")
+    cfg = TrainConfig(
+        prompts_per_step=2, answers_per_prompt=2, mini_batch_prompts=1, max_num_gen_batches=2, short_batch="error"
+    )
     with pytest.raises(ValueError, match="1 of 2 mixed groups after 2 generation batches"):
         collect_rollout(_Sampler(), ChatTokenizer(), probs, Cursor(4, 0), BoxedOnePool(), cfg, "dynamic", 0, 0)
     cfg = dataclasses.replace(cfg, short_batch="train")
@@ -199,7 +234,9 @@ def test_short_dynamic_batch_is_an_error_when_asked():
 @pytest.mark.parametrize("graded, reward", [(False, 0.0), (True, 1.0)])
 def test_truncated_answers_graded_when_asked(graded, reward):
     cfg = TrainConfig(prompts_per_step=1, answers_per_prompt=2, mini_batch_prompts=1, grade_truncated=graded)
-    batch, _ = collect_rollout(_Sampler(), ChatTokenizer(), _problems(["cut"]), Cursor(1, 0), BoxedOnePool(), cfg, "all", 0, 0)
+    batch, _ = collect_rollout(
+        _Sampler(), ChatTokenizer(), _problems(["cut"]), Cursor(1, 0), BoxedOnePool(), cfg, "all", 0, 0
+    )
     assert batch["rewards"].tolist() == [reward, 0.0]
 
 
@@ -215,8 +252,13 @@ def test_validation_k_and_grader_per_set():
             return [t == "\\boxed{1}" for t in texts], GradeStats()
 
     pools = {"math_verify": _Grading("math_verify"), "dapo_strict": _Grading("dapo_strict")}
-    cfg = TrainConfig(val_k=1, val_k_per_benchmark={"amc23": 4}, grader_per_set={"amc23": "dapo_strict"},
-                      val_limit=0, max_new_tokens=4)
+    cfg = TrainConfig(
+        val_k=1,
+        val_k_per_benchmark={"amc23": 4},
+        grader_per_set={"amc23": "dapo_strict"},
+        val_limit=0,
+        max_new_tokens=4,
+    )
     sets = {"math500": _problems(["mixed0", "none"]), "amc23": _problems(["mixed1"])}
     out = validate(_Sampler(), ChatTokenizer(), sets, pools, cfg, 0)
     assert out["val/math500/avg@1"] == 0.5 and out["val/amc23/avg@4"] == 0.25
@@ -226,19 +268,23 @@ def test_validation_k_and_grader_per_set():
         TrainConfig(grader_per_set={"amc23": "strict"})
 
 
-@pytest.mark.parametrize("response, ok", [
-    ("so the answer is \\boxed{34}.", True),
-    ("\\boxed{34} or rather \\boxed{35}", False),   # the last box counts
-    ("\\boxed{ 34 }", False),                         # no trimming
-    ("\\boxed {34}", False),                          # not the literal \boxed{
-    ("\\boxed{34.0}", False),                         # no normalisation
-    ("\\boxed{34", False),                            # unclosed
-    ("\\boxed{34}" + "x" * 90, True),                 # the box within the last 100 characters
-    ("\\boxed{34}" + "x" * 91, False),                # its opening cut by the window
-    ("\\boxed{\\frac{1}{2}}", False),                 # nested braces matched: the answer is \frac{1}{2} != 34
-])
+@pytest.mark.parametrize(
+    "response, ok",
+    [
+        ("so the answer is \\boxed{34}.", True),
+        ("\\boxed{34} or rather \\boxed{35}", False),  # the last box counts
+        ("\\boxed{ 34 }", False),  # no trimming
+        ("\\boxed {34}", False),  # not the literal \boxed{
+        ("\\boxed{34.0}", False),  # no normalisation
+        ("\\boxed{34", False),  # unclosed
+        ("\\boxed{34}" + "x" * 90, True),  # the box within the last 100 characters
+        ("\\boxed{34}" + "x" * 91, False),  # its opening cut by the window
+        ("\\boxed{\\frac{1}{2}}", False),  # nested braces matched: the answer is \frac{1}{2} != 34
+    ],
+)
 def test_strict_boxed_grader(response, ok):
     assert grade_dapo_strict(response, "34") is ok
     assert GRADERS["dapo_strict"].in_process(response, "34") is ok  # bounded string work: no worker process
-    assert grade_dapo_strict("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}") and not grade_dapo_strict("\\boxed{\\frac12}",
-                                                                                               "\\frac{1}{2}")
+    assert grade_dapo_strict("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}") and not grade_dapo_strict(
+        "\\boxed{\\frac12}", "\\frac{1}{2}"
+    )

@@ -17,8 +17,14 @@ from nft.train.seeds import Cursor
 from tests.train.fakes import BoxedOnePool, ChatTokenizer
 
 P, K = 6, 4
-CFG = TrainConfig(prompts_per_step=P, answers_per_prompt=K, mini_batch_prompts=2, micro_batch_size=3,
-                  max_new_tokens=200, tracking=False)
+CFG = TrainConfig(
+    prompts_per_step=P,
+    answers_per_prompt=K,
+    mini_batch_prompts=2,
+    micro_batch_size=3,
+    max_new_tokens=200,
+    tracking=False,
+)
 
 
 @dataclass
@@ -40,9 +46,15 @@ class QuestionSampler:
         T = int(lengths.max())
         mask = (torch.arange(T)[None] < lengths[:, None]).float()
         response = (torch.tensor([100 * q + j for q, j in rows])[:, None] + torch.arange(T)[None]) * mask.long()
-        return Rollout(prompt_ids=[[q, q + 1][: 1 + q % 2] for q, _ in rows], response=response, mask=mask,
-                       logprobs=-mask * 0.01 * (1 + torch.arange(T)[None]), finished=torch.ones(len(rows), dtype=bool),
-                       texts=["\\boxed{1}" if (q + j) % 2 else "no" for q, j in rows], entropy=mask * 0.5)
+        return Rollout(
+            prompt_ids=[[q, q + 1][: 1 + q % 2] for q, _ in rows],
+            response=response,
+            mask=mask,
+            logprobs=-mask * 0.01 * (1 + torch.arange(T)[None]),
+            finished=torch.ones(len(rows), dtype=bool),
+            texts=["\\boxed{1}" if (q + j) % 2 else "no" for q, j in rows],
+            entropy=mask * 0.5,
+        )
 
 
 def _work(rank: int, world: int, port: int, out):
@@ -56,28 +68,40 @@ def _work(rank: int, world: int, port: int, out):
         dist = Dist()
         one = Dist()
         one.rank, one.world = 0, 1  # the one-process reference, computed by each rank alone
-        ref, _ = collect_rollout(QuestionSampler(), ChatTokenizer(), problems, Cursor(P, 0), BoxedOnePool(), CFG,
-                                 "all", 0, 0, one)
+        ref, _ = collect_rollout(
+            QuestionSampler(), ChatTokenizer(), problems, Cursor(P, 0), BoxedOnePool(), CFG, "all", 0, 0, one
+        )
         from nft.train.rollout import RolloutShard
 
         whole = []  # the record the replaced exchange gathered: this rank's shard, row tensors included
         real = RolloutShard.metadata
         RolloutShard.metadata = lambda self, r: (whole.append(self), real(self, r))[1]
         before = Dist.bytes_received
-        batch, _ = collect_rollout(QuestionSampler(), ChatTokenizer(), problems, Cursor(P, 0), BoxedOnePool(), CFG,
-                                   "all", 0, 0, dist)
+        batch, _ = collect_rollout(
+            QuestionSampler(), ChatTokenizer(), problems, Cursor(P, 0), BoxedOnePool(), CFG, "all", 0, 0, dist
+        )
         minis, plan = plan_minibatches(batch, CFG, 0, 0, dist)
         mine = localize(batch, minis, CFG, 0, 0, dist)
         moved = Dist.bytes_received - before
         held = (mine["local"] >= 0).nonzero().squeeze(-1).tolist()
-        res = {"held": held, "needed": needed_rows(minis, plan), "moved": moved, "rows": len(mine["prompt_ids"]),
-               "meta_equal": all(torch.equal(batch[k], ref[k]) for k in ("rewards", "lengths", "prompt_lengths", "group_ids")),
-               "T": (mine["response"].shape[1], ref["response"].shape[1])}
+        res = {
+            "held": held,
+            "needed": needed_rows(minis, plan),
+            "moved": moved,
+            "rows": len(mine["prompt_ids"]),
+            "meta_equal": all(
+                torch.equal(batch[k], ref[k]) for k in ("rewards", "lengths", "prompt_lengths", "group_ids")
+            ),
+            "T": (mine["response"].shape[1], ref["response"].shape[1]),
+        }
         at = mine["local"][torch.tensor(held)]
         res["rows_equal"] = (
             [mine["prompt_ids"][int(a)] for a in at] == [ref["prompt_ids"][i] for i in held]
             and all(torch.equal(mine[k][at], ref[k][held]) for k in ("mask", "sampler_logprobs"))
-            and torch.equal(mine["response"][at] * mine["mask"][at].long(), ref["response"][held] * ref["mask"][held].long()))
+            and torch.equal(
+                mine["response"][at] * mine["mask"][at].long(), ref["response"][held] * ref["mask"][held].long()
+            )
+        )
         before = Dist.bytes_received
         dist.gather(whole[0])  # the replaced exchange, on the same rollout: every rank's whole record to every rank
         res["whole"] = Dist.bytes_received - before

@@ -46,12 +46,24 @@ def weights_digest(folder: Path) -> str:
 #: Weights after the tiny study's 2 steps, per CPU vendor ("base": the tiny base model itself). A change of these is a
 #: change of behaviour, to be explained, never re-recorded silently. A vendor not listed checks the rest of the test.
 GOLDEN = {
-    "AuthenticAMD": {"base": "12d62e52ba36ddca", "nft": "dd4dd214876ed357", "rft": "0b363e674ecce56f",
-                     "grpo": "5989672e8453a104", "dr_grpo": "5f613771951e0737", "dapo": "710bba5d4a63dba5",
-                     "sft": "7003a32ff48389f2"},
-    "GenuineIntel": {"base": "c8032e7682fd56c9", "nft": "1ffa984603201aed", "rft": "1fa2ae96725f043a",
-                     "grpo": "0b76c6b444658a34", "dr_grpo": "7e28c732da287080", "dapo": "2ce4130aee528935",
-                     "sft": "583ca411808373e6"},
+    "AuthenticAMD": {
+        "base": "12d62e52ba36ddca",
+        "nft": "dd4dd214876ed357",
+        "rft": "0b363e674ecce56f",
+        "grpo": "5989672e8453a104",
+        "dr_grpo": "5f613771951e0737",
+        "dapo": "710bba5d4a63dba5",
+        "sft": "7003a32ff48389f2",
+    },
+    "GenuineIntel": {
+        "base": "c8032e7682fd56c9",
+        "nft": "1ffa984603201aed",
+        "rft": "1fa2ae96725f043a",
+        "grpo": "0b76c6b444658a34",
+        "dr_grpo": "7e28c732da287080",
+        "dapo": "2ce4130aee528935",
+        "sft": "583ca411808373e6",
+    },
 }
 
 
@@ -76,9 +88,18 @@ def test_two_steps_change_parameters_and_log_finite_metrics(tiny_study, tmp_path
         for k, v in r.items():
             assert isinstance(v, (int, float)) and math.isfinite(v), (k, v)
     for r in trained:
-        for key in ("rollout/accuracy", "policy/entropy", "train/batch_entropy", "train/grad_norm", "loss/total",
-                    "response/length_mean",
-                    "rollout/groups_kept_frac", "logprob/mismatch_mean", "time/sample", "time/update"):
+        for key in (
+            "rollout/accuracy",
+            "policy/entropy",
+            "train/batch_entropy",
+            "train/grad_norm",
+            "loss/total",
+            "response/length_mean",
+            "rollout/groups_kept_frac",
+            "logprob/mismatch_mean",
+            "time/sample",
+            "time/update",
+        ):
             assert key in r, key
         assert r["logprob/mismatch_mean"] < 1e-3  # trainer and sampler agree on the sampling policy
         if algo == "sft":  # trained on P x K worked solutions (rows like an online step's), sampled for its metrics
@@ -101,8 +122,22 @@ def test_sigkill_resume_is_bit_identical(tiny_study, tmp_path):
     nft_cli("train", "--config", params, "--algo", "nft", "--seed", "3", "--out", ref, "--quiet", *sets)
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "nft.cli", "train", "--config", str(params), "--algo", "nft", "--seed", "3",
-           "--out", str(run), "--quiet", *sets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nft.cli",
+        "train",
+        "--config",
+        str(params),
+        "--algo",
+        "nft",
+        "--seed",
+        "3",
+        "--out",
+        str(run),
+        "--quiet",
+        *sets,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -130,9 +165,27 @@ def mlflow_server(tmp_path):
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db", "--default-artifact-root", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/srv.db",
+            "--default-artifact-root",
+            str(tmp_path / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -144,7 +197,7 @@ def mlflow_server(tmp_path):
         except Exception:  # noqa: BLE001
             if time.time() > deadline or proc.poll() is not None:
                 os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError("mlflow server did not start")
+                raise RuntimeError("mlflow server did not start") from None
             time.sleep(0.5)
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
@@ -158,12 +211,29 @@ def test_mlflow_holds_the_run(tiny_study, tmp_path, mlflow_server):
 
     params, data, _ = tiny_study
     run = tmp_path / "tracked"
-    for args in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
-                                  "-m", "study"]):
+    for args in (
+        ["init", "-q"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "study"],
+    ):
         subprocess.run(["git", *args], check=True)  # the working directory is the study's repository
-    nft_cli("train", "--config", params, "--algo", "dapo", "--seed", "1", "--out", run, "--quiet",
-            "--set", "train.tracking=true", "--set", f"train.tracking_uri={mlflow_server}",
-            "--set", "study.name=tiny-study")
+    nft_cli(
+        "train",
+        "--config",
+        params,
+        "--algo",
+        "dapo",
+        "--seed",
+        "1",
+        "--out",
+        run,
+        "--quiet",
+        "--set",
+        "train.tracking=true",
+        "--set",
+        f"train.tracking_uri={mlflow_server}",
+        "--set",
+        "study.name=tiny-study",
+    )
     run_id = (run / "mlflow_run_id").read_text().strip()
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("tiny-study")
@@ -190,17 +260,48 @@ def test_mlflow_holds_the_run(tiny_study, tmp_path, mlflow_server):
     assert [m.value for m in hist] == [r["rollout/accuracy"] for r in local[1:]]
     # the final evaluation lands in the train run (the compare view ranks arms and seeds on it)
     out = tmp_path / "evals" / "dapo-s1.json"
-    nft_cli("evaluate", "--model", run / "model", "--benchmarks", "synth-easy", "--k", "2", "--limit", "4",
-            "--data", data, "--out", out)
+    nft_cli(
+        "evaluate",
+        "--model",
+        run / "model",
+        "--benchmarks",
+        "synth-easy",
+        "--k",
+        "2",
+        "--limit",
+        "4",
+        "--data",
+        data,
+        "--out",
+        out,
+    )
     got = client.get_run(run_id)
     ev = json.loads(out.read_text())
     assert got.data.metrics["final/synth-easy/avg_at_2"] == pytest.approx(ev["synth-easy"]["avg@2"])
     assert {"evaluation/dapo-s1.json", "evaluation/dapo-s1.meta.json"} <= {
-        a.path for a in client.list_artifacts(run_id, "evaluation")}
+        a.path for a in client.list_artifacts(run_id, "evaluation")
+    }
     # a second study run is not created by a second train run of the same study
-    nft_cli("train", "--config", params, "--algo", "nft", "--seed", "1", "--out", tmp_path / "second", "--quiet",
-            "--set", "train.tracking=true", "--set", f"train.tracking_uri={mlflow_server}",
-            "--set", "study.name=tiny-study", "--set", "train.steps=1")
+    nft_cli(
+        "train",
+        "--config",
+        params,
+        "--algo",
+        "nft",
+        "--seed",
+        "1",
+        "--out",
+        tmp_path / "second",
+        "--quiet",
+        "--set",
+        "train.tracking=true",
+        "--set",
+        f"train.tracking_uri={mlflow_server}",
+        "--set",
+        "study.name=tiny-study",
+        "--set",
+        "train.steps=1",
+    )
     studies = client.search_runs([exp.experiment_id], filter_string="tags.`nft.role` = 'study'")
     assert len(studies) == 1
 
@@ -212,8 +313,22 @@ def test_dead_server_then_replay(tiny_study, tmp_path):
     run = tmp_path / "offline"
     dead = f"http://127.0.0.1:{_free_port()}"
     t0 = time.time()
-    r = nft_cli("train", "--config", params, "--algo", "grpo", "--seed", "0", "--out", run, "--quiet",
-                "--set", "train.tracking=true", "--set", f"train.tracking_uri={dead}")
+    r = nft_cli(
+        "train",
+        "--config",
+        params,
+        "--algo",
+        "grpo",
+        "--seed",
+        "0",
+        "--out",
+        run,
+        "--quiet",
+        "--set",
+        "train.tracking=true",
+        "--set",
+        f"train.tracking_uri={dead}",
+    )
     assert time.time() - t0 < 120
     assert "unavailable" in r.stderr and (run / "metrics.json").exists()
     store = f"sqlite:///{tmp_path}/replay.db"
@@ -235,11 +350,35 @@ def test_bad_inputs_fail_before_work(tiny_study, tmp_path):
     params, _, _ = tiny_study
     r = nft_cli("train", "--config", params, "--algo", "ppo", "--seed", "0", "--out", tmp_path / "x", check=False)
     assert r.returncode == 2 and "ppo" in r.stderr and "nft" in r.stderr
-    r = nft_cli("train", "--config", params, "--algo", "nft", "--seed", "0", "--out", tmp_path / "x",
-                "--set", "train.lrr=1", check=False)
+    r = nft_cli(
+        "train",
+        "--config",
+        params,
+        "--algo",
+        "nft",
+        "--seed",
+        "0",
+        "--out",
+        tmp_path / "x",
+        "--set",
+        "train.lrr=1",
+        check=False,
+    )
     assert r.returncode == 2 and "train.lrr" in r.stderr
-    r = nft_cli("train", "--config", params, "--algo", "nft", "--seed", "0", "--out", tmp_path / "x",
-                "--set", "train.loss={nft: {epsilon: 0.5}}", check=False)
+    r = nft_cli(
+        "train",
+        "--config",
+        params,
+        "--algo",
+        "nft",
+        "--seed",
+        "0",
+        "--out",
+        tmp_path / "x",
+        "--set",
+        "train.loss={nft: {epsilon: 0.5}}",
+        check=False,
+    )
     assert r.returncode == 2 and "epsilon" in r.stderr
     assert not (tmp_path / "x").exists()
 
@@ -263,8 +402,15 @@ def _damage(run: Path, how: str) -> None:
         p.write_bytes(p.read_bytes()[:100])
 
 
-@pytest.mark.parametrize("how", ["state", pytest.param("weights", marks=pytest.mark.slow),
-                                 pytest.param("manifest", marks=pytest.mark.slow), "both"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "state",
+        pytest.param("weights", marks=pytest.mark.slow),
+        pytest.param("manifest", marks=pytest.mark.slow),
+        "both",
+    ],
+)
 def test_damaged_checkpoint_falls_back(tiny_study, tmp_path, how):
     """A checkpoint that fails its manifest or does not load is set aside (one line) and the previous one is used,
     which resumes bit-identically; with both damaged the run restarts from step 0 (same weights again: seeded)."""

@@ -20,18 +20,21 @@ class _Fixed:
 
     def __init__(self):
         g = torch.Generator().manual_seed(0)
-        self.ro = Rollout(prompt_ids=[[1, 2]] * 4 + [[3]] * 4, response=torch.randint(5, 9, (8, 3), generator=g),
-                          mask=torch.ones(8, 3), logprobs=-torch.rand(8, 3, generator=g),
-                          finished=torch.ones(8, dtype=torch.bool), texts=["\\boxed{1}", "x"] * 2 + ["x"] * 4,
-                          entropy=torch.rand(8, 3, generator=g))
+        self.ro = Rollout(
+            prompt_ids=[[1, 2]] * 4 + [[3]] * 4,
+            response=torch.randint(5, 9, (8, 3), generator=g),
+            mask=torch.ones(8, 3),
+            logprobs=-torch.rand(8, 3, generator=g),
+            finished=torch.ones(8, dtype=torch.bool),
+            texts=["\\boxed{1}", "x"] * 2 + ["x"] * 4,
+            entropy=torch.rand(8, 3, generator=g),
+        )
 
     def sample(self, prompts, n, **kw):
         return self.ro
 
     def shard(self, dist):
         return 0, 1, True
-
-
 
 
 def test_policy_entropy_does_not_depend_on_the_batch_rule():
@@ -51,8 +54,9 @@ def test_sampler_entropy_is_the_trainers(tiny_study):
     same tokens gives the same values (temperature 1)."""
     _, _, base = tiny_study
     model, tok = load_policy(str(base))
-    ro = TorchSampler(model, tok).sample(["<|im_start|>user\n1+1<|im_end|>\n<|im_start|>assistant\n"] * 2, 3,
-                                          max_new_tokens=8, seed=3)
+    ro = TorchSampler(model, tok).sample(
+        ["<|im_start|>user\n1+1<|im_end|>\n<|im_start|>assistant\n"] * 2, 3, max_new_tokens=8, seed=3
+    )
     with torch.no_grad():
         _, ent = response_logprobs(model, ro.prompt_ids, ro.response, ro.mask, tok.pad_token_id, with_entropy=True)
     assert torch.allclose(ro.entropy, ent * ro.mask, atol=1e-5)

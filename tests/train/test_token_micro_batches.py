@@ -30,14 +30,21 @@ def _batch(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     prompts = [[rng.randrange(2, 300) for _ in range(rng.randrange(3, 10))] for _ in range(P)]
-    lengths = torch.tensor([rng.randrange(1, 6) if q == 0 else rng.randrange(1, T + 1) for q in range(P) for _ in range(K)])
+    lengths = torch.tensor(
+        [rng.randrange(1, 6) if q == 0 else rng.randrange(1, T + 1) for q in range(P) for _ in range(K)]
+    )
     lengths[K] = T  # the batch's width
     mask = (torch.arange(T)[None] < lengths[:, None]).float()
     response = torch.randint(2, 300, (P * K, T), generator=g) * mask.long()
-    return {"prompt_ids": [prompts[q] for q in range(P) for _ in range(K)], "response": response, "mask": mask,
-            "sampler_logprobs": -torch.rand(P * K, T, generator=g) * mask,
-            "rewards": torch.tensor([float((j + q) % 2) for q in range(P) for j in range(K)], dtype=torch.float64),
-            "lengths": lengths, "group_ids": torch.arange(P * K) // K}
+    return {
+        "prompt_ids": [prompts[q] for q in range(P) for _ in range(K)],
+        "response": response,
+        "mask": mask,
+        "sampler_logprobs": -torch.rand(P * K, T, generator=g) * mask,
+        "rewards": torch.tensor([float((j + q) % 2) for q in range(P) for j in range(K)], dtype=torch.float64),
+        "lengths": lengths,
+        "group_ids": torch.arange(P * K) // K,
+    }
 
 
 def _model():
@@ -47,8 +54,16 @@ def _model():
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(prompts_per_step=P, answers_per_prompt=K, mini_batch_prompts=2, micro_batch_size=3,
-                max_new_tokens=T, lr=1e-3, warmup_steps=1, tracking=False)
+    base = dict(
+        prompts_per_step=P,
+        answers_per_prompt=K,
+        mini_batch_prompts=2,
+        micro_batch_size=3,
+        max_new_tokens=T,
+        lr=1e-3,
+        warmup_steps=1,
+        tracking=False,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -129,8 +144,10 @@ def test_token_micro_batches_cut_to_their_answers_equal_the_padded_update(algo):
     """normalizer mini_batch: other splits and widths, the same step (to 1e-6); micro_batch: the same single
     micro-batch per mini-batch cut to its own width, the same step (Dr.GRPO's denominator keeps the batch's width)."""
     batch = _batch()
-    for normalizer, padded_kw, tokens in (("mini_batch", {"micro_batch_size": 3}, 40),
-                                          ("micro_batch", {"micro_batch_size": 2 * K}, 10_000)):
+    for normalizer, padded_kw, tokens in (
+        ("mini_batch", {"micro_batch_size": 3}, 40),
+        ("micro_batch", {"micro_batch_size": 2 * K}, 10_000),
+    ):
         ga, a, ma = _trained(_cfg(normalizer=normalizer, **padded_kw), algo, batch)
         gb, b, mb = _trained(_cfg(normalizer=normalizer, micro_batch_tokens=tokens), algo, batch)
         assert len(ga) == len(gb) == P // 2
@@ -179,9 +196,24 @@ def test_paper_presets_split_by_the_official_token_budget(preset, tokens):
     import yaml
 
     train = yaml.safe_load((Path(__file__).parents[2] / "experiments" / f"{preset}.yaml").read_text())["train"]
-    assert train["micro_batch_tokens"] == tokens and TrainConfig(**{
-        k: v for k, v in train.items() if k in ("prompts_per_step", "answers_per_prompt", "mini_batch_prompts",
-                                                "micro_batch_tokens", "max_new_tokens")}).micro_batch_tokens == tokens
+    assert (
+        train["micro_batch_tokens"] == tokens
+        and TrainConfig(
+            **{
+                k: v
+                for k, v in train.items()
+                if k
+                in (
+                    "prompts_per_step",
+                    "answers_per_prompt",
+                    "mini_batch_prompts",
+                    "micro_batch_tokens",
+                    "max_new_tokens",
+                )
+            }
+        ).micro_batch_tokens
+        == tokens
+    )
 
 
 @pytest.mark.parametrize("world", [2, 3])
