@@ -8,7 +8,7 @@ JOBS    ?= 2
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: test study check-study env clean scaleout-env test-scaleout
+.PHONY: test study check-study env clean scaleout-env test-scaleout lint
 
 env: $(STAMP)
 
@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (lint, then the formatter's check) over the tree, mypy over nft/ (pyproject.toml configures both)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 study: $(STAMP)
 	@if [ ! -f dvc.yaml ]; then echo "make study: the DVC pipeline (dvc.yaml) is not built yet (issue [order 5]); nothing was run."; exit 2; fi

@@ -15,14 +15,13 @@ ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "A
 
 
 def pin_cpu_isa() -> dict[str, str]:
-    """Pin torch's CPU kernels to one instruction set so that a seed gives the same bits on every x86-64 machine.
+    """Pin torch's CPU kernels to one instruction set so that a seed gives the same bits on every x86-64 machine of
+    one CPU vendor (:func:`cpu_vendor`: MKL's code paths still differ between vendors).
 
-    Measured: the embedded default's base model (2,700 pretraining steps) trained to different weights on an AMD
-    EPYC with AVX-512 (sha256 ``dbc1aaaa...``, avg@4 20.9) than on the AVX2 machines of the README's table
-    (``1c25a71f...``, 25.8): ATen dispatched its AVX-512 kernels there, whose rounding differs. With
-    ``ATEN_CPU_CAPABILITY=avx2`` the AVX-512 machine gives ``1c25a71f...`` bit for bit; the pretraining time was the
-    same (121.7 vs 123.3 s). ``NFT_CPU_ISA`` (default ``avx2``; ``native``: leave torch's choice) selects it; a
-    variable the user set already is kept. Effective only before torch runs its first kernel in the process, which is
+    Why: 2,700 pretraining steps turn a last-bit rounding difference into another base model, and ATen dispatches its
+    AVX-512 kernels where the processor has them, whose rounding differs from AVX2's; pinned, AVX-512 and AVX2
+    machines give the same weights, in the same time (docs/pipeline.md, "Reproducing"). ``NFT_CPU_ISA`` (default
+    ``avx2``; ``native``: leave torch's choice) selects it; a variable the user set already is kept. Effective only before torch runs its first kernel in the process, which is
     why the package does it on import; the run records the instruction set actually used (tag ``cpu_isa``).
     Returns the variables it set. x86-64 only (elsewhere nothing is set).
     """

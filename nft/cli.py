@@ -324,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: glibc malloc thresholds of an nft process (bytes): blocks up to 32 MiB come from the heap and up to 64 MiB of
 #: free heap is kept, instead of glibc's start (128 KiB, raised only after a large block is freed), under which every
-#: activation of a few hundred KiB is a fresh mmap whose pages fault in at each step. The same weights, 10% shorter
-#: steps of the embedded default, ~30 MB more resident memory (README, "Speed").
+#: activation of a few hundred KiB is a fresh mmap whose pages fault in at each step. The same weights, shorter steps
+#: of the embedded default, a little more resident memory (benchmarks/README.md).
 MALLOC_THRESHOLDS = {"mmap": 32 << 20, "trim": 64 << 20}
 
 

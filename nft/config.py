@@ -157,7 +157,7 @@ class StudySection:
     """the MLflow experiment and the reports' title."""
     launcher: str = "nft"
     """the command DVC's train stage runs: ``nft``, or a launcher such as ``deepspeed --num_gpus 8 --module nft.cli``
-    (README, Scale-out)."""
+    (docs/scale-out.md)."""
     benchmarks_dir: str = ""
     """folder of the paper's benchmark and training files, in the layout ``nft data fetch`` writes (empty:
     ``$NFT_BENCHMARKS_DIR``, else ``../shared/benchmarks`` beside the checkout)."""

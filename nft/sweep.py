@@ -454,7 +454,7 @@ def run_sweep(
 
 def sweep_table(study_name: str, storage: str) -> str:
     """The study's trials as a Markdown table, best first: parameters, each algorithm's value (mean over seeds), the
-    objective and the state (what the README's sweep table is)."""
+    objective and the state (the tables of docs/log.md)."""
     import optuna
     from optuna.trial import TrialState
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test of the scale-out path on a GPU machine: scripts/gpu_smoke.py (a random Qwen2.5-0.5B-shaped model,
 # 2 rollout steps with DeepSpeed ZeRO-3 and vLLM where installed, throughput printed). A machine without network
-# may lack deepspeed/vllm: wheels built elsewhere can travel in .whl/ (README, "Scale-out") and are installed into
+# may lack deepspeed/vllm: wheels built elsewhere can travel in .whl/ (docs/scale-out.md) and are installed into
 # a scratch folder first. Arguments go to the Python script.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -36,15 +36,15 @@ def _top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
 #: how one decoding step's attention serves grouped query heads, by device type: "gqa" lets SDPA do it
 #: (``enable_gqa``), "fold" turns the G query heads of a key/value head into G query positions of one head (no copy
 #: of the cache), "repeat" copies each key/value head G times; "transformers" leaves the attention and its per-step
-#: mask to transformers (still on the preallocated cache). Measured (README): on 2 CPU cores "gqa" is fastest; on an
-#: H100 (bf16) "transformers" samples 2.7x faster than "fold" or "repeat" with the prepared additive mask.
+#: mask to transformers (still on the preallocated cache). The fastest per device (benchmarks/README.md): on 2 CPU cores
+#: "gqa"; on an H100 (bf16) "transformers", 2.7x faster than "fold" or "repeat" with the prepared additive mask.
 DECODE_GQA = {"cpu": "gqa", "cuda": "transformers"}
 
 
 #: cascade decoding (:func:`_cascade`) is used when the prompts' keys and values that plain decoding would read more
 #: than once per step (answers beyond the first of each prompt x prompt positions, per layer) exceed this many bytes
-#: (``benchmarks/cascade.py`` on 2 CPU cores, README "Speed": 1.12-1.26x faster sampling from 5.6 to 45 MiB, tokens
-#: the same; 1.04x, inside the noise, at 2.4 MiB; an earlier machine: no gain at 5.8 MB, 1.08-1.27x from 12 MB).
+#: (``benchmarks/cascade.py`` on 2 CPU cores, benchmarks/README.md: faster from about 5 MiB, the same tokens; inside
+#: the noise below).
 CASCADE_MIN_BYTES = 4 << 20
 
 

