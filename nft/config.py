@@ -16,6 +16,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .flat import flatten
+
 
 class ConfigError(ValueError):
     """A bad params file or override; the message names the file and key."""
@@ -102,18 +104,6 @@ def from_dict(cls, data: Any, where: str = ""):
 
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}} -> {"a.b": 1}`` (lists kept as values)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def apply_overrides(data: dict, sets: list[str] | None) -> dict:

@@ -82,6 +82,20 @@ def closure(roots: set[str]) -> set[Path]:
     return {module_path(m) for m in seen}
 
 
+def _called(tree: ast.Module, func: str) -> list[ast.FunctionDef]:
+    """The module-level function ``func`` and those of the same module it calls, transitively (their lazy imports
+    run when the command does)."""
+    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    todo, seen = [func], []
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in defs:
+            continue
+        seen.append(name)
+        todo += [c.func.id for c in ast.walk(defs[name]) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)]
+    return [defs[n] for n in seen]
+
+
 def stage_code(stage: str) -> list[str]:
     """The project files stage ``stage`` runs, relative to the repository, sorted. Of the entry module, only its
     module-level imports and the entry function's count (the other commands' lazy imports do not run)."""
@@ -95,8 +109,9 @@ def stage_code(stage: str) -> list[str]:
         body = ast.Module(
             body=[n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))], type_ignores=[]
         )
-        entry = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func)
-        roots |= _imports(body, path) | _imports(entry, path)
+        for entry in _called(tree, func):
+            roots |= _imports(entry, path)
+        roots |= _imports(body, path)
     files = closure(roots) | {path}
     return sorted(str(p.relative_to(REPO)) for p in files)
 

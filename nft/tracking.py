@@ -393,7 +393,7 @@ def replay(run_dir: str | Path, uri: str = "", experiment: str | None = None) ->
     run, nested under its study's run."""
     import yaml
 
-    from .config import flatten
+    from .flat import flatten
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"

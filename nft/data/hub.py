@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .benchmarks import Item, ProblemSet
+from .problems import Item, ProblemSet
 
 DAPO_PREFIX = re.compile(r"^Solve the following math problem step by step\..*?\n\n", re.S)
 DAPO_SUFFIX = re.compile(r"\n\nRemember to put your answer on its own line after \"Answer:\"\.\s*$", re.S)

@@ -39,10 +39,10 @@ import yaml
 
 from .. import cpu_isa
 from ..algorithms import get_spec, make_params, overlong_penalty
-from ..config import flatten
 from ..data.benchmarks import load_benchmark
 from ..dist import Dist, launched_world_size
 from ..evaluate import EvalConfig, evaluate_problems
+from ..flat import flatten
 from ..io import atomic_write_json, replace_dir, staging_dir, staging_path
 from ..modeling import load_policy
 from ..progress import Progress
