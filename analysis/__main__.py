@@ -93,15 +93,7 @@ def analyze(
         f"Source: {source}. Headline metric: **{metric}**{per} of the final evaluation, in "
         f"percent, mean ± std over seeds (entries within 1 point of the best in bold).\n",
     ]
-    runs = history.groupby(["variant", "seed"]).step.max().reset_index() if len(history) else None
-    if runs is not None and len(runs):
-        lines.append("## Runs\n\n| variant | seeds | last step |\n|---|---|---|")
-        for v, g in runs.groupby("variant"):
-            lines.append(
-                f"| {v} | {', '.join(map(str, sorted(g.seed)))} | "
-                f"{', '.join(str(int(s)) for s in g.sort_values('seed').step)} |"
-            )
-        lines.append("")
+    lines += _runs_section(history)
     if table is not None and len(table):
         (tmp / "results.md").write_text(to_markdown(table))
         (tmp / "results.tex").write_text(to_latex(table))
@@ -113,45 +105,7 @@ def analyze(
             fig = paper_bars(table, paper_model)
             if fig is not None:
                 fig_files["paper_bars"] = save(fig, tmp / "figures", "paper_bars")
-        # honest statistics over (seeds x benchmarks)
-        lines += [
-            "## Statistics over seeds x benchmarks\n",
-            "Stratified bootstrap 95% intervals (2,000 resamples, seeded), interquartile mean, and probability "
-            "of improvement P(row > column).\n",
-            "| variant | mean | 95% CI | IQM | seeds |",
-            "|---|---|---|---|---|",
-        ]
-        mats = {v: seed_frame(final, v, metric_for, benchmarks).to_numpy(dtype=float) for v in variants}
-        for v in variants:
-            mat = mats[v]
-            point, lo, hi = stratified_bootstrap_ci(mat, seed=seed) if mat.size else (np.nan,) * 3
-            mu, sd = mean_std(mat)
-            numbers["variants"][v] = {
-                "mean": mu,
-                "std": sd,
-                "ci_low": lo,
-                "ci_high": hi,
-                "iqm": iqm(mat),
-                "seeds": int(mat.shape[0]),
-            }
-            lines.append(f"| {v} | {point:.1f} | [{lo:.1f}, {hi:.1f}] | {iqm(mat):.1f} | {mat.shape[0]} |")
-        lines.append("")
-        if BASE in mats and mats[BASE].size:
-            lines += _gains(mats, numbers, seed)
-        arms = [v for v in variants if v != BASE]
-        if len(arms) > 1:
-            lines += ["| P(row > column) | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
-            for a in arms:
-                cells = []
-                for b in arms:
-                    if a == b:
-                        cells.append("–")
-                        continue
-                    p, lo, hi = poi_ci(mats[a], mats[b], seed=seed)
-                    numbers.setdefault("poi", {})[f"{a}>{b}"] = p
-                    cells.append(f"{p:.2f} [{lo:.2f}, {hi:.2f}]")
-                lines.append(f"| {a} | " + " | ".join(cells) + " |")
-            lines.append("")
+        lines += _statistics(final, variants, metric_for, benchmarks, numbers, seed)
         claims = evaluate_claims(history, final, metric_for, benchmarks, seed=seed)
         numbers["claims"] = {c["id"]: c for c in claims}
         (tmp / "claims.md").write_text(claims_markdown(claims, metric))
@@ -177,6 +131,64 @@ def analyze(
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return numbers
+
+
+def _runs_section(history) -> list[str]:
+    """The summary's table of runs: each arm's seeds and the last step each reached."""
+    runs = history.groupby(["variant", "seed"]).step.max().reset_index() if len(history) else None
+    if runs is None or not len(runs):
+        return []
+    lines = ["## Runs\n\n| variant | seeds | last step |\n|---|---|---|"]
+    for v, g in runs.groupby("variant"):
+        lines.append(
+            f"| {v} | {', '.join(map(str, sorted(g.seed)))} | "
+            f"{', '.join(str(int(s)) for s in g.sort_values('seed').step)} |"
+        )
+    return [*lines, ""]
+
+
+def _statistics(final, variants: list[str], metric_for, benchmarks: list[str], numbers: dict, seed: int) -> list[str]:
+    """Each arm's interval, IQM, gain over the base model and probability of improvement over the others (into
+    ``numbers``), as the summary's lines."""
+    lines = [
+        "## Statistics over seeds x benchmarks\n",
+        "Stratified bootstrap 95% intervals (2,000 resamples, seeded), interquartile mean, and probability "
+        "of improvement P(row > column).\n",
+        "| variant | mean | 95% CI | IQM | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    mats = {v: seed_frame(final, v, metric_for, benchmarks).to_numpy(dtype=float) for v in variants}
+    for v in variants:
+        mat = mats[v]
+        point, lo, hi = stratified_bootstrap_ci(mat, seed=seed) if mat.size else (np.nan,) * 3
+        mu, sd = mean_std(mat)
+        numbers["variants"][v] = {
+            "mean": mu,
+            "std": sd,
+            "ci_low": lo,
+            "ci_high": hi,
+            "iqm": iqm(mat),
+            "seeds": int(mat.shape[0]),
+        }
+        lines.append(f"| {v} | {point:.1f} | [{lo:.1f}, {hi:.1f}] | {iqm(mat):.1f} | {mat.shape[0]} |")
+    lines.append("")
+    if BASE in mats and mats[BASE].size:
+        lines += _gains(mats, numbers, seed)
+    arms = [v for v in variants if v != BASE]
+    if len(arms) > 1:
+        lines += ["| P(row > column) | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+        for a in arms:
+            cells = []
+            for b in arms:
+                if a == b:
+                    cells.append("–")
+                    continue
+                p, lo, hi = poi_ci(mats[a], mats[b], seed=seed)
+                numbers.setdefault("poi", {})[f"{a}>{b}"] = p
+                cells.append(f"{p:.2f} [{lo:.2f}, {hi:.2f}]")
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _gains(mats: dict, numbers: dict, seed: int) -> list[str]:

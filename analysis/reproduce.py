@@ -231,40 +231,25 @@ def this_vendors(path: Path) -> Path:
     return path if path.exists() else path.with_name(f"{path.stem}.{cpu_vendor()}{path.suffix}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m analysis.reproduce", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    rec = sub.add_parser("record", help="write the finished study in the workspace as a reference")
-    rec.add_argument("--out", required=True)
-    chk = sub.add_parser("check", help="compare the study in the workspace with a reference")
-    chk.add_argument("--reference", required=True)
-    chk.add_argument("--tol", type=float, default=1.0, help="largest change of an arm's mean, in points")
-    chk.add_argument("--exact", action="store_true", help="fail when any run's weights differ")
-    chk.add_argument("--no-mlflow", action="store_true", help="do not check the MLflow experiment")
-    chk.add_argument(
-        "--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ROOT/mlflow.db)"
-    )
-    for p in (rec, chk):
-        p.add_argument("--root", default=".", help="the study's workspace (repository root)")
-    args = ap.parse_args(argv)
-    root = Path(args.root)
+def record(root: Path, out: Path) -> int:
+    """``record``: the finished study under ``root`` written to ``out`` as a reference."""
+    snap, missing = snapshot(root)
+    if missing:
+        print(
+            "reproduce record: the study is not complete; nothing written:\n  " + "\n  ".join(missing.values()),
+            file=sys.stderr,
+        )
+        return 2
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"provenance": _provenance(root), **snap}, indent=1, sort_keys=True) + "\n")
+    tmp.replace(out)
+    print(f"reproduce record: {len(snap['runs'])} runs, {len(snap['variants'])} arms -> {out}")
+    return 0
 
-    if args.cmd == "record":
-        snap, missing = snapshot(root)
-        if missing:
-            print(
-                "reproduce record: the study is not complete; nothing written:\n  " + "\n  ".join(missing.values()),
-                file=sys.stderr,
-            )
-            return 2
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"provenance": _provenance(root), **snap}, indent=1, sort_keys=True) + "\n")
-        tmp.replace(out)
-        print(f"reproduce record: {len(snap['runs'])} runs, {len(snap['variants'])} arms -> {out}")
-        return 0
 
+def check(root: Path, args: argparse.Namespace) -> int:
+    """``check``: the study under ``root`` against the reference ``args.reference`` (of this machine's vendor)."""
     ref_path = this_vendors(Path(args.reference))
     if not ref_path.exists():
         recorded = sorted(p.name for p in ref_path.parent.glob(f"{Path(args.reference).stem}.*.json"))
@@ -318,6 +303,27 @@ def main(argv: list[str] | None = None) -> int:
     held = "MLflow not checked" if args.no_mlflow else "MLflow holds every run's numbers"
     print(f"  OK: nothing missing, {held}, every arm's mean within {args.tol} points of the reference")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.reproduce", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rec = sub.add_parser("record", help="write the finished study in the workspace as a reference")
+    rec.add_argument("--out", required=True)
+    chk = sub.add_parser("check", help="compare the study in the workspace with a reference")
+    chk.add_argument("--reference", required=True)
+    chk.add_argument("--tol", type=float, default=1.0, help="largest change of an arm's mean, in points")
+    chk.add_argument("--exact", action="store_true", help="fail when any run's weights differ")
+    chk.add_argument("--no-mlflow", action="store_true", help="do not check the MLflow experiment")
+    chk.add_argument(
+        "--tracking-uri", default="", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ROOT/mlflow.db)"
+    )
+    for p in (rec, chk):
+        p.add_argument("--root", default=".", help="the study's workspace (repository root)")
+    args = ap.parse_args(argv)
+    root = Path(args.root)
+
+    return record(root, Path(args.out)) if args.cmd == "record" else check(root, args)
 
 
 if __name__ == "__main__":
