@@ -282,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
     p = sub.add_parser("train", help="online training of one algorithm with one seed")
     _common(p)
-    p.add_argument("--algo", required=True, help="registered loss: nft, rft, grpo, dr_grpo, dapo")
+    p.add_argument(
+        "--algo", required=True, help="the arm: a registered loss (`nft losses`) or a name in the study's variants"
+    )
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
     p.set_defaults(func=_cmd_train)

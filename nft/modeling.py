@@ -135,9 +135,7 @@ def _spreader(inv: torch.Tensor, n: int):
     """``x -> x[inv]`` along the first dimension of tensors of ``n`` rows, with a cheaper backward: :class:`_Spread`
     where the rows are each prompt's answers in order, all prompts with as many (decided once per ``inv``); otherwise
     ``index_select`` (its backward an index_add, in index order: on one thread the same bits as advanced indexing's
-    accumulating index_put). Measured 2026-11-29, 2 CPU cores, one layer's prompt keys of 16 prompts x 8 answers of a
-    128-wide model, forward + backward through the cache's concatenation: 2.8-3.2 ms as ``x[inv]``, 0.8-1.0 ms by
-    ``index_select``, 0.5 ms by _Spread."""
+    accumulating index_put). Both are several times faster than ``x[inv]``'s backward on CPU (benchmarks/README.md)."""
     b = inv.shape[0]
     if b % n == 0 and b > n and torch.equal(inv, torch.arange(n, device=inv.device).repeat_interleave(b // n)):
         return lambda x: _Spread.apply(x, b // n)

@@ -11,8 +11,8 @@ Both engines implement the same small interface the loop calls: ``model`` (what 
   number of micro-batches (dynamic sampling, RFT's positives); forward passes go through the DeepSpeed engine.
 
 Data parallelism, written once in the loop: every rank samples and grades its share of the questions, the kept
-groups are gathered so every rank holds the whole rollout batch (same mini-batches, same normalisers), and each
-rank trains on rows ``rank::world`` of every mini-batch. Each rank's loss is its share of the mini-batch loss, so
+groups' metadata is gathered so every rank knows the same mini-batches and normalisers, and each rank receives and
+trains on rows ``rank::world`` of every mini-batch only. Each rank's loss is its share of the mini-batch loss, so
 the gradient is the *sum* over ranks; DeepSpeed averages over ranks, hence ``backward`` scales by the world size.
 """
 

@@ -16,8 +16,9 @@ Seeding (``nft.train.seeds``): one run seed; every other seed is derived from it
 data order, sampling seed per step and generation batch (and rollout shard, under several processes), validation.
 
 Several processes (``train.engine: deepspeed`` under a launcher, see ``nft.train.engines``): each samples and grades
-its share of the questions, the kept groups are gathered so every rank holds the whole batch, and each rank trains
-on its rows of every mini-batch; rank 0 alone writes the run folder, logs and validates.
+its share of the questions; the kept groups' metadata (rewards, lengths, owners) is gathered so every rank knows the
+same mini-batches and normalisers, and each row's tensors go only to the rank that trains on it (rows
+``rank::world`` of every mini-batch); rank 0 alone writes the run folder, logs and validates.
 """
 
 from __future__ import annotations
