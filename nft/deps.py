@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import sys
 from pathlib import Path
+from typing import cast
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("nft", "analysis")
@@ -77,9 +78,10 @@ def closure(roots: set[str]) -> set[Path]:
             continue
         seen.add(name)
         path = module_path(name)
+        assert path is not None  # checked just above
         for m in _imports(ast.parse(path.read_text()), path):
             todo |= _with_parents(m)
-    return {module_path(m) for m in seen}
+    return cast("set[Path]", {module_path(m) for m in seen})  # only names with a file enter `seen`
 
 
 def _called(tree: ast.Module, func: str) -> list[ast.FunctionDef]:
@@ -101,6 +103,7 @@ def stage_code(stage: str) -> list[str]:
     module-level imports and the entry function's count (the other commands' lazy imports do not run)."""
     module, func = STAGE_ENTRIES[stage]
     path = module_path(module)
+    assert path is not None  # STAGE_ENTRIES names project modules
     tree = ast.parse(path.read_text())
     roots = _with_parents(module) - {module}
     if func is None:

@@ -68,7 +68,7 @@ class Dist:
         """Rank 0's ``obj`` on every rank."""
         if self.world == 1:
             return obj
-        box = [pickle.dumps(obj) if self.rank == 0 else None]
+        box: list[Any] = [pickle.dumps(obj) if self.rank == 0 else None]
         self._td.broadcast_object_list(box, src=0)
         if self.rank != 0:
             Dist.bytes_received += len(box[0])

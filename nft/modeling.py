@@ -57,7 +57,7 @@ def build_tiny_qwen2(cfg: ModelConfig, vocab_size: int, special_ids: dict[str, i
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position,
-        rope_theta=cfg.rope_theta,
+        rope_theta=cfg.rope_theta,  # type: ignore[call-arg]  # legacy kwarg, still taken through **kwargs
         tie_word_embeddings=cfg.tie_embeddings,
         bos_token_id=None,
         eos_token_id=[special_ids["<|im_end|>"], special_ids["<|endoftext|>"]],

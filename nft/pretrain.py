@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -176,7 +177,8 @@ def run_pretrain(
         corpus = [prompt_text(p.question) + p.solution + END_OF_TURN + "\n" for p in train[: cfg.tokenizer_corpus]]
         bpe = train_bpe(corpus, model_cfg.vocab_size)
         save_as_qwen2(bpe, tmp)
-        special = {t: bpe.token_to_id(t) for t in SPECIAL_TOKENS}
+        # train_bpe adds SPECIAL_TOKENS to the vocabulary, so each has an id
+        special = cast("dict[str, int]", {t: bpe.token_to_id(t) for t in SPECIAL_TOKENS})
         seed_everything(cfg.seed)
         model = build_tiny_qwen2(model_cfg, bpe.get_vocab_size(), special)
         model.config.save_pretrained(tmp)  # so that AutoTokenizer sees model_type qwen2, as for hub models

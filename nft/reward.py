@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
+from typing import cast
 
 MAX_ANSWER_CHARS = 2000  # longer text is cut to its tail before parsing
 MAX_BOXED_CHARS = 300  # a boxed answer longer than this is wrong without parsing
@@ -252,7 +253,11 @@ class GraderPool:
         """``fn``: a picklable ``(response, gold) -> bool`` replacing the named grader (no fast path then)."""
         if fn is None:
             spec = get_grader(grader)
-            fn = functools.partial(spec.fn, timeout=soft_timeout) if spec.takes_timeout else spec.fn
+            fn = (
+                functools.partial(cast("Callable[..., bool]", spec.fn), timeout=soft_timeout)
+                if spec.takes_timeout
+                else spec.fn
+            )
         else:
             spec, grader = Grader(fn), "custom"
         if workers < 1:

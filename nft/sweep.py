@@ -41,7 +41,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -137,6 +137,7 @@ def suggest(trial, space: SweepSpace) -> dict[str, Any]:
         if p.type == "float":
             out[key] = trial.suggest_float(key, p.low, p.high, log=p.log, step=p.step)
         elif p.type == "int":
+            assert p.low is not None and p.high is not None  # ParamSpec requires them for non-categorical types
             out[key] = trial.suggest_int(key, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
         else:
             out[key] = trial.suggest_categorical(key, p.choices)
@@ -187,7 +188,9 @@ def _sampler(space: SweepSpace, worker: str):
     import optuna
 
     if space.sampler == "grid":
-        return optuna.samplers.GridSampler({k: p.choices for k, p in space.params.items()}, seed=space.sampler_seed)
+        return optuna.samplers.GridSampler(
+            {k: cast("list[Any]", p.choices) for k, p in space.params.items()}, seed=space.sampler_seed
+        )
     return optuna.samplers.TPESampler(seed=worker_seed(space.sampler_seed, worker))
 
 
@@ -203,7 +206,12 @@ def _create_or_load(study_name: str, storage: str, space: SweepSpace, worker: st
     for attempt in range(40):
         try:
             store = _storage(storage, space)
-            study = optuna.create_study(storage=store, direction=space.direction, load_if_exists=False, **kw)
+            study = optuna.create_study(
+                storage=store,
+                direction=cast("Literal['minimize', 'maximize']", space.direction),
+                load_if_exists=False,
+                **kw,
+            )
             study.set_user_attr("algos", list(space.algos))  # the order `sweep table` lists them in
             setup(study)
             return study
@@ -221,7 +229,10 @@ def grid_points(space: SweepSpace) -> list[dict]:
     import itertools
 
     keys = list(space.params)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(space.params[k].choices for k in keys))]
+    return [
+        dict(zip(keys, combo))
+        for combo in itertools.product(*(cast("list[Any]", space.params[k].choices) for k in keys))
+    ]
 
 
 def _max_wait(study, space: SweepSpace) -> float:
@@ -302,7 +313,13 @@ def run_sweep(
     base_sets = list(sets or []) + _sets(space.base)
     cfg0 = load_study(config, base_sets)
     probe = {
-        k: (p.choices[0] if p.type == "categorical" else p.low if p.type == "float" else int(p.low))
+        k: (
+            cast("list[Any]", p.choices)[0]
+            if p.type == "categorical"
+            else p.low
+            if p.type == "float"
+            else int(cast(float, p.low))
+        )
         for k, p in space.params.items()
     }
     load_study(config, base_sets + _sets(probe))

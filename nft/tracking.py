@@ -150,6 +150,9 @@ class MLflowTracker:
     (``retries`` times: 1, 2, 4 ... s); only then does the tracker go offline (a warning, no exception), and the run
     folder keeps everything for ``nft replay``, which continues the same run."""
 
+    _buffer: list[Any]  # mlflow Metric entries not yet written
+    _monitor: Any  # mlflow's SystemMetricsMonitor once started, else None
+
     def __init__(
         self,
         uri: str,
@@ -434,5 +437,6 @@ def replay(run_dir: str | Path, uri: str = "", experiment: str | None = None) ->
     final = run_dir / "metrics.json"
     status = "FINISHED" if final.is_file() else "KILLED"
     tracker.finish(status)
+    assert tracker.run_id is not None  # online (checked above): the run was continued or created
     id_file.write_text(tracker.run_id)
     return tracker.run_id

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from .problems import Item, ProblemSet
 
@@ -217,8 +218,8 @@ def read_rows(path: Path) -> list[dict]:
     if path.suffix == ".json":
         data = json.loads(path.read_text())
         return data if isinstance(data, list) else data.get("data", [])
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with path.open() as fh:
+        return [json.loads(line) for line in fh if line.strip()]
 
 
 def _to_set(entry: Entry, rows: list[dict]) -> ProblemSet:
@@ -291,7 +292,8 @@ def _hub_rows(entry: Entry, revision: str | None) -> tuple[list[dict], str]:
     import datasets
     from huggingface_hub import HfApi
 
-    revision = revision or HfApi().dataset_info(entry.hub_id).sha
+    # the hub sends a dataset's commit sha with its info (the stubs allow None for partial listings)
+    revision = revision or cast(str, HfApi().dataset_info(entry.hub_id).sha)
     return datasets.load_dataset(
         entry.hub_id, entry.hub_config, split=entry.hub_split, revision=revision
     ).to_list(), revision

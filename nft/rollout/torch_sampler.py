@@ -12,6 +12,8 @@ per prompt and each step's attention is split into a prompt part and an answer p
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -171,6 +173,7 @@ class SlabLayer(DynamicLayer):
         return self.length
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        assert self.keys is not None and self.values is not None  # called after the prefill's update
         p = self.rows // repeats
         self.keys[:, :, : self.length] = self.keys[:p, :, : self.length].repeat_interleave(repeats, dim=0)
         self.values[:, :, : self.length] = self.values[:p, :, : self.length].repeat_interleave(repeats, dim=0)
@@ -182,9 +185,11 @@ class SlabLayer(DynamicLayer):
         self.shared, self.prompts = self.length, prompts
 
     def prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.keys is not None and self.values is not None  # called after the prefill's update
         return self.keys[: self.prompts, :, : self.shared], self.values[: self.prompts, :, : self.shared]
 
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        assert self.keys is not None and self.values is not None  # called after the prefill's update
         lo = self.shared
         self.keys[dst, :, lo : self.length] = self.keys[src, :, lo : self.length]
         self.values[dst, :, lo : self.length] = self.values[src, :, lo : self.length]
@@ -200,11 +205,11 @@ class SlabCache(Cache):
         super().__init__(layers=[SlabLayer(rows, capacity) for _ in range(num_layers)])
 
     def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        for layer in self.layers:
+        for layer in cast("list[SlabLayer]", self.layers):  # all SlabLayers, built in __init__
             layer.move_rows(dst, src)
 
     def keep_prefix(self, prompts: int) -> None:
-        for layer in self.layers:
+        for layer in cast("list[SlabLayer]", self.layers):
             layer.keep_prefix(prompts)
 
 
@@ -251,6 +256,7 @@ class TorchSampler:
 
     def sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
         ro = self._sample(prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        assert ro.entropy is not None  # _sample always records it
         # inference-mode tensors cannot enter autograd later (the trainer indexes with them): return normal copies
         ro.response, ro.mask, ro.logprobs, ro.finished, ro.entropy = (
             ro.response.clone(),
@@ -366,17 +372,19 @@ class TorchSampler:
                     live = torch.ones(m, dtype=torch.bool, device=dev)
                     rank = alive.argsort().argsort()
                 L = Lp + t + 1
+                # this step's attention mask: a SharedPrefix or the bias view (for DECODE_ATTENTION), or a key mask
+                step_mask: dict[str, SharedPrefix | torch.Tensor] | torch.Tensor
                 if cascade:
                     model.config._attn_implementation = DECODE_ATTENTION
-                    mask = {"full_attention": SharedPrefix(cache, alive, n, prompt_bias, rank is not None)}
+                    step_mask = {"full_attention": SharedPrefix(cache, alive, n, prompt_bias, rank is not None)}
                 elif prepared:
                     model.config._attn_implementation = DECODE_ATTENTION
-                    mask = {"full_attention": bias4[: len(live), :, :, :L]}
+                    step_mask = {"full_attention": bias4[: len(live), :, :, :L]}
                 else:
-                    mask = keymask[: len(live), :L]
+                    step_mask = keymask[: len(live), :L]
                 out = model(
                     input_ids=tok[:, None],
-                    attention_mask=mask,
+                    attention_mask=step_mask,
                     position_ids=next_pos,
                     past_key_values=cache,
                     use_cache=True,

@@ -24,7 +24,7 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -104,7 +104,7 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
-        betas=tuple(cfg.adam_betas),
+        betas=cast("tuple[float, float]", tuple(cfg.adam_betas)),  # two numbers, checked by TrainConfig
     )
 
 

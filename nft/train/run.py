@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -256,7 +256,13 @@ def _setup(
     if not Path(cfg.model).is_dir():
         raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
     ds_config = check_backends(cfg)
-    resolved = {"algo": algo, "seed": seed, "batch_rule": rule, "loss": asdict(params), "train": asdict(cfg)}
+    resolved: dict[str, Any] = {
+        "algo": algo,
+        "seed": seed,
+        "batch_rule": rule,
+        "loss": asdict(params),
+        "train": asdict(cfg),
+    }
     results_of = {**resolved, "train": {k: v for k, v in resolved["train"].items() if k not in TRACKING_KEYS}}
     dist = init_distributed(cfg.engine)
     done = _prepare_folder(run_dir, fingerprint(results_of, train_set, val_sets, cfg.model), dist)
@@ -272,7 +278,7 @@ def _setup(
     if had and ckpt is None and dist.is_main:
         print(f"train: {run_dir} has no usable checkpoint; starting the run afresh", file=sys.stderr)
     resume = ckpt is not None
-    source = str(Path(ckpt) / "model") if resume else cfg.model  # the weights this process starts from
+    source = str(Path(cast(str, ckpt)) / "model") if resume else cfg.model  # the weights this process starts from
     model, tokenizer = load_policy(source)
     if ds_config is None and torch.cuda.is_available():
         model = model.cuda()  # DeepSpeed places its own
@@ -282,6 +288,7 @@ def _setup(
     engine = TorchEngine(model, cfg) if ds_config is None else DeepSpeedEngine(model, cfg, ds_config)
     cursor, start_step = Cursor(len(train_set), seeds["seed/data_order"]), 0
     if resume:
+        assert ckpt is not None  # resume means a checkpoint was found
         cursor, start_step = restore_checkpoint(Path(ckpt), engine, len(train_set), seeds["seed/data_order"])
         if dist.is_main:
             truncate_history(run_dir / "history.jsonl", start_step)

@@ -39,7 +39,7 @@ class Cursor:
         return perm
 
     def take(self, k: int) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < k:
             if self.pos >= self.n:
                 self.epoch, self.pos = self.epoch + 1, 0

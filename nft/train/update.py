@@ -208,6 +208,7 @@ def plan_all_ranks(batch: dict, cfg: TrainConfig, seed: int, step: int, dist: Di
     plans: list[list] = [[] for _ in range(dist.world)]
     for rows in minis:
         if budget:  # as verl's rearrange_micro_batches: the largest count over ranks, then balanced sets
+            assert seq is not None  # computed whenever budget is set
             shares = [_units(batch, rows[q :: dist.world], cfg.normalizer) for q in range(dist.world)]
             # no more micro-batches than a rank has units (verl: than rows), so none is empty on every rank
             n = max(
