@@ -7,6 +7,7 @@ the paper presets load a hub-format folder with ``from_pretrained``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,29 @@ def build_tiny_qwen2(cfg: ModelConfig, vocab_size: int, special_ids: dict[str, i
         use_sliding_window=False,
     )
     return Qwen2ForCausalLM(config)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def model_folder(path: str, key: str) -> list[str]:
+    """What a hub-format (``save_pretrained``) model folder lacks of its config, tokenizer and weights, as one line
+    naming ``key`` (empty: nothing); ``nft check`` and the ``base`` stage both ask."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return [
+            f"{key}: model folder {folder} not found (download it first, e.g. `huggingface-cli download "
+            f"Qwen/Qwen2.5-Math-7B --local-dir {folder}`)"
+        ]
+    lacks = []
+    if not (folder / "config.json").is_file():
+        lacks.append("config.json")
+    if not (folder / "tokenizer_config.json").is_file() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        lacks.append(f"a tokenizer (tokenizer_config.json and one of {', '.join(TOKENIZER_FILES)})")
+    if not any(any(folder.glob(p)) for p in WEIGHT_PATTERNS):
+        lacks.append("weights (*.safetensors or *.bin)")
+    return [f"{key}: model folder {folder} lacks {', '.join(lacks)}"] if lacks else []
 
 
 def load_policy(path: str, dtype: torch.dtype = torch.float32):

