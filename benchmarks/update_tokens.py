@@ -73,7 +73,7 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from benchmarks.rollout_step import build_model
     from nft.train.config import TrainConfig
-    from nft.train.update import seq_lengths
+    from nft.train.plan import seq_lengths
 
     model, tok = build_model(None, 256, 4)
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -110,6 +110,21 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads prompts and answers: the tokenizer's pad token, else its eos, else its first end-of-answer
+    token (:func:`stop_token_ids`). Padded positions are masked, so the choice changes no result."""
+    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if t is not None:
+            return int(t)
+    return stop_token_ids(tokenizer)[0]
+
+
+def length_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """The response mask (float, ``len(lengths) x T``) of rows of these lengths: answers are contiguous from their
+    first token."""
+    return (torch.arange(T)[None, :] < lengths[:, None]).float()
+
+
 def model_device(model) -> torch.device:
     """Where a model's (or a DeepSpeed engine's) parameters live: inputs are moved there."""
     d = getattr(model, "device", None)

@@ -109,7 +109,7 @@ def problems(cfg: dict, processes: int | None = None, jobs: int = 1, gpus_here: 
     """Every problem found with the study ``cfg`` (:func:`nft.config.load_study`'s result), one line each.
     ``processes``: the training processes (default: the launcher's); ``jobs``: stages run at once;
     ``gpus_here``: GPUs of this machine (default: torch's count; 0 skips the GPU count check)."""
-    from .train.run import check_backends
+    from .train.setup import check_backends
 
     train, study = cfg["train"], cfg["plan"].study
     out: list[str] = []

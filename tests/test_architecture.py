@@ -72,8 +72,6 @@ OVER = {
     "nft/rollout/torch_sampler.py": {"", "_sample"},
     "nft/sweep.py": {"", "run_sweep"},
     "nft/tracking.py": {""},
-    "nft/train/run.py": {"", "_setup"},
-    "nft/train/update.py": {"", "_train_minibatch"},
 }
 
 

@@ -62,3 +62,19 @@ def test_spread_is_indexing_with_its_sums_in_order():
         assert "Spread" not in type(_spreader(torch.tensor([1, 0, 2]), 5)(x).grad_fn).__name__
     finally:
         torch.set_num_threads(threads)
+
+
+def test_pad_id_falls_back_to_eos_then_the_first_stop_token():
+    """One rule for the padding id everywhere (samplers, trainer, supervised batches)."""
+    from types import SimpleNamespace
+
+    from nft.modeling import length_mask, pad_id
+
+    vocab = {"<|im_end|>": 7, "<|endoftext|>": 5}
+    tok = SimpleNamespace(pad_token_id=3, eos_token_id=4, get_vocab=lambda: vocab)
+    assert pad_id(tok) == 3
+    tok.pad_token_id = None
+    assert pad_id(tok) == 4
+    tok.eos_token_id = None
+    assert pad_id(tok) == 5
+    assert length_mask(torch.tensor([2, 0, 3]), 3).tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1]]

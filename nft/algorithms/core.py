@@ -230,7 +230,7 @@ def _resolve(name: str, params, overrides: dict):
     return params
 
 
-def batch_context(name: str, *, mask, rewards, group_ids, params=None, **overrides) -> dict:
+def batch_context(name: str, *, mask, rewards, group_ids, params=None, rule: str | None = None, **overrides) -> dict:
     """What the loop computes once per mini-batch and slices for its micro-batches.
 
     Returns ``{"group_rate": [B], "group_std": [B], "normalizer": float}``: the group mean reward of each row (r-hat,
@@ -242,23 +242,33 @@ def batch_context(name: str, *, mask, rewards, group_ids, params=None, **overrid
     return {
         "group_rate": rate,
         "group_std": sd,
-        "normalizer": loss_normalizer(name, mask=mask, rewards=rewards, params=p),
+        "normalizer": loss_normalizer(name, mask=mask, rewards=rewards, params=p, rule=rule),
     }
 
 
-def _rule_mask(spec: LossSpec, mask: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
-    """The response mask restricted to the rows a ``positives`` loss counts (its batch rule); other losses count
-    every row given to them (the loop has already applied their group rule)."""
-    if spec.batch_rule != "positives":
+def batch_rule(name: str, override: str | None = "auto") -> str:
+    """The batch rule a run of loss ``name`` trains by: ``train.batch_rule`` when set, else the loss's registered
+    rule. The one place this is decided: the loop selects its rows and the loss masks them by the same answer."""
+    if override in (None, "auto"):
+        return get_spec(name).batch_rule
+    if override not in BATCH_RULES:
+        raise ValueError(f"train.batch_rule: expected auto or one of {BATCH_RULES}, got {override!r}")
+    return override
+
+
+def _rule_mask(rule: str, mask: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """The response mask restricted to the rows a ``positives`` rule counts; other rules count every row given (the
+    loop has already applied their group rule)."""
+    if rule != "positives":
         return mask
     return mask * keep_rows("positives", rewards).to(mask.dtype)[:, None]
 
 
-def loss_normalizer(name: str, *, mask, rewards, params=None, **overrides) -> float:
-    """The reduction's normaliser of loss ``name`` for a whole (mini-)batch (RFT counts positive rows only)."""
-    spec = get_spec(name)
+def loss_normalizer(name: str, *, mask, rewards, params=None, rule: str | None = None, **overrides) -> float:
+    """The reduction's normaliser of loss ``name`` for a whole (mini-)batch (under the ``positives`` rule, RFT's,
+    positive rows only). ``rule``: the run's batch rule (:func:`batch_rule`; default the loss's own)."""
     p = _resolve(name, params, overrides)
-    eff_mask = _rule_mask(spec, mask, rewards)
+    eff_mask = _rule_mask(rule or get_spec(name).batch_rule, mask, rewards)
     return agg_normalizer(eff_mask, p.agg, p.agg_const)
 
 
@@ -274,6 +284,7 @@ def policy_loss(
     group_std: torch.Tensor | None = None,
     normalizer: float | None = None,
     params=None,
+    rule: str | None = None,
     **overrides,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss ``name`` of a (micro-)batch and its metrics.
@@ -286,6 +297,7 @@ def policy_loss(
         group_rate, group_std, normalizer: optional whole-mini-batch values from :func:`batch_context` (row slices
             and the scalar). When omitted they are computed from the rows given, i.e. this batch is the whole batch.
         params: the loss's hyperparameters made once with :func:`make_params` (the loop), or
+        rule: the run's batch rule (:func:`batch_rule`); default the loss's registered one.
         **overrides: the loss's hyperparameters by name (see ``LOSSES[name].params``).
 
     Returns:
@@ -301,7 +313,7 @@ def policy_loss(
         group_std = sd if group_std is None else group_std
     dtype = logp.dtype
     mask = mask.to(dtype)
-    mask = _rule_mask(spec, mask, rewards)
+    mask = _rule_mask(rule or spec.batch_rule, mask, rewards)
     on = mask > 0
     # Padded positions can hold garbage (even NaN); zero them so that nothing leaks into values or gradients.
     zero = torch.zeros((), dtype=dtype)

@@ -36,7 +36,7 @@ class TrainConfig:
     count over ranks, so their collectives line up), balanced by the largest differencing method as verl's
     ``rearrange_micro_batches`` (with ``normalizer: mini_batch``, where the split does not change the step, whole
     questions are balanced instead of single answers, so a prompt runs once per pass); each micro-batch runs as
-    passes of like answer lengths cut to their longest answer (``nft.train.update.answer_passes``).
+    passes of like answer lengths cut to their longest answer (``nft.train.plan.answer_passes``).
     ``micro_batch_size`` is then unused. 0: ``micro_batch_size`` answers per micro-batch."""
     max_new_tokens: int = 48
     """response length limit; answers cut there are negative (paper: 3,584 / 14,336)."""

@@ -20,6 +20,7 @@ import torch
 from ..algorithms import keep_rows
 from ..data.prompts import END_OF_TURN, render_prompt
 from ..dist import Dist
+from ..modeling import length_mask, pad_id
 from ..reward import GraderPool
 from ..rollout.base import Sampler
 from .config import TrainConfig
@@ -302,11 +303,10 @@ def reference_batch(tokenizer, problems, cursor: Cursor, cfg: TrainConfig) -> di
     answers = [a[: cfg.max_new_tokens] for a in answers]
     lengths = torch.tensor([len(a) for a in answers])
     T = int(lengths.max())
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    response = torch.full((len(qs), T), pad, dtype=torch.long)
+    response = torch.full((len(qs), T), pad_id(tokenizer), dtype=torch.long)
     for i, a in enumerate(answers):
         response[i, : len(a)] = torch.tensor(a)
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
+    mask = length_mask(lengths, T)
     return {
         "prompt_ids": prompts,
         "response": response,

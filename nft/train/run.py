@@ -1,4 +1,5 @@
-"""One training run: set up (run folder, engine, resume, tracker, sampler), the step loop, validation, the final save.
+"""One training run: set-up (``nft.train.setup``: run folder, engine, resume, tracker, sampler), the step loop,
+validation (``nft.train.validation``), the final save.
 
 Usage: ``nft train --config params.yaml --algo nft --seed 0 --out runs/nft-s0 [--set train.steps=5 ...]``
 
@@ -23,337 +24,26 @@ same mini-batches and normalisers, and each row's tensors go only to the rank th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
 
-import numpy as np
-import torch
-import yaml
-
-from .. import cpu_isa
-from ..algorithms import get_spec, make_params, overlong_penalty
-from ..data.benchmarks import load_benchmark
-from ..dist import Dist, launched_world_size
-from ..evaluate import EvalConfig, evaluate_problems
-from ..flat import flatten
+from ..algorithms import get_spec, overlong_penalty
+from ..dist import Dist
 from ..io import atomic_write_json, replace_dir, staging_dir, staging_path
-from ..modeling import load_policy
 from ..progress import Progress
-from ..reward import GraderPool
-from ..rollout import Sampler, make_sampler
-from ..tracking import MLflowTracker, NullTracker, Tracker, dvc_experiment, git_state, study_run
-from .checkpoint import (
-    fingerprint,
-    has_checkpoint,
-    restore_checkpoint,
-    save_checkpoint,
-    truncate_history,
-    usable_checkpoint,
-)
+from ..tracking import MLflowTracker, Tracker
+from .checkpoint import save_checkpoint
 from .config import TrainConfig
-from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed, model_hidden_size, resolve_deepspeed_config
 from .rollout import collect_rollout, reference_batch
-from .seeds import Cursor, derive_seed, seed_block
+from .setup import Run, check_backends, setup
 from .update import update
+from .validation import validate
 
-
-def check_backends(cfg: TrainConfig, world: int | None = None) -> dict | None:
-    """Misconfigured engines fail here, before any model loads: vLLM missing or asking for more devices than a
-    process has, DeepSpeed missing, a DeepSpeed config that contradicts the batch sizes. Returns the resolved
-    DeepSpeed config (``None`` for the torch engine)."""
-    world = world or launched_world_size()
-    if cfg.sampler == "vllm":
-        from ..rollout.vllm_sampler import VLLMOptions, check_vllm
-
-        check_vllm(VLLMOptions.from_dict(cfg.vllm), cfg.model, world=world)
-    if cfg.engine == "torch":
-        if world > 1:
-            raise ValueError(
-                f"train.engine: torch trains in one process, but the launcher started {world}; "
-                f"set train.engine: deepspeed"
-            )
-        return None
-    ds = resolve_deepspeed_config(cfg.deepspeed_config, cfg, world, model_hidden_size(cfg.model))
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ValueError(
-            "train.engine: deepspeed is not installed here (pip install -e '.[deepspeed]'), or set train.engine: torch"
-        )
-    return ds
-
-
-def validate(
-    sampler: Sampler, tokenizer, val_sets: dict, pools: dict[str, GraderPool], cfg: TrainConfig, seed: int
-) -> dict:
-    """avg@k, pass@k, mean length and policy entropy on each validation set (the evaluation code path, each set with
-    its k and grader), and their means over sets (``val/mean/avg@{val_k}``: the mean of each set's avg@k)."""
-    out, accs, ents = {}, [], []
-    t0 = time.perf_counter()
-    for name, problems in val_sets.items():
-        k = cfg.val_k_per_benchmark.get(name, cfg.val_k)
-        grader = cfg.grader_per_set.get(name, cfg.grader)
-        ecfg = EvalConfig(
-            benchmarks=[name],
-            k=k,
-            temperature=cfg.val_temperature,
-            top_p=cfg.val_top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            limit=cfg.val_limit,
-            graders=[grader],
-        )
-        m, _ = evaluate_problems(sampler, tokenizer, problems, ecfg, pools[grader], seed=derive_seed(seed, "val", name))
-        out[f"val/{name}/avg@{k}"] = m[f"avg@{k}"]
-        out[f"val/{name}/pass@{k}"] = m[f"pass@{k}"]
-        out[f"val/{name}/length_mean"] = m["mean_length"]
-        out[f"val/{name}/entropy"] = m["entropy"]
-        accs.append(m[f"avg@{k}"])
-        ents.append(m["entropy"])
-    out[f"val/mean/avg@{cfg.val_k}"] = float(np.mean(accs))
-    out["val/mean/entropy"] = float(np.mean(ents))
-    out["time/validate"] = time.perf_counter() - t0
-    return out
-
-
-#: train settings that say where results are logged, not what they are: left out of the run's fingerprint
-TRACKING_KEYS = ("experiment", "tracking_uri", "tracking")
-
-
-@dataclass
-class Run:
-    """Everything a run's steps share, set up by :func:`_setup`."""
-
-    cfg: TrainConfig
-    algo: str
-    variant: str
-    seed: int
-    run_dir: Path
-    dist: Dist
-    engine: Engine
-    tokenizer: Any
-    sampler: Sampler
-    tracker: Tracker
-    pools: dict[str, GraderPool]
-    """one pool per grader the run uses (``train.grader``, ``train.grader_per_set``)"""
-    cursor: Cursor
-    train_set: Any
-    val_sets: dict
-    rule: str
-    overrides: dict
-    shaped_rewards: bool
-    pad_id: int
-    start_step: int
-
-    def record(self, row: dict, history) -> None:
-        if self.dist.is_main:
-            history.write(json.dumps(row) + "\n")
-            history.flush()
-            self.tracker.log_metrics(row, row["step"])
-
-    @property
-    def pool(self) -> GraderPool:
-        """The training set's grader pool."""
-        return self.pools[self.cfg.grader_per_set.get(self.cfg.train_set, self.cfg.grader)]
-
-    def validate(self) -> dict:
-        """Rank 0 validates (with the other processes of its vLLM engine, if it spans several); the others wait and
-        receive its metrics."""
-        lead = self.sampler.shard(self.dist)[0] == 0
-        out = validate(self.sampler, self.tokenizer, self.val_sets, self.pools, self.cfg, self.seed) if lead else None
-        return self.dist.broadcast(out)
-
-
-def _prepare_folder(run_dir: Path, fp: str, dist: Dist) -> dict | None:
-    """Start afresh on a folder of another configuration; return the final metrics of a finished run (``{}`` on
-    ranks other than 0), else ``None``."""
-    fp_file, final_path = run_dir / "fingerprint", run_dir / "metrics.json"
-    if dist.is_main and run_dir.is_dir() and fp_file.is_file() and fp_file.read_text().strip() != fp:
-        print(
-            f"train: {run_dir} holds a run with another configuration, base model or data; starting afresh",
-            file=sys.stderr,
-        )
-        shutil.rmtree(run_dir)
-    dist.barrier()
-    if final_path.is_file() and fp_file.is_file():
-        if not dist.is_main:
-            return {}
-        print(f"train: {run_dir} is finished (metrics.json present); nothing to do")
-        return json.loads(final_path.read_text())
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fp_file.write_text(fp)
-    return None
-
-
-def _make_tracker(
-    cfg: TrainConfig,
-    run_dir: Path,
-    name: str,
-    resume: bool,
-    dist: Dist,
-    tracker: Tracker | None,
-    experiment: str,
-    tags: dict,
-) -> Tracker:
-    """The run's tracker: nested under the study's run (``nft.tracking.study_run``), continued on resume."""
-    if not dist.is_main:
-        return NullTracker()
-    if tracker is not None:
-        return tracker
-    if not cfg.tracking:
-        return NullTracker()
-    run_id_file, tags_file = run_dir / "mlflow_run_id", run_dir / "tags.json"
-    run_id = run_id_file.read_text().strip() if resume and run_id_file.is_file() else None
-    if run_id and tags_file.is_file():  # a resumed run keeps its place under the study's run
-        parent = json.loads(tags_file.read_text()).get("mlflow.parentRunId")
-    else:
-        parent = study_run(cfg.tracking_uri, experiment)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    tracker = MLflowTracker(
-        cfg.tracking_uri,
-        experiment,
-        name,
-        run_id=run_id,
-        parent_run_id=None if run_id else parent,
-        flush_every=5,
-        tags=tags,
-    )
-    if tracker.run_id and not tracker.offline:
-        run_id_file.write_text(tracker.run_id)
-        tracker.start_system_metrics()
-    return tracker
-
-
-def _setup(
-    cfg: TrainConfig,
-    algo: str,
-    seed: int,
-    run_dir: Path,
-    *,
-    study: str,
-    full_config: dict | None,
-    tracker: Tracker | None,
-    variant: str,
-) -> Run | dict:
-    """Validate, then set up the run (or return the final metrics of a finished one)."""
-    params = make_params(algo, **dict(cfg.loss.get(algo, {}) or {}))  # unknown algorithm: error before any work
-    spec = get_spec(algo)
-    rule = spec.batch_rule if cfg.batch_rule == "auto" else cfg.batch_rule
-    train_set = load_benchmark(cfg.train_set, cfg.data)
-    if spec.reference and not all(getattr(q, "solution", "") for q in train_set):
-        raise ValueError(
-            f"train.train_set: {algo} trains on worked solutions, and {cfg.train_set!r} has none "
-            f"(the synthetic pool has them)"
-        )
-    val_sets = {name: load_benchmark(name, cfg.data) for name in cfg.val_benchmarks}
-    if not Path(cfg.model).is_dir():
-        raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
-    ds_config = check_backends(cfg)
-    resolved: dict[str, Any] = {
-        "algo": algo,
-        "seed": seed,
-        "batch_rule": rule,
-        "loss": asdict(params),
-        "train": asdict(cfg),
-    }
-    results_of = {**resolved, "train": {k: v for k, v in resolved["train"].items() if k not in TRACKING_KEYS}}
-    dist = init_distributed(cfg.engine)
-    done = _prepare_folder(run_dir, fingerprint(results_of, train_set, val_sets, cfg.model), dist)
-    if done is not None:
-        return done
-    # ranks on one machine share its cores: more threads than that only contend (and OpenMP spins)
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
-    torch.set_num_threads(max(1, min(cfg.threads, (os.cpu_count() or 1) // max(per_node, 1))))
-    seeds = seed_block(seed)
-    # rank 0 checks the checkpoints (and sets damaged ones aside); every rank takes its answer
-    had = has_checkpoint(run_dir) if dist.is_main else False
-    ckpt = dist.broadcast(str(usable_checkpoint(run_dir) or "") if dist.is_main else None) or None
-    if had and ckpt is None and dist.is_main:
-        print(f"train: {run_dir} has no usable checkpoint; starting the run afresh", file=sys.stderr)
-    resume = ckpt is not None
-    source = str(Path(cast(str, ckpt)) / "model") if resume else cfg.model  # the weights this process starts from
-    model, tokenizer = load_policy(source)
-    if ds_config is None and torch.cuda.is_available():
-        model = model.cuda()  # DeepSpeed places its own
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    engine = TorchEngine(model, cfg) if ds_config is None else DeepSpeedEngine(model, cfg, ds_config)
-    cursor, start_step = Cursor(len(train_set), seeds["seed/data_order"]), 0
-    if resume:
-        assert ckpt is not None  # resume means a checkpoint was found
-        cursor, start_step = restore_checkpoint(Path(ckpt), engine, len(train_set), seeds["seed/data_order"])
-        if dist.is_main:
-            truncate_history(run_dir / "history.jsonl", start_step)
-    elif dist.is_main:
-        (run_dir / "history.jsonl").unlink(missing_ok=True)
-    tags = {
-        "algo": algo,
-        "variant": variant,
-        "seed": str(seed),
-        "study": study,
-        "dvc.exp_name": dvc_experiment(),
-        "mlflow.source.name": "nft train",
-        "mlflow.source.type": "LOCAL",
-        **git_state(),
-        "data_hash": train_set.hash,
-        "batch_rule": rule,
-        "engine": cfg.engine,
-        "sampler": cfg.sampler,
-        "processes": str(dist.world),
-        "cpu_isa": cpu_isa(),
-    }
-    if dist.is_main:
-        (run_dir / "config.yaml").write_text(
-            yaml.safe_dump({**(full_config or {}), "resolved": resolved}, sort_keys=False)
-        )
-    tracker = _make_tracker(cfg, run_dir, f"{variant}-s{seed}", resume, dist, tracker, cfg.experiment or study, tags)
-    if dist.is_main:
-        (run_dir / "tags.json").write_text(json.dumps(tags, indent=2))
-    if not resume:
-        tracker.log_params({**flatten(resolved), **seeds})
-        tracker.set_tags(tags)
-        if isinstance(tracker, MLflowTracker):
-            tracker.log_dataset(
-                train_set.name,
-                train_set.hash,
-                str(Path(cfg.data).resolve() / f"{cfg.train_set}.jsonl") if cfg.train_set == "train" else cfg.train_set,
-            )
-            tracker.log_artifact(run_dir / "config.yaml")
-    sampler = make_sampler(
-        cfg.sampler, source, tokenizer, seed=seed, vllm=cfg.vllm, weights=engine.rollout_weights(), dtype=engine.dtype
-    )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # DAPO's overlong penalty shapes the reward; losses that need 0/1 rewards (NFT, RFT) never get it
-    graders = {cfg.grader_per_set.get(name, cfg.grader) for name in [cfg.train_set, *cfg.val_benchmarks]}
-    return Run(
-        cfg,
-        algo,
-        variant,
-        seed,
-        run_dir,
-        dist,
-        engine,
-        tokenizer,
-        sampler,
-        tracker,
-        {g: GraderPool(cfg.grader_workers, g) for g in sorted(graders)},
-        cursor,
-        train_set,
-        val_sets,
-        rule,
-        dict(cfg.loss.get(algo, {}) or {}),
-        not getattr(params, "binary_rewards", False),
-        pad_id,
-        start_step,
-    )
+__all__ = ["check_backends", "run_training", "validate"]
 
 
 def _rollout_step(run: Run, step: int) -> dict:
@@ -476,7 +166,7 @@ def run_training(
 
     ``on_validate(step, metrics)`` is called after every validation (Optuna reports and prunes from there; an
     exception it raises stops the run with its checkpoint intact)."""
-    run = _setup(
+    run = setup(
         cfg, algo, seed, Path(out), study=study, full_config=full_config, tracker=tracker, variant=variant or algo
     )
     if not isinstance(run, Run):

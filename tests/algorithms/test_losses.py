@@ -514,3 +514,20 @@ def test_positives_rule_restricts_the_rft_loss_and_normaliser():
         agg="token-mean",
     )
     assert torch.allclose(full, only)
+
+
+def test_batch_rule_is_decided_once_and_the_loss_masks_by_it():
+    """train.batch_rule overrides the loss's registered rule, and the loss and its normaliser follow the override
+    (RFT under ``all`` counts its negative rows' tokens; under its own ``positives`` it does not)."""
+    from nft.algorithms import batch_rule, loss_normalizer, make_params
+
+    assert batch_rule("rft") == "positives" and batch_rule("rft", "auto") == "positives"
+    assert batch_rule("rft", "all") == "all" and batch_rule("grpo", "dynamic") == "dynamic"
+    with pytest.raises(ValueError, match="train.batch_rule"):
+        batch_rule("nft", "some")
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    rewards = torch.tensor([1.0, 0.0])
+    assert loss_normalizer("rft", mask=mask, rewards=rewards, params=make_params("rft", agg="token-mean")) == 2
+    assert (
+        loss_normalizer("rft", mask=mask, rewards=rewards, params=make_params("rft", agg="token-mean"), rule="all") == 5
+    )

@@ -11,7 +11,7 @@ import torch
 
 from nft.train.config import TrainConfig
 from nft.train.engines import resolve_deepspeed_config
-from nft.train.run import check_backends
+from nft.train.setup import check_backends
 from tests.conftest import REPO, nft_cli
 
 CFG = TrainConfig(prompts_per_step=8, answers_per_prompt=4, mini_batch_prompts=2, micro_batch_size=3, grad_clip=0.5)

@@ -18,8 +18,8 @@ from nft.rollout.base import Rollout
 from nft.train.config import TrainConfig
 from nft.train.engines import DeepSpeedEngine, lr_factor
 from nft.train.rollout import collect_rollout
-from nft.train.run import validate
 from nft.train.seeds import Cursor
+from nft.train.validation import validate
 from tests.conftest import REPO
 from tests.train.fakes import BoxedOnePool, ChatTokenizer
 
@@ -129,11 +129,9 @@ def test_micro_batch_normalizer_is_the_sum_of_micro_token_means(monkeypatch):
             prompts_per_step=1, answers_per_prompt=4, mini_batch_prompts=1, micro_batch_size=2, normalizer=mode
         )
         passes = [([0, 1], [0, 1]), ([2, 3], [2, 3])]  # (micro-batch, its forward pass): micro-batches of 2
-        upd._train_minibatch(
+        step = upd._Step(
             eng,
             batch,
-            [0, 1, 2, 3],
-            passes,
             torch.zeros(4, 3),
             {"group_rate": torch.full((4,), 0.5), "group_std": torch.full((4,), 0.5)},
             "dapo",
@@ -141,8 +139,10 @@ def test_micro_batch_normalizer_is_the_sum_of_micro_token_means(monkeypatch):
             cfg,
             0,
             False,
+            "dynamic",
             upd.UpdateStats(),
         )
+        upd._train_minibatch(step, [0, 1, 2, 3], passes, False)
         out[mode] = list(seen)
     assert out["mini_batch"] == [8.0, 8.0]  # the mini-batch's 8 response tokens, for both micro-batches
     assert out["micro_batch"] == [None, None]  # each micro-batch's own count (4 and 4 tokens here)

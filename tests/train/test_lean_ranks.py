@@ -59,8 +59,9 @@ class QuestionSampler:
 
 def _work(rank: int, world: int, port: int, out):
     from nft.dist import Dist
+    from nft.train.plan import needed_rows, plan_minibatches
     from nft.train.rollout import collect_rollout
-    from nft.train.update import localize, needed_rows, plan_minibatches
+    from nft.train.rows import localize
 
     td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -14,7 +14,8 @@ import torch
 from nft.modeling import ModelConfig, build_tiny_qwen2
 from nft.train.config import TrainConfig
 from nft.train.engines import TorchEngine
-from nft.train.update import balanced_partition, plan_minibatches, seq_lengths, update
+from nft.train.plan import balanced_partition, plan_minibatches, seq_lengths
+from nft.train.update import update
 
 P, K, T = 6, 4, 24
 
@@ -163,7 +164,7 @@ def test_token_micro_batches_cut_to_their_answers_equal_the_padded_update(algo):
 def test_token_micro_batches_cut_the_padding():
     """Each micro-batch runs as passes of like answer lengths within the budget, each as wide as its longest answer:
     the padded plan runs P x K x T answer positions, the token plan far fewer, and never fewer than the answers'."""
-    from nft.train.update import answer_passes
+    from nft.train.plan import answer_passes
 
     batch = _batch()
     budget = 40
@@ -220,7 +221,7 @@ def test_paper_presets_split_by_the_official_token_budget(preset, tokens):
 def test_every_rank_runs_as_many_passes_per_micro_batch(world):
     """Under a sharded model each forward and backward is a collective: the ranks' pass lists must line up (empty
     passes fill in), and each rank's passes hold exactly its share."""
-    from nft.train.update import forward_passes
+    from nft.train.plan import forward_passes
 
     batch = _batch()
     cfg = _cfg(micro_batch_tokens=40)  # a budget where some ranks run fewer passes than others (2 and 3 ranks)
