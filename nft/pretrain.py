@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -31,6 +30,7 @@ from . import cpu_isa
 from .data.prompts import END_OF_TURN, SYSTEM_PROMPT, build_messages
 from .data.synthetic import Problem, SyntheticConfig, build_splits
 from .data.tokenizer import SPECIAL_TOKENS, save_as_qwen2, train_bpe
+from .io import atomic_write_json, replace_dir, staging_dir
 from .modeling import ModelConfig, build_tiny_qwen2, model_folder
 
 
@@ -137,7 +137,6 @@ def reference_base(path: str, out: Path) -> dict:
     cfg_file = folder / "config.json"
     config = json.loads(cfg_file.read_text())
     weights = sorted(p.name for p in folder.glob("*.safetensors")) or sorted(p.name for p in folder.glob("*.bin"))
-    out.mkdir(parents=True, exist_ok=True)
     summary = {
         "base_model": str(folder.resolve()),
         "model_type": config.get("model_type"),
@@ -145,9 +144,65 @@ def reference_base(path: str, out: Path) -> dict:
         "weights": weights,
         "config_sha256": hashlib.sha256(cfg_file.read_bytes()).hexdigest(),
     }
-    (out / "reference.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "reference.json", summary)
     summary.update({"seconds": 0.0, "parameters": 0, "final_loss": float("nan")})
     return summary
+
+
+def _lr_at(cfg: PretrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of ``cfg.lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _padded(prompts: list, responses: list, idx: list[int], pad: int):
+    """``(input_ids, attention_mask, labels)`` of prompt + solution rows; the labels are the solution's tokens."""
+    seqs = [prompts[i] + responses[i] for i in idx]
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), L), -100, dtype=torch.long)
+    attn = torch.zeros((len(seqs), L), dtype=torch.long)
+    for r, i in enumerate(idx):
+        s = seqs[r]
+        ids[r, : len(s)] = torch.tensor(s)
+        attn[r, : len(s)] = 1
+        labels[r, len(prompts[i]) : len(s)] = torch.tensor(responses[i])
+    return ids, attn, labels
+
+
+def _fit(model, prompts: list, responses: list, pad: int, cfg: PretrainConfig, progress: bool) -> list[float]:
+    """AdamW (no decay on vectors) over ``cfg.steps`` seeded random batches; returns the loss of every step."""
+    from .progress import Progress
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, cfg.adam_beta2),
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    losses: list[float] = []
+    bar = Progress("pretrain", cfg.steps, enabled=progress)
+    for step in range(cfg.steps):
+        idx = torch.randint(len(prompts), (cfg.batch_size,), generator=gen).tolist()
+        ids, attn, labels = _padded(prompts, responses, idx, pad)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, step)
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        bar.update(step + 1, loss=losses[-1])
+    return losses
 
 
 def run_pretrain(
@@ -163,10 +218,7 @@ def run_pretrain(
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     train = build_splits(data_cfg)["train"]
-
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
     try:
         corpus = [prompt_text(p.question) + p.solution + END_OF_TURN + "\n" for p in train[: cfg.tokenizer_corpus]]
         bpe = train_bpe(corpus, model_cfg.vocab_size)
@@ -177,59 +229,12 @@ def run_pretrain(
         model = build_tiny_qwen2(model_cfg, bpe.get_vocab_size(), special)
         model.config.save_pretrained(tmp)  # so that AutoTokenizer sees model_type qwen2, as for hub models
         tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-
         rng = random.Random(f"{cfg.seed}-traces")
         prompts = tokenizer([prompt_text(p.question) for p in train], add_special_tokens=False)["input_ids"]
-        responses = tokenizer([noisy_trace(p, rng, cfg) + END_OF_TURN for p in train], add_special_tokens=False)[
-            "input_ids"
-        ]
+        traces = [noisy_trace(p, rng, cfg) + END_OF_TURN for p in train]
+        responses = tokenizer(traces, add_special_tokens=False)["input_ids"]
         pad = special["<|endoftext|>"]
-
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(0.9, cfg.adam_beta2),
-        )
-
-        def lr_at(step: int) -> float:
-            if step < cfg.warmup:
-                return cfg.lr * (step + 1) / cfg.warmup
-            frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-            return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-        gen = torch.Generator().manual_seed(cfg.seed)
-        model.train()
-        losses = []
-        from .progress import Progress
-
-        bar = Progress("pretrain", cfg.steps, enabled=progress)
-        for step in range(cfg.steps):
-            idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
-            seqs = [prompts[i] + responses[i] for i in idx]
-            L = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-            labels = torch.full((len(seqs), L), -100, dtype=torch.long)
-            attn = torch.zeros((len(seqs), L), dtype=torch.long)
-            for r, i in enumerate(idx):
-                s = seqs[r]
-                ids[r, : len(s)] = torch.tensor(s)
-                attn[r, : len(s)] = 1
-                labels[r, len(prompts[i]) : len(s)] = torch.tensor(responses[i])
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            losses.append(float(loss.detach()))
-            bar.update(step + 1, loss=losses[-1])
-
+        losses = _fit(model, prompts, responses, pad, cfg, progress)
         model.generation_config.eos_token_id = model.config.eos_token_id
         model.generation_config.pad_token_id = pad
         model.save_pretrained(tmp, safe_serialization=True)
@@ -244,9 +249,7 @@ def run_pretrain(
             "config": {"data": asdict(data_cfg), "model": asdict(model_cfg), "pretrain": asdict(cfg)},
         }
         (tmp / "pretrain.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)
         return summary
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
