@@ -70,7 +70,6 @@ def test_the_cycle_finder_finds_a_cycle():
 OVER = {
     "nft/pretrain.py": {"run_pretrain"},
     "nft/rollout/torch_sampler.py": {"", "_sample"},
-    "nft/sweep.py": {"", "run_sweep"},
     "nft/tracking.py": {""},
     "nft/train/run.py": {"", "_setup"},
     "nft/train/update.py": {"", "_train_minibatch"},
