@@ -49,7 +49,8 @@ from ..modeling import load_policy
 from ..progress import Progress
 from ..reward import GraderPool
 from ..rollout import Sampler, make_sampler
-from ..tracking import MLflowTracker, NullTracker, Tracker, dvc_experiment, git_state, study_run
+from ..tracking import MLflowTracker, NullTracker, Tracker
+from ..tracking_store import dvc_experiment, git_state, study_run
 from .checkpoint import (
     fingerprint,
     has_checkpoint,
@@ -201,7 +202,7 @@ def _make_tracker(
     experiment: str,
     tags: dict,
 ) -> Tracker:
-    """The run's tracker: nested under the study's run (``nft.tracking.study_run``), continued on resume."""
+    """The run's tracker: nested under the study's run (``nft.tracking_store.study_run``), continued on resume."""
     if not dist.is_main:
         return NullTracker()
     if tracker is not None:
