@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.metrics, study_metrics(numbers))
     if args.log_mlflow and not args.mlflow_experiment:
         from nft.flat import flatten
-        from nft.tracking import log_study
+        from nft.tracking_replay import log_study
 
         ids = log_study(args.runs, args.out, flatten(study_metrics(numbers), ""))
         print(f"analysis: logged into MLflow study run(s) {ids}")

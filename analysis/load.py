@@ -143,7 +143,8 @@ def load_mlflow(
     plain ``dvc repro``)."""
     from mlflow.tracking import MlflowClient
 
-    from nft.tracking import from_mlflow_key, resolve_uri
+    from nft.tracking import from_mlflow_key
+    from nft.tracking_store import resolve_uri
 
     client = MlflowClient(tracking_uri=resolve_uri(tracking_uri))
     exp = client.get_experiment_by_name(experiment)

@@ -106,7 +106,7 @@ def _provenance(root: Path) -> dict:
     import torch
     import transformers
 
-    from nft.tracking import git_state
+    from nft.tracking_store import git_state
 
     study = (_params(root / "params.yaml") or {}).get("study") or {}
     git = git_state(root)

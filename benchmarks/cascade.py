@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def measure(name, model, tok, questions, K: int, new_tokens: int, runs: int) -> dict:
     from nft.data.prompts import render_prompt
-    from nft.rollout.torch_sampler import TorchSampler, repeated_prompt_bytes
+    from nft.rollout.kv_cache import repeated_prompt_bytes
+    from nft.rollout.torch_sampler import TorchSampler
 
     prompts = [render_prompt(tok, q) for q in questions]
     Lp = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
@@ -81,7 +82,7 @@ def main() -> int:
     from nft.modeling import load_policy
 
     tune_malloc()
-    from nft.rollout.torch_sampler import CASCADE_MIN_BYTES
+    from nft.rollout.kv_cache import CASCADE_MIN_BYTES
 
     questions = [p.question for p in build_splits(SyntheticConfig(train_size=2000, eval_size=30))["train"]]
     rows = []

@@ -1,6 +1,6 @@
 """Benchmark: one decoding step's attention over a preallocated cache, per way of serving grouped query heads.
 
-Times ``nft.rollout.torch_sampler._decode_sdpa`` for each mode of ``DECODE_GQA`` ("gqa": SDPA's ``enable_gqa``;
+Times ``nft.rollout.kv_cache._decode_sdpa`` for each mode of ``DECODE_GQA`` ("gqa": SDPA's ``enable_gqa``;
 "fold": the G query heads of a key/value head as G query positions; "repeat": each key/value head copied G times,
 as transformers' ``sdpa`` does with a mask) on views of a cache buffer with an additive key mask, and the sampler's
 old way (keys concatenated to a contiguous tensor each step, then repeated) for reference. Shapes default to
@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--repeats", type=int, default=50)
     args = ap.parse_args()
-    from nft.rollout import torch_sampler as ts
+    from nft.rollout import kv_cache
 
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     B, H, Hk, D, L, cap = args.rows, args.heads, args.kv_heads, args.head_dim, args.context, args.capacity
@@ -66,11 +66,13 @@ def main() -> int:
     )
     ref = None
     for mode in ("gqa", "fold", "repeat"):  # ("transformers": the model's own attention, not timed here)
-        ts.DECODE_GQA[dev.type] = mode
-        out = ts._decode_sdpa(module, q, k, v, m)[0]
+        kv_cache.DECODE_GQA[dev.type] = mode
+        out = kv_cache._decode_sdpa(module, q, k, v, m)[0]
         ref = out if ref is None else ref
         err = (out.float() - ref.float()).abs().max().item()
-        print(f"{mode:>7}: {timed(lambda: ts._decode_sdpa(module, q, k, v, m)):8.3f} ms  (max diff to gqa {err:.1e})")
+        print(
+            f"{mode:>7}: {timed(lambda: kv_cache._decode_sdpa(module, q, k, v, m)):8.3f} ms  (max diff to gqa {err:.1e})"
+        )
     kc, vc = k.contiguous(), v.contiguous()
     new = torch.randn(B, Hk, 1, D, device=dev, dtype=dtype, generator=g)
 

@@ -83,7 +83,7 @@ class MinimalDecoder:
     def step(self, ids, mask, pos, cache):
         from transformers.models.qwen2.modeling_qwen2 import rotate_half
 
-        from nft.rollout.torch_sampler import _decode_sdpa
+        from nft.rollout.kv_cache import _decode_sdpa
 
         m, cfg = self.m.model, self.m.config
         x = F.embedding(ids, m.embed_tokens.weight)

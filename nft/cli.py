@@ -193,7 +193,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from nft.tracking import replay
+    from nft.tracking_replay import replay
 
     run_id = replay(args.run_dir, args.tracking_uri, args.experiment)
     print(f"replay: {args.run_dir} -> MLflow run {run_id}")

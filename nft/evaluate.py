@@ -266,7 +266,7 @@ def run_evaluate(
 def _log_final(run_dir: Path, result: dict, files: list[Path]) -> None:
     """A model inside a tracked run folder (``runs/X/model``): its final evaluation goes into that train run, as
     ``final/<benchmark>/<metric>`` at the run's last step, so MLflow's compare view ranks arms and seeds on it."""
-    from .tracking import log_to_run
+    from .tracking_replay import log_to_run
 
     if not (run_dir / "mlflow_run_id").is_file():
         return

@@ -144,19 +144,19 @@ def bench(
         first = torch.where(stop.any(-1), stop.float().argmax(-1) + 1, torch.full_like(gen[:, 0], gen.shape[1]))
         return int(first.sum())
 
-    from nft.rollout import torch_sampler
+    from nft.rollout import kv_cache
 
     sampler = TorchSampler(model, tok)
 
     def ours(mode):
         def run(n):
             if mode:
-                torch_sampler.DECODE_GQA[model.device.type] = mode
+                kv_cache.DECODE_GQA[model.device.type] = mode
             return int(sampler.sample(prompts, K, max_new_tokens=n, seed=0).mask.sum())
 
         return run
 
-    default = torch_sampler.DECODE_GQA.get(torch.device(dev).type)
+    default = kv_cache.DECODE_GQA.get(torch.device(dev).type)
     for name, fn in (
         ("generate", lambda n: hf_generate(n)),
         ("ours", ours(None)),
@@ -181,7 +181,7 @@ def bench(
     out["decode_gqa"] = default
     print(f"bench: sampler ({default} attention) / generate = {out['sampler_speedup']:.2f}x", flush=True)
     if default:
-        torch_sampler.DECODE_GQA[torch.device(dev).type] = default
+        kv_cache.DECODE_GQA[torch.device(dev).type] = default
     if not train:
         return out
 

@@ -25,7 +25,8 @@ _TRACKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import mlflow  # imported before the barrier: the processes then touch the store together
-    from nft.tracking import MLflowTracker, study_run
+    from nft.tracking import MLflowTracker
+    from nft.tracking_store import study_run
     go = Path(sys.argv[2])
     while not go.exists():
         time.sleep(0.005)

@@ -7,20 +7,21 @@ K answers and the longest answer (:class:`SlabCache`); a decoding step writes on
 view of the filled part, and takes one log-softmax and one Gumbel-max draw. Finished rows are dropped by moving the
 last live rows into their slots (only those rows are copied), and the attention mask is built once, not per step.
 Where the K answers would re-read long prompts (:data:`CASCADE_MIN_BYTES`), the prompts' keys and values stay once
-per prompt and each step's attention is split into a prompt part and an answer part (:func:`_cascade`).
+per prompt and each step's attention is split into a prompt part and an answer part (:func:`_cascade`). The cache and
+the attention are :mod:`nft.rollout.kv_cache`'s.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, DynamicLayer
 
 from ..modeling import model_device, stop_token_ids
+from . import kv_cache
 from .base import Rollout
+from .kv_cache import DECODE_ATTENTION, DECODE_GQA, SharedPrefix, SlabCache, _compaction, repeated_prompt_bytes
 
 
 def _top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -35,191 +36,96 @@ def _top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     return out - torch.logsumexp(out, dim=-1, keepdim=True)
 
 
-#: how one decoding step's attention serves grouped query heads, by device type: "gqa" lets SDPA do it
-#: (``enable_gqa``), "fold" turns the G query heads of a key/value head into G query positions of one head (no copy
-#: of the cache), "repeat" copies each key/value head G times; "transformers" leaves the attention and its per-step
-#: mask to transformers (still on the preallocated cache). The fastest per device (benchmarks/README.md): on 2 CPU cores
-#: "gqa"; on an H100 (bf16) "transformers", 2.7x faster than "fold" or "repeat" with the prepared additive mask.
-DECODE_GQA = {"cpu": "gqa", "cuda": "transformers"}
+@dataclass
+class _Batch:
+    """What one sampling call carries from step to step. Slot ``i`` of the batch holds answer ``alive[i]``; the batch
+    is its first ``len(live)`` slots, and ``live`` marks those still generating."""
+
+    cache: SlabCache
+    dev: torch.device
+    n: int
+    """answers per prompt"""
+    prompt_len: int
+    """the prompts' length, left-padded to the longest"""
+    prepared: bool
+    """each step's attention takes a mask prepared here (sdpa through :data:`DECODE_ATTENTION`)"""
+    cascade: bool
+    """... split into the prompts' part, read once per prompt, and the answers' part (:func:`_cascade`)"""
+    keymask: torch.Tensor
+    """``(B, capacity)`` bool: the key positions every row can attend to (its prompt's padding, then its answer)"""
+    bias: torch.Tensor | None
+    """``keymask`` as an additive float mask (prepared, not cascade), and its ``(B, 1, 1, capacity)`` view"""
+    bias4: torch.Tensor | None
+    prompt_bias: torch.Tensor | None
+    """the prompts' additive padding mask ``(P, prompt_len)`` (cascade)"""
+    next_pos: torch.Tensor
+    """each slot's next position id"""
+    alive: torch.Tensor
+    live: torch.Tensor
+    rank: torch.Tensor | None = None
+    """each slot's place in answer order, once compaction has permuted them"""
+
+    def compact(self, tok: torch.Tensor) -> torch.Tensor:
+        """Drop the finished rows: the last live rows move into their slots and the batch becomes its first ``m``
+        slots (the cache, the answer each slot holds, its next token and position, and the mask the steps take).
+        Returns the next tokens of the compacted batch."""
+        dst, src, m = _compaction(self.live)
+        self.cache.move_rows(dst, src)
+        for a in (self.alive, tok, self.next_pos):
+            a[dst] = a[src]
+        if not self.prepared:  # the mask each step takes: transformers' boolean one, or the bias
+            self.keymask[dst] = self.keymask[src]
+        elif not self.cascade:
+            assert self.bias is not None  # prepared without cascade: built by the prefill
+            self.bias[dst] = self.bias[src]
+        self.alive, tok, self.next_pos = self.alive[:m], tok[:m], self.next_pos[:m]
+        self.live = torch.ones(m, dtype=torch.bool, device=self.dev)
+        self.rank = self.alive.argsort().argsort()
+        return tok
 
 
-#: cascade decoding (:func:`_cascade`) is used when the prompts' keys and values that plain decoding would read more
-#: than once per step (answers beyond the first of each prompt x prompt positions, per layer) exceed this many bytes
-#: (``benchmarks/cascade.py`` on 2 CPU cores, benchmarks/README.md: faster from about 5 MiB, the same tokens; inside
-#: the noise below).
-CASCADE_MIN_BYTES = 4 << 20
+@dataclass
+class _Answers:
+    """What was drawn, by answer (row ``prompt * n + j``) and step: tokens, their log-probs, the entropy of the
+    distribution each was drawn from, each answer's length and whether it ended with a stop token."""
 
+    tokens: torch.Tensor
+    logps: torch.Tensor
+    ents: torch.Tensor
+    lengths: torch.Tensor
+    finished: torch.Tensor
 
-def repeated_prompt_bytes(model, prompts: int, n: int, prompt_len: int) -> int:
-    """Bytes of prompt keys/values that plain decoding reads more than once per layer and step: the answers beyond
-    the first of each of ``prompts`` prompts, each re-reading ``prompt_len`` positions (what cascade decoding saves)."""
-    cfg = model.config.get_text_config(decoder=True)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    itemsize = next(model.parameters()).element_size()
-    return prompts * (n - 1) * prompt_len * cfg.num_key_value_heads * head_dim * 2 * itemsize
-
-
-class SharedPrefix:
-    """What a cascade decoding step needs besides the layer's own views (passed through transformers as the "mask"):
-    the cache (its layers hold the prompts' keys and values once), each slot's answer (``alive``: slot -> answer
-    index ``prompt * k + j``), the answers per prompt and the prompts' additive padding mask ``(P, Lp)``."""
-
-    def __init__(self, cache, alive: torch.Tensor, k: int, bias: torch.Tensor, compacted: bool):
-        self.cache, self.alive, self.k, self.bias, self.compacted = cache, alive, k, bias, compacted
-
-
-def _cascade(query, key, value, sp: SharedPrefix, layer_idx: int, scaling):
-    """One decoding step's attention with the prompt read once per prompt, not once per answer (cascade attention,
-    as vLLM's for a shared prefix): the K x G queries of a prompt's answers meet its keys in one product, each answer
-    meets its own keys, and one softmax runs over both parts (exact: the same sums, in another order).
-
-    ``query (n, h, 1, d)``; ``key``/``value``: the answers' own positions ``(n, h_kv, t, d)``."""
-    n, h, _, d = query.shape
-    hk = key.shape[1]
-    g = h // hk
-    kp, vp = sp.cache.layers[layer_idx].prefix()
-    P, Lp, K = kp.shape[0], kp.shape[2], sp.k
-    scale = scaling if scaling is not None else d**-0.5
-    q = query.view(n, hk, g, d)
-    if sp.compacted:  # slots -> the (prompt, answer) grid; holes stay zero and are never read back
-        grid = q.new_zeros((P * K, hk, g, d))
-        grid[sp.alive] = q
-    else:
-        grid = q
-    qp = grid.view(P, K, hk, g, d).transpose(1, 2).reshape(P, hk, K * g, d)
-    s_pre = torch.matmul(qp, kp.transpose(-1, -2)).mul_(scale).add_(sp.bias[:, None, None, :])  # (P, hk, K g, Lp)
-    s_pre = s_pre.view(P, hk, K, g, Lp).transpose(1, 2).reshape(P * K, hk, g, Lp)
-    if sp.compacted:
-        s_pre = s_pre[sp.alive]
-    s_own = torch.matmul(q, key.transpose(-1, -2)).mul_(scale)  # (n, hk, g, t)
-    p = torch.cat([s_pre, s_own], dim=-1).softmax(dim=-1)
-    p_pre = p[..., :Lp]
-    if sp.compacted:
-        full = p.new_zeros((P * K, hk, g, Lp))
-        full[sp.alive] = p_pre
-        p_pre = full
-    o_pre = torch.matmul(p_pre.reshape(P, K, hk, g, Lp).transpose(1, 2).reshape(P, hk, K * g, Lp), vp)
-    dv = vp.shape[-1]
-    o_pre = o_pre.view(P, hk, K, g, dv).transpose(1, 2).reshape(P * K, hk, g, dv)
-    if sp.compacted:
-        o_pre = o_pre[sp.alive]
-    out = o_pre + torch.matmul(p[..., Lp:], value)  # (n, hk, g, dv)
-    return out.view(n, 1, h, dv)
-
-
-def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention of one decoding step (one query position per row) on the cache views with the prepared additive key
-    mask; grouped query heads as :data:`DECODE_GQA` says (transformers' ``sdpa`` repeats every key and value head
-    whenever a mask is given: a copy of the whole cache per layer per step). A :class:`SharedPrefix` in place of the
-    mask runs :func:`_cascade`."""
-    if isinstance(attention_mask, SharedPrefix):
-        return _cascade(query, key, value, attention_mask, module.layer_idx, scaling), None
-    b, h, q, d = query.shape
-    g = h // key.shape[1]
-    mode = "none" if g == 1 else DECODE_GQA.get(query.device.type, "repeat")
-    if mode == "fold" and q == 1:  # (b, h, 1, d) -> (b, h_kv, g, d): g query positions against their shared head
-        out = F.scaled_dot_product_attention(
-            query.view(b, h // g, g, d), key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
-        ).view(b, h, 1, d)
-    elif mode == "gqa":
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    @classmethod
+    def empty(cls, rows: int, steps: int, pad_id: int, dev: torch.device) -> _Answers:
+        return cls(
+            tokens=torch.full((rows, steps), pad_id, dtype=torch.long, device=dev),
+            logps=torch.zeros((rows, steps), device=dev),
+            ents=torch.zeros((rows, steps), device=dev),
+            lengths=torch.zeros(rows, dtype=torch.long, device=dev),
+            finished=torch.zeros(rows, dtype=torch.bool, device=dev),
         )
-    else:
-        if g > 1:
-            key, value = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
-        )
-    return out.transpose(1, 2).contiguous(), None
 
 
-DECODE_ATTENTION = "nft_decode_sdpa"
-AttentionInterface.register(DECODE_ATTENTION, _decode_sdpa)
-
-
-class SlabLayer(DynamicLayer):
-    """One layer's keys and values in a buffer of ``rows`` x ``capacity`` positions, written in place.
-
-    ``update`` writes the new positions of the first ``n`` rows and returns views of the filled part (no copy, no
-    concatenation); ``batch_repeat_interleave`` spreads the prefilled prompts over their answers' rows once;
-    ``move_rows`` copies the given rows into other slots (compaction of finished rows)."""
-
-    def __init__(self, rows: int, capacity: int):
-        super().__init__()
-        self.rows, self.capacity, self.length = rows, capacity, 0
-        self.shared = 0  # > 0: the first ``shared`` positions of the first P rows hold the P prompts (cascade)
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        h, d, dv = key_states.shape[1], key_states.shape[-1], value_states.shape[-1]
-        self.keys = torch.empty((self.rows, h, self.capacity, d), dtype=self.dtype, device=self.device)
-        self.values = torch.empty((self.rows, h, self.capacity, dv), dtype=self.dtype, device=self.device)
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n, q = key_states.shape[0], key_states.shape[-2]
-        if self.length + q > self.capacity:
-            raise RuntimeError(f"SlabLayer: {self.length + q} positions exceed the capacity {self.capacity}")
-        self.keys[:n, :, self.length : self.length + q] = key_states
-        self.values[:n, :, self.length : self.length + q] = value_states
-        self.length += q
-        lo = self.shared
-        return self.keys[:n, :, lo : self.length], self.values[:n, :, lo : self.length]
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        assert self.keys is not None and self.values is not None  # called after the prefill's update
-        p = self.rows // repeats
-        self.keys[:, :, : self.length] = self.keys[:p, :, : self.length].repeat_interleave(repeats, dim=0)
-        self.values[:, :, : self.length] = self.values[:p, :, : self.length].repeat_interleave(repeats, dim=0)
-
-    def keep_prefix(self, prompts: int) -> None:
-        """Cascade: keep the prefilled prompts where they are, in rows ``0 .. prompts - 1`` (read once per prompt by
-        :func:`_cascade`); from now on ``update`` returns each row's answer positions only and ``move_rows`` moves
-        those (a prompt's row is also an answer's, whose own positions start after the prompt's)."""
-        self.shared, self.prompts = self.length, prompts
-
-    def prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.keys is not None and self.values is not None  # called after the prefill's update
-        return self.keys[: self.prompts, :, : self.shared], self.values[: self.prompts, :, : self.shared]
-
-    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        assert self.keys is not None and self.values is not None  # called after the prefill's update
-        lo = self.shared
-        self.keys[dst, :, lo : self.length] = self.keys[src, :, lo : self.length]
-        self.values[dst, :, lo : self.length] = self.values[src, :, lo : self.length]
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("SlabLayer compacts with move_rows")
-
-
-class SlabCache(Cache):
-    """A transformers ``Cache`` of :class:`SlabLayer` s (one per decoder layer)."""
-
-    def __init__(self, num_layers: int, rows: int, capacity: int):
-        super().__init__(layers=[SlabLayer(rows, capacity) for _ in range(num_layers)])
-
-    def move_rows(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        for layer in cast("list[SlabLayer]", self.layers):  # all SlabLayers, built in __init__
-            layer.move_rows(dst, src)
-
-    def keep_prefix(self, prompts: int) -> None:
-        for layer in cast("list[SlabLayer]", self.layers):
-            layer.keep_prefix(prompts)
-
-
-def _compaction(live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Slots to fill and the rows to fill them with so that the live rows are the first ``m``: each dead slot below
-    ``m`` takes one live row from ``m`` on (the fewest rows moved)."""
-    m = int(live.sum())
-    dst = (~live[:m]).nonzero().squeeze(-1)
-    src = live[m:].nonzero().squeeze(-1) + m
-    return dst, src, m
+def _draw(logits, b: _Batch, out: _Answers, t: int, gen, temperature, top_p, stop_ids) -> torch.Tensor:
+    """Step ``t``'s token of every slot, recorded for the live ones (a stop token ends its answer); returns them."""
+    logp = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+    draw = _top_p_filter(logp, top_p) if top_p < 1.0 else logp
+    # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p (cheaper than multinomial on CPU); the noise rows
+    # follow answer order, so the draws do not depend on where compaction put each answer
+    u = torch.rand(draw.shape, generator=gen, device=b.dev)
+    if b.rank is not None:
+        u = u[b.rank]
+    noise = -torch.log(-torch.log(u.clamp_(min=1e-20)))
+    tok = (draw + noise).argmax(-1)
+    rows = b.alive[b.live]
+    out.tokens[rows, t] = tok[b.live]
+    out.logps[rows, t] = draw.gather(-1, tok[:, None]).squeeze(-1)[b.live]
+    out.ents[rows, t] = torch.special.entr(draw.exp()).sum(-1)[b.live]  # of the distribution drawn from
+    out.lengths[rows] = t + 1
+    stop = torch.isin(tok, stop_ids) & b.live
+    out.finished[b.alive[stop]] = True
+    b.live &= ~stop
+    return tok
 
 
 class TorchSampler:
@@ -272,7 +178,8 @@ class TorchSampler:
             return self.cascade
         if dev.type != "cpu":  # measured on CPU only
             return False
-        return repeated_prompt_bytes(model, prompts, n, prompt_len) >= CASCADE_MIN_BYTES
+        # read from its module at each call: a benchmark or test that sets the threshold there is seen here
+        return repeated_prompt_bytes(model, prompts, n, prompt_len) >= kv_cache.CASCADE_MIN_BYTES
 
     @torch.inference_mode()
     def _sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
@@ -283,120 +190,114 @@ class TorchSampler:
         model.eval()
         try:
             enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            P, B = len(enc), len(enc) * n
-            Lp = max(len(e) for e in enc)
-            dev = model_device(model)
-            ids = torch.full((P, Lp), self.pad_id, dtype=torch.long)
-            attn = torch.zeros((P, Lp), dtype=torch.long)
-            for i, e in enumerate(enc):
-                ids[i, Lp - len(e) :] = torch.tensor(e)
-                attn[i, Lp - len(e) :] = 1
-            ids, attn = ids.to(dev), attn.to(dev)
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            cap = -(-(Lp + max_new_tokens) // 16) * 16  # rows of the mask aligned for fused GPU attention kernels
-            cache = SlabCache(model.config.get_text_config(decoder=True).num_hidden_layers, B, cap)
-            out = model(
-                input_ids=ids,
-                attention_mask=attn,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            prepared = attention == "sdpa" and DECODE_GQA.get(dev.type) != "transformers"
-            cascade = prepared and n > 1 and self._use_cascade(model, P, n, Lp, dev)
-            if cascade:
-                cache.keep_prefix(P)
-                dtype = next(model.parameters()).dtype
-                prompt_bias = torch.zeros((P, Lp), dtype=dtype, device=dev).masked_fill_(
-                    ~attn.bool(), torch.finfo(dtype).min
-                )
-            elif n > 1:
-                cache.batch_repeat_interleave(n)
-            logits = out.logits[:, -1, :].float().repeat_interleave(n, dim=0)
-            # the key mask of every row over every position it can reach: the prompt's padding, then its answer
-            keymask = torch.ones((B, cap), dtype=torch.bool, device=dev)
-            keymask[:, :Lp] = attn.repeat_interleave(n, dim=0).bool()
-            # with sdpa, each step's attention takes an additive (rows, 1, 1, keys) view of one buffer built here (a
-            # float mask runs faster than a boolean one on CPU), not a mask built by transformers per step
-            if prepared and not cascade:
-                dtype = next(model.parameters()).dtype
-                bias = torch.zeros(keymask.shape, dtype=dtype, device=dev).masked_fill_(
-                    ~keymask, torch.finfo(dtype).min
-                )
-                bias4 = bias[:, None, None, :]
-            next_pos = pos[:, -1:].repeat_interleave(n, dim=0) + 1
-
-            gen = torch.Generator(device=dev).manual_seed(int(seed))
-            stop_ids = self.stop_ids.to(dev)
-            tokens = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
-            logps = torch.zeros((B, max_new_tokens), device=dev)
-            ents = torch.zeros((B, max_new_tokens), device=dev)
-            lengths = torch.zeros(B, dtype=torch.long, device=dev)
-            finished = torch.zeros(B, dtype=torch.bool, device=dev)
-            alive = torch.arange(B, device=dev)  # the answer each slot of the batch holds
-            live = torch.ones(B, dtype=torch.bool, device=dev)  # slots still generating
-            rank = None  # each slot's place in answer order, once compaction has permuted them
-            for t in range(max_new_tokens):
-                logp = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
-                draw = _top_p_filter(logp, top_p) if top_p < 1.0 else logp
-                # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p (cheaper than multinomial on CPU); the
-                # noise rows follow answer order, so the draws do not depend on where compaction put each answer
-                u = torch.rand(draw.shape, generator=gen, device=dev)
-                if rank is not None:
-                    u = u[rank]
-                noise = -torch.log(-torch.log(u.clamp_(min=1e-20)))
-                tok = (draw + noise).argmax(-1)
-                rows = alive[live]
-                tokens[rows, t] = tok[live]
-                logps[rows, t] = draw.gather(-1, tok[:, None]).squeeze(-1)[live]
-                ents[rows, t] = torch.special.entr(draw.exp()).sum(-1)[live]  # of the distribution drawn from
-                lengths[rows] = t + 1
-                stop = torch.isin(tok, stop_ids) & live
-                finished[alive[stop]] = True
-                live &= ~stop
-                if t + 1 == max_new_tokens or not bool(live.any()):
-                    break
-                # drop finished rows once they are a quarter of the batch (in between they ride along and their
-                # tokens are ignored): the last live rows move into their slots, the batch is its first m slots
-                if int((~live).sum()) * 4 >= len(live):
-                    dst, src, m = _compaction(live)
-                    cache.move_rows(dst, src)
-                    for a in (alive, tok, next_pos):
-                        a[dst] = a[src]
-                    if not prepared:  # the mask each step takes: transformers' boolean one, or the bias
-                        keymask[dst] = keymask[src]
-                    elif not cascade:
-                        bias[dst] = bias[src]
-                    alive, tok, next_pos = alive[:m], tok[:m], next_pos[:m]
-                    live = torch.ones(m, dtype=torch.bool, device=dev)
-                    rank = alive.argsort().argsort()
-                L = Lp + t + 1
-                # this step's attention mask: a SharedPrefix or the bias view (for DECODE_ATTENTION), or a key mask
-                step_mask: dict[str, SharedPrefix | torch.Tensor] | torch.Tensor
-                if cascade:
-                    model.config._attn_implementation = DECODE_ATTENTION
-                    step_mask = {"full_attention": SharedPrefix(cache, alive, n, prompt_bias, rank is not None)}
-                elif prepared:
-                    model.config._attn_implementation = DECODE_ATTENTION
-                    step_mask = {"full_attention": bias4[: len(live), :, :, :L]}
-                else:
-                    step_mask = keymask[: len(live), :L]
-                out = model(
-                    input_ids=tok[:, None],
-                    attention_mask=step_mask,
-                    position_ids=next_pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                logits = out.logits[:, -1, :].float()
-                next_pos = next_pos + 1
+            b, logits = self._prefill(model, enc, n, max_new_tokens, attention)
+            answers = self._decode(model, b, logits, max_new_tokens, temperature, top_p, seed)
         finally:
             model.train(was_training)
             if attention is not None:
                 model.config._attn_implementation = attention
-        tokens, logps, lengths, finished = tokens.cpu(), logps.float().cpu(), lengths.cpu(), finished.cpu()
-        ents = ents.float().cpu()
+        return self._rollout(enc, n, answers)
+
+    def _prefill(
+        self, model, enc: list[list[int]], n: int, max_new_tokens: int, attention
+    ) -> tuple[_Batch, torch.Tensor]:
+        """Run the prompts (left-padded) once into a cache with room for their ``n`` answers each and the longest
+        answer; build the masks the decoding steps take. Returns the batch and the first step's logits per answer."""
+        P, B = len(enc), len(enc) * n
+        Lp = max(len(e) for e in enc)
+        dev = model_device(model)
+        ids = torch.full((P, Lp), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((P, Lp), dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, Lp - len(e) :] = torch.tensor(e)
+            attn[i, Lp - len(e) :] = 1
+        ids, attn = ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        cap = -(-(Lp + max_new_tokens) // 16) * 16  # rows of the mask aligned for fused GPU attention kernels
+        cache = SlabCache(model.config.get_text_config(decoder=True).num_hidden_layers, B, cap)
+        out = model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        prepared = attention == "sdpa" and DECODE_GQA.get(dev.type) != "transformers"
+        cascade = prepared and n > 1 and self._use_cascade(model, P, n, Lp, dev)
+        prompt_bias = bias = bias4 = None
+        if cascade:
+            cache.keep_prefix(P)
+            dtype = next(model.parameters()).dtype
+            prompt_bias = torch.zeros((P, Lp), dtype=dtype, device=dev).masked_fill_(
+                ~attn.bool(), torch.finfo(dtype).min
+            )
+        elif n > 1:
+            cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1, :].float().repeat_interleave(n, dim=0)
+        # the key mask of every row over every position it can reach: the prompt's padding, then its answer
+        keymask = torch.ones((B, cap), dtype=torch.bool, device=dev)
+        keymask[:, :Lp] = attn.repeat_interleave(n, dim=0).bool()
+        # with sdpa, each step's attention takes an additive (rows, 1, 1, keys) view of one buffer built here (a
+        # float mask runs faster than a boolean one on CPU), not a mask built by transformers per step
+        if prepared and not cascade:
+            dtype = next(model.parameters()).dtype
+            bias = torch.zeros(keymask.shape, dtype=dtype, device=dev).masked_fill_(~keymask, torch.finfo(dtype).min)
+            bias4 = bias[:, None, None, :]
+        next_pos = pos[:, -1:].repeat_interleave(n, dim=0) + 1
+        alive = torch.arange(B, device=dev)
+        live = torch.ones(B, dtype=torch.bool, device=dev)
+        batch = _Batch(cache, dev, n, Lp, prepared, cascade, keymask, bias, bias4, prompt_bias, next_pos, alive, live)
+        return batch, logits
+
+    def _decode(self, model, b: _Batch, logits, max_new_tokens: int, temperature, top_p, seed) -> _Answers:
+        """Draw up to ``max_new_tokens`` tokens per answer, one decoding step at a time, until every answer stopped."""
+        gen = torch.Generator(device=b.dev).manual_seed(int(seed))
+        stop_ids = self.stop_ids.to(b.dev)
+        out = _Answers.empty(len(b.alive), max_new_tokens, self.pad_id, b.dev)
+        for t in range(max_new_tokens):
+            tok = _draw(logits, b, out, t, gen, temperature, top_p, stop_ids)
+            if t + 1 == max_new_tokens or not bool(b.live.any()):
+                break
+            # drop finished rows once they are a quarter of the batch (in between they ride along and their tokens
+            # are ignored)
+            if int((~b.live).sum()) * 4 >= len(b.live):
+                tok = b.compact(tok)
+            logits = self._step(model, b, tok, b.prompt_len + t + 1)
+        return out
+
+    @staticmethod
+    def _step(model, b: _Batch, tok: torch.Tensor, L: int) -> torch.Tensor:
+        """One decoding step: the batch's tokens ``tok`` into the cache, attending to its first ``L`` positions;
+        returns the next logits."""
+        # this step's attention mask: a SharedPrefix or the bias view (for DECODE_ATTENTION), or a key mask
+        step_mask: dict[str, SharedPrefix | torch.Tensor] | torch.Tensor
+        if b.cascade:
+            assert b.prompt_bias is not None  # built by the prefill for cascade
+            model.config._attn_implementation = DECODE_ATTENTION
+            step_mask = {"full_attention": SharedPrefix(b.cache, b.alive, b.n, b.prompt_bias, b.rank is not None)}
+        elif b.prepared:
+            assert b.bias4 is not None  # built by the prefill when prepared without cascade
+            model.config._attn_implementation = DECODE_ATTENTION
+            step_mask = {"full_attention": b.bias4[: len(b.live), :, :, :L]}
+        else:
+            step_mask = b.keymask[: len(b.live), :L]
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=step_mask,
+            position_ids=b.next_pos,
+            past_key_values=b.cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1, :].float()
+        b.next_pos = b.next_pos + 1
+        return logits
+
+    def _rollout(self, enc: list[list[int]], n: int, out: _Answers) -> Rollout:
+        """The answers as a Rollout on the CPU: each response cut at its length and padded to the longest."""
+        B = len(enc) * n
+        tokens, logps, lengths = out.tokens.cpu(), out.logps.float().cpu(), out.lengths.cpu()
+        finished, ents = out.finished.cpu(), out.ents.float().cpu()
         T = max(int(lengths.max()), 1)
         mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
         response = tokens[:, :T].masked_fill(mask == 0, self.pad_id)

@@ -123,7 +123,7 @@ class TrainConfig:
     experiment: str = ""
     """MLflow experiment; empty: the study's name (``study.name``)."""
     tracking_uri: str = ""
-    """MLflow URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<repository>/mlflow.db (nft.tracking.resolve_uri)."""
+    """MLflow URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<repository>/mlflow.db (nft.tracking_store.resolve_uri)."""
     tracking: bool = True
 
     def __post_init__(self):

@@ -24,7 +24,8 @@ from ..flat import flatten
 from ..modeling import load_policy, pad_id
 from ..reward import GraderPool
 from ..rollout import Sampler, make_sampler
-from ..tracking import MLflowTracker, NullTracker, Tracker, dvc_experiment, git_state, study_run
+from ..tracking import MLflowTracker, NullTracker, Tracker
+from ..tracking_store import dvc_experiment, git_state, study_run
 from .checkpoint import fingerprint, has_checkpoint, restore_checkpoint, truncate_history, usable_checkpoint
 from .config import TrainConfig
 from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed, model_hidden_size, resolve_deepspeed_config

@@ -104,7 +104,7 @@ def test_report_files_and_figures(tmp_path):
 
 
 def test_same_numbers_from_mlflow(tmp_path):
-    from nft.tracking import replay
+    from nft.tracking_replay import replay
 
     runs = make_runs(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -8,8 +8,9 @@ import torch
 from nft.data.prompts import render_prompt
 from nft.data.synthetic import SyntheticConfig, build_splits
 from nft.modeling import load_policy, response_logprobs
-from nft.rollout import torch_sampler
-from nft.rollout.torch_sampler import SlabCache, TorchSampler, _compaction
+from nft.rollout import kv_cache
+from nft.rollout.kv_cache import SlabCache, _compaction
+from nft.rollout.torch_sampler import TorchSampler
 
 
 def test_compaction_fills_each_hole_with_one_live_row_from_the_tail():
@@ -55,9 +56,9 @@ def policy(tiny_study):
 def test_every_row_matches_the_trainer_through_compactions(policy, monkeypatch, cascade):
     model, tok, prompts = policy
     moves, cascades = [], []
-    real, real_cascade = SlabCache.move_rows, torch_sampler._cascade
+    real, real_cascade = SlabCache.move_rows, kv_cache._cascade
     monkeypatch.setattr(SlabCache, "move_rows", lambda self, dst, src: (moves.append(len(dst)), real(self, dst, src)))
-    monkeypatch.setattr(torch_sampler, "_cascade", lambda *a: (cascades.append(a[3].compacted), real_cascade(*a))[1])
+    monkeypatch.setattr(kv_cache, "_cascade", lambda *a: (cascades.append(a[3].compacted), real_cascade(*a))[1])
     ro = TorchSampler(model, tok, cascade=cascade).sample(prompts, 4, max_new_tokens=48, temperature=1.2, seed=11)
     assert (True in cascades and False in cascades) if cascade else not cascades  # before and after compactions
     lengths = ro.mask.sum(-1)
@@ -103,7 +104,7 @@ def test_cascade_is_chosen_by_the_prompt_bytes_it_saves(policy, monkeypatch):
     sampler = TorchSampler(model, tok)
     cfg = model.config
     per = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2 * 4  # bytes per position
-    monkeypatch.setattr(torch_sampler, "CASCADE_MIN_BYTES", 10 * 7 * 50 * per)
+    monkeypatch.setattr(kv_cache, "CASCADE_MIN_BYTES", 10 * 7 * 50 * per)
     cpu = torch.device("cpu")
     assert sampler._use_cascade(model, 10, 8, 50, cpu) and not sampler._use_cascade(model, 10, 8, 49, cpu)
     assert not sampler._use_cascade(model, 10, 8, 50, torch.device("meta"))  # measured on CPU only
@@ -123,7 +124,7 @@ def test_every_decode_attention_mode_draws_the_same_answers(policy, monkeypatch,
     model, tok, prompts = policy
     assert model.config.num_attention_heads > model.config.num_key_value_heads  # grouped query heads to serve
     ref = TorchSampler(model, tok).sample(prompts, 3, max_new_tokens=32, seed=7)
-    monkeypatch.setitem(torch_sampler.DECODE_GQA, "cpu", mode)
+    monkeypatch.setitem(kv_cache.DECODE_GQA, "cpu", mode)
     got = TorchSampler(model, tok).sample(prompts, 3, max_new_tokens=32, seed=7)
     assert torch.equal(ref.response, got.response)
     assert (ref.logprobs - got.logprobs).abs().max() < 5e-5  # another summation order; the answers are equal
