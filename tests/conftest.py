@@ -138,17 +138,55 @@ def copy_checkout(dst: Path) -> Path:
     return dst
 
 
-def nft_cli(*args, check=True, env=None, cwd=None):
-    r = subprocess.run(
-        [sys.executable, "-m", "nft.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-    )
+def nft_cli(*args, check=True, env=None, cwd=None, process=False):
+    """``nft ARGS`` in this process (``nft.cli.main``, output captured; the environment, working directory and torch's
+    thread count restored afterwards), or with ``process=True`` as a child process where a process of its own is the
+    point (signals, exit codes of the interpreter, a launcher). Returns a ``CompletedProcess``."""
+    args = [str(a) for a in args]
+    if process:
+        r = subprocess.run(
+            [sys.executable, "-m", "nft.cli", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
+    else:
+        r = _in_process(args, env, cwd)
     if check and r.returncode != 0:
-        raise AssertionError(f"nft {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        raise AssertionError(f"nft {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
+
+
+def _in_process(args: list[str], env: dict | None, cwd) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import traceback
+
+    import torch
+
+    from nft.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    try:
+        os.environ.update(env or {})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = main(args)
+            except SystemExit as e:  # argparse's usage errors
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # as the interpreter reports an uncaught exception
+                traceback.print_exc()
+                rc = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["nft", *args], rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")
