@@ -156,6 +156,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         full_config=full,
         progress=not args.quiet,
         variant=args.algo,
+        checkpoints=args.checkpoints,
     )
     if final:  # rank 0 (the other ranks of a launcher return nothing)
         accs = {k: round(v, 4) for k, v in final.items() if k.startswith("val/") and "avg@" in k}
@@ -287,6 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
+    p.add_argument(
+        "--checkpoints",
+        default=None,
+        help="a folder of its own for the run's checkpoints (default: inside --out); the pipeline keeps them out "
+        "of the run folder that DVC caches",
+    )
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("evaluate", help="sample k answers per problem and grade them: avg@k, pass@k, maj@k")
     p.add_argument("--model", required=True, help="save_pretrained folder")
@@ -346,13 +353,21 @@ def tune_malloc() -> bool:
         return False
 
 
+#: the exit status of a run stopped by SIGTERM/SIGUSR1 after its checkpoint (128 + SIGTERM, as a shell reports it)
+PREEMPTED_EXIT = 143
+
+
 def main(argv: list[str] | None = None) -> int:
     from nft.config import ConfigError
+    from nft.train import Preempted
 
     args = build_parser().parse_args(argv)
     tune_malloc()
     try:
         return int(args.func(args) or 0)
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return PREEMPTED_EXIT
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"nft {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -181,13 +181,9 @@ def _spreader(inv: torch.Tensor, n: int):
     return lambda x: x.index_select(0, inv)
 
 
-def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: int):
-    """Logits ``[B, T, V]`` predicting each response token, running every distinct prompt once.
-
-    The K answers to a question share its prompt: the prompts are run once (with gradient), their KV cache is
-    gathered to the answers' rows, and only the answers run per row. Gradients flow through the cache into the prompt
-    computation, so this equals one forward over the packed sequences (tested), at a fraction of the cost when
-    prompts are long compared with answers."""
+def _distinct_prompts(prompt_ids, pad_id: int, dev):
+    """Each distinct prompt once, left-padded: ``(input_ids, attention_mask, position_ids, inv)`` with ``inv`` the
+    row of each answer's prompt."""
     keys = [tuple(p) for p in prompt_ids]
     first: dict[tuple, int] = {}
     for k in keys:
@@ -201,12 +197,22 @@ def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: in
         ids[i, Lp - len(p) :] = torch.tensor(p, dtype=torch.long)
         attn[i, Lp - len(p) :] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    dev = model_device(model)
-    ids, attn, pos, inv = ids.to(dev), attn.to(dev), pos.to(dev), inv.to(dev)
+    return ids.to(dev), attn.to(dev), pos.to(dev), inv.to(dev)
+
+
+def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: int):
+    """Logits ``[B, T, V]`` predicting each response token, running every distinct prompt once.
+
+    The K answers to a question share its prompt: the prompts are run once (with gradient), their KV cache is
+    gathered to the answers' rows, and only the answers run per row. Gradients flow through the cache into the prompt
+    computation, so this equals one forward over the packed sequences (tested), at a fraction of the cost when
+    prompts are long compared with answers."""
+    ids, attn, pos, inv = _distinct_prompts(prompt_ids, pad_id, model_device(model))
+    dev = ids.device
     response, response_mask = response.to(dev), response_mask.to(dev)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    spread = _spreader(inv, len(uniq))  # not DynamicLayer's batch_select_indices (x[inv]): see _spreader
+    spread = _spreader(inv, ids.shape[0])  # not DynamicLayer's batch_select_indices (x[inv]): see _spreader
     for layer in cache.layers:
         layer.keys, layer.values = spread(layer.keys), spread(layer.values)
     B, T = response.shape
@@ -220,6 +226,91 @@ def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: in
     return torch.cat([spread(out.logits[:, -1:, :]), out2.logits[:, :-1, :]], dim=1)
 
 
+def logit_chunk(tokens: int, vocab: int, budget_mb: float) -> int:
+    """Tokens per chunk of a log-prob pass: 0 (one pass over all ``tokens``) when their fp32 logits fit in
+    ``budget_mb``, else as many tokens as fit (at least one). ``budget_mb`` 0: never chunked."""
+    budget = int(budget_mb * 2**20)
+    if not budget or tokens * vocab * 4 <= budget:
+        return 0
+    return max(1, budget // (vocab * 4))
+
+
+def _head_logprobs(head, h: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """Log-probs of ``targets`` and the entropy (no gradient) per row of hidden states ``h`` ``[n, H]``: the same
+    operations as the one-pass path, on ``n`` rows."""
+    logits = head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def _chunked_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int):
+    """:func:`_head_logprobs` over ``[B, T]`` positions, ``chunk`` at a time. Under autograd each chunk's logits are
+    recomputed in the backward pass (``torch.utils.checkpoint``), so one chunk's ``[chunk, vocab]`` logits are alive
+    at a time, forward and backward, instead of the whole ``[B, T, vocab]`` (a selective log-softmax)."""
+    from torch.utils.checkpoint import checkpoint
+
+    B, T, H = hidden.shape
+    flat_h, flat_t = hidden.reshape(B * T, H), targets.reshape(B * T)
+    lps, ents = [], []
+    for s in range(0, B * T, chunk):
+        h, t = flat_h[s : s + chunk], flat_t[s : s + chunk]
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(_head_logprobs, head, h, t, temperature, use_reentrant=False)
+        else:
+            lp, ent = _head_logprobs(head, h, t, temperature)
+        lps.append(lp)
+        ents.append(ent.detach())
+    return torch.cat(lps).reshape(B, T), torch.cat(ents).reshape(B, T)
+
+
+def _hidden(model, **kwargs):
+    """``(output, final hidden states)`` of a forward pass whose head runs on the last position only: the decoder's
+    post-norm output, taken by a hook. The pass goes through ``model`` itself (a DeepSpeed engine's forward keeps its
+    ZeRO bookkeeping)."""
+    core = getattr(model, "module", model)
+    seen: dict = {}
+
+    def grab(module, args, out):
+        seen["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    hook = core.get_decoder().register_forward_hook(grab)
+    try:
+        out = model(**kwargs, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return out, seen["h"]
+
+
+def _shared_prefix_hidden(model, prompt_ids, response, response_mask, pad_id: int):
+    """:func:`_shared_prefix_logits` as hidden states ``[B, T, H]`` (the head not applied)."""
+    ids, attn, pos, inv = _distinct_prompts(prompt_ids, pad_id, model_device(model))
+    dev = ids.device
+    response, response_mask = response.to(dev), response_mask.to(dev)
+    out, h_prompt = _hidden(model, input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    cache = out.past_key_values
+    spread = _spreader(inv, ids.shape[0])
+    for layer in cache.layers:
+        layer.keys, layer.values = spread(layer.keys), spread(layer.values)
+    B, T = response.shape
+    full_attn = torch.cat([attn[inv], (response_mask > 0).long()], dim=-1)
+    resp_pos = pos[inv, -1:] + 1 + torch.arange(T, device=dev)[None, :]
+    resp_ids = torch.where(response_mask > 0, response, torch.full_like(response, pad_id))
+    _, h_resp = _hidden(
+        model,
+        input_ids=resp_ids,
+        attention_mask=full_attn,
+        position_ids=resp_pos,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return torch.cat([spread(h_prompt[:, -1:, :]), h_resp[:, :-1, :]], dim=1)
+
+
 def response_logprobs(
     model,
     prompt_ids,
@@ -229,15 +320,33 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     shared_prefix: bool = True,
+    chunk_mb: float = 0.0,
 ):
     """Log-probs ``[B, T]`` of the response tokens under ``model`` (and the per-token entropy ``[B, T]``).
 
     Gradients flow when called outside ``torch.no_grad``. Inputs may live on the CPU; outputs are on the model's
     device. Logits are divided by ``temperature`` (as verl does) so that old and new log-probs refer to the sampling
     distribution. ``shared_prefix`` runs each distinct prompt once (:func:`_shared_prefix_logits`); False packs
-    prompt + answer per row (the reference path).
+    prompt + answer per row (the reference path). ``chunk_mb``: where the pass's fp32 logits would exceed this many
+    MB, the head runs over chunks of tokens (:func:`_chunked_logprobs`: the same values to rounding, memory
+    O(chunk x vocabulary)); 0 never chunks.
     """
-    T = response.shape[1]
+    B, T = response.shape
+    core = getattr(model, "module", model)
+    chunk = logit_chunk(B * T, core.config.vocab_size, chunk_mb)
+    if chunk:
+        if shared_prefix:
+            hidden = _shared_prefix_hidden(model, prompt_ids, response, response_mask, pad_id)
+        else:
+            ids, attn, pos, Lp = pack(prompt_ids, response, response_mask, pad_id)
+            dev = model_device(model)
+            _, h = _hidden(
+                model, input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), use_cache=False
+            )
+            hidden = h[:, Lp - 1 : Lp + T - 1, :]
+        targets = response.to(hidden.device).clamp(min=0)
+        logp, entropy = _chunked_logprobs(core.get_output_embeddings(), hidden, targets, temperature, chunk)
+        return logp, (entropy if with_entropy else None)
     if shared_prefix:
         logits = _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id).float()
     else:

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCHMARKS = REPO.parent / "shared" / "benchmarks"
 
 #: what `make study` and the other commands write into the checkout; tests neither read nor write them
-CHECKOUT_OUTPUTS = ("data", "models", "runs", "evals", "reports", "sweeps", "mlflow.db", "dvc.lock")
+CHECKOUT_OUTPUTS = ("data", "models", "runs", "checkpoints", "evals", "reports", "sweeps", "mlflow.db", "dvc.lock")
 
 
 def _outputs_state(root: Path) -> dict[str, tuple[int, int]]:
@@ -114,6 +114,7 @@ def copy_checkout(dst: Path) -> Path:
         "data",
         "models",
         "runs",
+        "checkpoints",
         "evals",
         "reports",
         "mlflow.db",

@@ -78,3 +78,32 @@ def test_pad_id_falls_back_to_eos_then_the_first_stop_token():
     tok.eos_token_id = None
     assert pad_id(tok) == 5
     assert length_mask(torch.tensor([2, 0, 3]), 3).tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1]]
+
+
+def test_chunked_logprobs_equal_one_pass_with_one_chunk_of_logits_alive(tiny_study):
+    """The log-prob pass over chunks of tokens (each chunk's logits recomputed in backward) gives the one-pass
+    values, entropies and gradients, on both forward paths; the embedded default's sizes are never chunked."""
+    from nft.modeling import logit_chunk
+
+    _, _, base = tiny_study
+    model, tok = load_policy(str(base))
+    problems = build_splits(SyntheticConfig(families=["add"], tiers=["medium"], train_size=50, eval_size=8))["train"]
+    ro = TorchSampler(model, tok).sample([render_prompt(tok, p.question) for p in problems[:4]], 3, max_new_tokens=16, seed=2)
+    on = ro.mask > 0
+    V = model.config.vocab_size
+    assert logit_chunk(64 * 1024, 512, 128.0) == 0  # 128 MB of logits hold 64K tokens of the embedded vocabulary
+    assert logit_chunk(4096, 151936, 128.0) == 220 and logit_chunk(4096, 151936, 0.0) == 0
+    chunk_mb = 5 * V * 4 / 2**20  # 5 tokens a chunk
+    assert logit_chunk(ro.response.numel(), V, chunk_mb) == 5
+    for shared in (False, True):
+        out = []
+        for mb in (0.0, chunk_mb):
+            model.zero_grad()
+            lp, ent = response_logprobs(
+                model, ro.prompt_ids, ro.response, ro.mask, tok.pad_token_id, 1.3, True, shared, chunk_mb=mb
+            )
+            (lp * ro.mask).sum().backward()
+            out.append((lp, ent, torch.cat([p.grad.flatten() for p in model.parameters()])))
+        (lp0, ent0, g0), (lp1, ent1, g1) = out
+        assert (lp0 - lp1)[on].abs().max() < 1e-6 and (ent0 - ent1)[on].abs().max() < 1e-6
+        assert (g0 - g1).norm() <= 1e-6 * g0.norm()

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..dist import Dist
 from ..io import atomic_write_json, staging_dir, staging_path
 from .seeds import Cursor
 
@@ -51,15 +52,20 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, step: int) -> None:
-    """``manifest.json``: every file under ``folder`` with its size and sha256 (written last: its presence says the
-    checkpoint is complete)."""
-    files = {
+def write_manifest(folder: Path, step: int, dist: Dist | None = None) -> None:
+    """``manifest.json``: every file under ``folder`` with its size and sha256 (written last, by rank 0: its presence
+    says the checkpoint is complete). A collective under several processes: each rank hashes its share of the files
+    (every ``world``-th, on the shared checkpoint folder) and rank 0 gathers the hashes."""
+    dist = dist or Dist()
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    mine = {
         str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        for p in paths[dist.rank :: dist.world]
     }
-    atomic_write_json(folder / MANIFEST, {"step": step, "files": files})
+    parts = dist.gather(mine) if dist.world > 1 else [mine]
+    if dist.is_main:
+        files = {k: v for part in parts for k, v in part.items()}
+        atomic_write_json(folder / MANIFEST, {"step": step, "files": dict(sorted(files.items()))})
 
 
 def check_manifest(folder: Path) -> str | None:
@@ -103,7 +109,9 @@ def save_checkpoint(run_dir: Path, tokenizer, engine, cursor: Cursor, step: int)
             },
             tmp / "state.pt",
         )
-        write_manifest(tmp, step)
+    dist.barrier()
+    write_manifest(tmp, step, dist)
+    if dist.is_main:
         _rotate(tmp, run_dir)
     dist.barrier()
 

@@ -120,6 +120,10 @@ class TrainConfig:
     push_bucket_mb: float = 64.0
     """ZeRO-3 weight push to the sampler: parameters are gathered a bucket of up to this many MB (full size, in the
     training dtype) at a time, one all-gather per bucket; 0 gathers one parameter at a time."""
+    logprob_chunk_mb: float = 128.0
+    """the trainer's log-prob pass: where its fp32 logits (tokens x vocabulary x 4 bytes) would exceed this many MB,
+    the head runs over chunks of tokens this size, each recomputed in the backward pass (``nft.modeling``); peak memory
+    about 4 chunks instead of about 4 whole logits tensors (2.4 GB each at 4,096 tokens x 151,936). 0: never."""
     experiment: str = ""
     """MLflow experiment; empty: the study's name (``study.name``)."""
     tracking_uri: str = ""
@@ -192,6 +196,8 @@ class TrainConfig:
                 f"train.gen_batch_prompts ({self.gen_batch_prompts}) is below train.prompts_per_step "
                 f"({self.prompts_per_step}); 0 means P"
             )
+        if self.logprob_chunk_mb < 0:
+            raise ValueError(f"train.logprob_chunk_mb: expected >= 0 (0: one pass), got {self.logprob_chunk_mb}")
         if self.push_bucket_mb < 0:
             raise ValueError(
                 f"train.push_bucket_mb: expected >= 0 (0: one parameter at a time), got {self.push_bucket_mb}"

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +38,7 @@ from ..dist import Dist
 from ..io import atomic_write_json, replace_dir, staging_dir, staging_path
 from ..progress import Progress
 from ..tracking import MLflowTracker, Tracker
+from . import Preempted
 from .checkpoint import save_checkpoint
 from .config import TrainConfig
 from .rollout import collect_rollout, reference_batch
@@ -43,7 +46,7 @@ from .setup import Run, check_backends, setup
 from .update import update
 from .validation import validate
 
-__all__ = ["check_backends", "run_training", "validate"]
+__all__ = ["Preempted", "check_backends", "run_training", "validate"]
 
 
 def _rollout_step(run: Run, step: int) -> dict:
@@ -95,8 +98,36 @@ def _finish(run: Run, last: dict) -> dict:
     return final
 
 
-def _steps(run: Run, history, progress: bool, on_validate: Callable | None) -> dict:
-    """The step loop (validation, progress, checkpoints); returns the last row."""
+class StopSignal:
+    """SIGTERM and SIGUSR1 (a scheduler's notice before it kills or preempts a job: SLURM's ``--signal``) set a flag
+    that the step loop reads after each rollout step; the ranks agree through one small collective, so that all of
+    them checkpoint the same step and stop."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.got: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._set) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def _set(self, signum, frame) -> None:
+        self.got = signal.Signals(signum).name
+
+    def requested(self, dist: Dist) -> bool:
+        return dist.sum(1.0 if self.got else 0.0) > 0
+
+
+def _steps(run: Run, history, progress: bool, on_validate: Callable | None, stop: StopSignal) -> dict:
+    """The step loop (validation, progress, checkpoints); returns the last row. On a stop signal: a checkpoint of the
+    step just done, then :class:`Preempted`."""
     cfg, dist = run.cfg, run.dist
     bar = Progress(
         f"train {run.variant}-s{run.seed}", cfg.steps, start=run.start_step, enabled=progress and dist.is_main
@@ -137,12 +168,18 @@ def _steps(run: Run, history, progress: bool, on_validate: Callable | None) -> d
         )
         if on_validate and dist.is_main and any(k.startswith("val/") for k in metrics):
             on_validate(done, last)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        stopping = stop.requested(dist)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
             if dist.is_main:
                 history.flush()
                 os.fsync(history.fileno())
-            save_checkpoint(run.run_dir, run.tokenizer, run.engine, run.cursor, done)
+            save_checkpoint(run.ckpt_dir, run.tokenizer, run.engine, run.cursor, done)
             run.tracker.flush()
+        if stopping and done < cfg.steps:
+            raise Preempted(
+                f"train: stopped by {stop.got or 'a signal to another rank'} after step {done} of {cfg.steps}; "
+                f"checkpoint written to {run.ckpt_dir}; rerun the same command to resume"
+            )
     return last
 
 
@@ -158,6 +195,7 @@ def run_training(
     tracker: Tracker | None = None,
     on_validate: Callable | None = None,
     variant: str | None = None,
+    checkpoints: str | Path | None = None,
 ) -> dict:
     """Train ``algo`` with ``seed`` into run folder ``out``; resumes from its checkpoint; returns final metrics.
 
@@ -165,16 +203,30 @@ def run_training(
     alone writes the run folder, logs and validates, and returns the metrics (the other ranks return ``{}``).
 
     ``on_validate(step, metrics)`` is called after every validation (Optuna reports and prunes from there; an
-    exception it raises stops the run with its checkpoint intact)."""
+    exception it raises stops the run with its checkpoint intact). ``checkpoints``: a folder of their own for the
+    run's checkpoints (the pipeline's: outside the run folder that DVC caches); default the run folder."""
     run = setup(
-        cfg, algo, seed, Path(out), study=study, full_config=full_config, tracker=tracker, variant=variant or algo
+        cfg,
+        algo,
+        seed,
+        Path(out),
+        study=study,
+        full_config=full_config,
+        tracker=tracker,
+        variant=variant or algo,
+        checkpoints=Path(checkpoints) if checkpoints else None,
     )
     if not isinstance(run, Run):
         return run
     history = (run.run_dir / "history.jsonl").open("a") if run.dist.is_main else None
     status = "FAILED"
     try:
-        final = _finish(run, _steps(run, history, progress, on_validate))
+        with StopSignal() as stop:
+            try:
+                final = _finish(run, _steps(run, history, progress, on_validate, stop))
+            except Preempted:
+                status = "KILLED"
+                raise
         status = "FINISHED"
         return final
     finally:

@@ -70,6 +70,8 @@ class Run:
     variant: str
     seed: int
     run_dir: Path
+    ckpt_dir: Path
+    """where the run's checkpoints are: the run folder, or a folder of their own (``nft train --checkpoints``)"""
     dist: Dist
     engine: Engine
     tokenizer: Any
@@ -105,16 +107,23 @@ class Run:
         return self.dist.broadcast(out)
 
 
-def _prepare_folder(run_dir: Path, fp: str, dist: Dist) -> dict | None:
-    """Start afresh on a folder of another configuration; return the final metrics of a finished run (``{}`` on
-    ranks other than 0), else ``None``."""
+def _afresh_if_other(folder: Path, fp: str, what: str) -> None:
+    fp_file = folder / "fingerprint"
+    if folder.is_dir() and fp_file.is_file() and fp_file.read_text().strip() != fp:
+        print(f"train: {folder} holds {what} of another configuration, base model or data; starting afresh", file=sys.stderr)
+        shutil.rmtree(folder)
+
+
+def _prepare_folder(run_dir: Path, fp: str, dist: Dist, ckpt_dir: Path) -> dict | None:
+    """Start afresh on a run folder (or checkpoint folder) of another configuration; return the final metrics of a
+    finished run (``{}`` on ranks other than 0), else ``None``."""
     fp_file, final_path = run_dir / "fingerprint", run_dir / "metrics.json"
-    if dist.is_main and run_dir.is_dir() and fp_file.is_file() and fp_file.read_text().strip() != fp:
-        print(
-            f"train: {run_dir} holds a run with another configuration, base model or data; starting afresh",
-            file=sys.stderr,
-        )
-        shutil.rmtree(run_dir)
+    if dist.is_main:
+        _afresh_if_other(run_dir, fp, "a run")
+        if ckpt_dir != run_dir:
+            _afresh_if_other(ckpt_dir, fp, "checkpoints")
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (ckpt_dir / "fingerprint").write_text(fp)
     dist.barrier()
     if final_path.is_file() and fp_file.is_file():
         if not dist.is_main:
@@ -214,17 +223,17 @@ class _Loaded:
 
 
 def _load(
-    cfg: TrainConfig, run_dir: Path, dist: Dist, ds_config: dict | None, n_train: int, order_seed: int
+    cfg: TrainConfig, run_dir: Path, ckpt_dir: Path, dist: Dist, ds_config: dict | None, n_train: int, order_seed: int
 ) -> _Loaded:
     """The policy in its engine and the data cursor, from the last usable checkpoint if there is one."""
     # ranks on one machine share its cores: more threads than that only contend (and OpenMP spins)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
     torch.set_num_threads(max(1, min(cfg.threads, (os.cpu_count() or 1) // max(per_node, 1))))
     # rank 0 checks the checkpoints (and sets damaged ones aside); every rank takes its answer
-    had = has_checkpoint(run_dir) if dist.is_main else False
-    ckpt = dist.broadcast(str(usable_checkpoint(run_dir) or "") if dist.is_main else None) or None
+    had = has_checkpoint(ckpt_dir) if dist.is_main else False
+    ckpt = dist.broadcast(str(usable_checkpoint(ckpt_dir) or "") if dist.is_main else None) or None
     if had and ckpt is None and dist.is_main:
-        print(f"train: {run_dir} has no usable checkpoint; starting the run afresh", file=sys.stderr)
+        print(f"train: {ckpt_dir} has no usable checkpoint; starting the run afresh", file=sys.stderr)
     resume = ckpt is not None
     source = str(Path(cast(str, ckpt)) / "model") if resume else cfg.model
     model, tokenizer = load_policy(source)
@@ -308,16 +317,19 @@ def setup(
     full_config: dict | None,
     tracker: Tracker | None,
     variant: str,
+    checkpoints: Path | None = None,
 ) -> Run | dict:
-    """Validate, then set up the run (or return the final metrics of a finished one)."""
+    """Validate, then set up the run (or return the final metrics of a finished one). ``checkpoints``: a folder of
+    their own for the run's checkpoints (default: the run folder)."""
     ins = _inputs(cfg, algo, seed)
     results_of = {**ins.resolved, "train": {k: v for k, v in ins.resolved["train"].items() if k not in TRACKING_KEYS}}
     dist = init_distributed(cfg.engine)
-    done = _prepare_folder(run_dir, fingerprint(results_of, ins.train_set, ins.val_sets, cfg.model), dist)
+    ckpt_dir = checkpoints or run_dir
+    done = _prepare_folder(run_dir, fingerprint(results_of, ins.train_set, ins.val_sets, cfg.model), dist, ckpt_dir)
     if done is not None:
         return done
     seeds = seed_block(seed)
-    got = _load(cfg, run_dir, dist, ins.ds_config, len(ins.train_set), seeds["seed/data_order"])
+    got = _load(cfg, run_dir, ckpt_dir, dist, ins.ds_config, len(ins.train_set), seeds["seed/data_order"])
     tags = _tags(cfg, algo, variant, seed, study, ins, dist)
     tracker = _track(
         cfg, run_dir, f"{variant}-s{seed}", study, ins, seeds, tags, got.resume, dist, tracker, full_config
@@ -339,6 +351,7 @@ def setup(
         variant,
         seed,
         run_dir,
+        ckpt_dir,
         dist,
         engine,
         got.tokenizer,

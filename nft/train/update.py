@@ -103,6 +103,7 @@ def old_logprobs(model, batch: dict, minis, passes, cfg: TrainConfig, pad_id: in
                     pad_id,
                     cfg.temperature,
                     shared_prefix=not cfg.gradient_checkpointing,
+                    chunk_mb=cfg.logprob_chunk_mb,
                 )
                 if part:
                     old[row_at(batch, part), : lp.shape[1]] = lp.float().cpu()
@@ -162,6 +163,7 @@ def _train_minibatch(st: _Step, rows: list[int], passes: list, first: bool) -> f
             cfg.temperature,
             with_entropy=True,
             shared_prefix=not cfg.gradient_checkpointing,
+            chunk_mb=cfg.logprob_chunk_mb,
         )
         logp = logp.float()
         dev = logp.device  # the loss is computed where the model is (inputs stay on the CPU)
