@@ -116,7 +116,9 @@ def main() -> None:
             check=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"log-prob pass, {rows[0]['tokens']} tokens x vocabulary {VOCAB} (fp32 logits {rows[0]['logits_fp32_gb']} GB)")
+    print(
+        f"log-prob pass, {rows[0]['tokens']} tokens x vocabulary {VOCAB} (fp32 logits {rows[0]['logits_fp32_gb']} GB)"
+    )
     print(f"{'chunk_mb':>9} {'peak over before (GB)':>22} {'of the logits':>14} {'seconds':>8}")
     for r in rows:
         frac = r["peak_over_before_gb"] / r["logits_fp32_gb"]

@@ -88,7 +88,9 @@ def test_chunked_logprobs_equal_one_pass_with_one_chunk_of_logits_alive(tiny_stu
     _, _, base = tiny_study
     model, tok = load_policy(str(base))
     problems = build_splits(SyntheticConfig(families=["add"], tiers=["medium"], train_size=50, eval_size=8))["train"]
-    ro = TorchSampler(model, tok).sample([render_prompt(tok, p.question) for p in problems[:4]], 3, max_new_tokens=16, seed=2)
+    ro = TorchSampler(model, tok).sample(
+        [render_prompt(tok, p.question) for p in problems[:4]], 3, max_new_tokens=16, seed=2
+    )
     on = ro.mask > 0
     V = model.config.vocab_size
     assert logit_chunk(64 * 1024, 512, 128.0) == 0  # 128 MB of logits hold 64K tokens of the embedded vocabulary

@@ -110,7 +110,10 @@ class Run:
 def _afresh_if_other(folder: Path, fp: str, what: str) -> None:
     fp_file = folder / "fingerprint"
     if folder.is_dir() and fp_file.is_file() and fp_file.read_text().strip() != fp:
-        print(f"train: {folder} holds {what} of another configuration, base model or data; starting afresh", file=sys.stderr)
+        print(
+            f"train: {folder} holds {what} of another configuration, base model or data; starting afresh",
+            file=sys.stderr,
+        )
         shutil.rmtree(folder)
 
 
