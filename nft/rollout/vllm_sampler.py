@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -153,7 +153,7 @@ class VLLMSampler:
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         dtype = opts.dtype if opts.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             model=str(model_dir),
             seed=int(seed),
             dtype=dtype,
@@ -232,7 +232,7 @@ class VLLMSampler:
             for c in sorted(o.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 rows.append(ids)
-                lps.append([lp[t].logprob for t, lp in zip(ids, c.logprobs)])
+                lps.append([lp[t].logprob for t, lp in zip(ids, cast("list[dict]", c.logprobs))])
                 fin.append(c.finish_reason == "stop" and bool(ids) and ids[-1] in self.stop_ids)
         B = len(rows)
         T = max(max((len(r) for r in rows), default=1), 1)
@@ -266,5 +266,5 @@ class VLLMSampler:
             SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
             use_tqdm=False,
         )[0]
-        lp = out.prompt_logprobs[len(prompt_ids) :]
+        lp = cast("list[dict]", out.prompt_logprobs)[len(prompt_ids) :]
         return torch.tensor([d[t].logprob for d, t in zip(lp, response_ids)])
