@@ -45,7 +45,11 @@ class VLLMOptions:
     enforce_eager: bool = False
     """no CUDA graphs (faster start, slower decoding; always on CPU)."""
     sleep: bool = False
-    """colocated on a GPU: sleep during training (weights to CPU, KV cache freed) and wake for sampling."""
+    """colocated on a GPU: sleep during training (KV cache freed, weights per ``sleep_level``) and wake for
+    sampling."""
+    sleep_level: int = 2
+    """vLLM's sleep level: 2 discards the weights (the push after every update overwrites them anyway), 1 copies
+    them to host memory and back every step."""
     dtype: str = "auto"
     """weights' dtype in the engine; ``auto``: float32 on CPU (the trainer's, so log-probs agree to 1e-4), bfloat16
     on GPUs (the paper presets train in bf16)."""
@@ -55,6 +59,8 @@ class VLLMOptions:
     """anything else for ``vllm.LLM(...)``, passed as is."""
 
     def __post_init__(self):
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"vllm.sleep_level: 1 or 2, got {self.sleep_level}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"vllm.tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -185,21 +191,28 @@ class VLLMSampler:
             weights = weights()
         sd = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
         if "weights" in self.asleep:  # the weights' memory first; the KV cache stays free until sampling
+            _free_cached_blocks()
             self.llm.wake_up(tags=["weights"])
-            self.asleep.discard("weights")
+            self.asleep -= {"weights", "stale"}
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(sd.items())})
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:
-        """Free the GPU for the trainer (``vllm.sleep``; level 1: weights to host memory, KV cache dropped)."""
+        """Free the GPU for the trainer (``vllm.sleep``: KV cache dropped; weights discarded at level 2, to host
+        memory at level 1)."""
         if self.opts.sleep and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = {"weights", "kv_cache"}
+            self.llm.sleep(level=self.opts.sleep_level)
+            self.asleep = {"weights", "kv_cache"} | ({"stale"} if self.opts.sleep_level == 2 else set())
 
     def wake(self) -> None:
-        if self.asleep:
-            self.llm.wake_up(tags=sorted(self.asleep))
-            self.asleep = set()
+        """Weights first, then the KV cache, each after the trainer's cached blocks are handed back to the device."""
+        if "stale" in self.asleep:
+            raise RuntimeError("vllm: the weights were discarded by sleep level 2 and not pushed since; push first")
+        for tag in ("weights", "kv_cache"):
+            if tag in self.asleep:
+                _free_cached_blocks()
+                self.llm.wake_up(tags=[tag])
+                self.asleep.discard(tag)
 
     # -- sampling -------------------------------------------------------------------------------------------------
     def sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
@@ -268,3 +281,10 @@ class VLLMSampler:
         )[0]
         lp = cast("list[dict]", out.prompt_logprobs)[len(prompt_ids) :]
         return torch.tensor([d[t].logprob for d, t in zip(lp, response_ids)])
+
+
+def _free_cached_blocks() -> None:
+    """Return the trainer's cached CUDA blocks to the device before vLLM takes memory back (without it the caching
+    allocator still holds them and the wake can run out of memory)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
