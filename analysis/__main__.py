@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ids = log_study(args.runs, args.out, flatten(study_metrics(numbers), ""))
         print(f"analysis: logged into MLflow study run(s) {ids}")
-    print(f"analysis: {len(numbers['variants'])} variants -> {args.out}/summary.md")
+    print(f"analysis: {len(numbers['arms'])} arms -> {args.out}/summary.md")
     return 0
 
 

@@ -80,7 +80,7 @@ def per_seed(
     if quantity == "accuracy":
         frame = seed_frame(final, arm, metric, benchmarks)
         return frame.dropna().mean(axis=1).to_numpy(dtype=float)
-    sub = history[(history.variant == arm) & (history.metric == ENTROPY_METRIC) & (history.step > 0)]
+    sub = history[(history.arm == arm) & (history.metric == ENTROPY_METRIC) & (history.step > 0)]
     out = []
     for _, g in sub.dropna(subset=["value"]).groupby("seed"):
         last = g.step.max()
@@ -128,7 +128,7 @@ def evaluate_claims(
 ) -> list[dict]:
     """Each claim whose two arms are in the study: the arms' means, the difference with its interval, the seed
     counts and the verdict. Claims about arms the study lacks are listed with ``verdict: not run``."""
-    arms = set(final.variant.unique()) | set(history.variant.unique())
+    arms = set(final.arm.unique()) | set(history.arm.unique())
     out = []
     for c in claims:
         row = {
@@ -144,7 +144,7 @@ def evaluate_claims(
             out.append({**row, "verdict": "not run", "note": f"the study has no {c.a if c.a not in arms else c.b} arm"})
             continue
         if c.on_policy:
-            steps = history[history.variant.isin([c.a, c.b]) & (history.metric == "train/optimizer_steps")].value
+            steps = history[history.arm.isin([c.a, c.b]) & (history.metric == "train/optimizer_steps")].value
             if steps.empty or (steps != 1).any():
                 out.append(
                     {

@@ -1,13 +1,13 @@
 """Finished runs -> tidy pandas frames, from run folders or from MLflow (same columns, same numbers).
 
-- ``history``: one row per (run, step, metric): ``run, algo, variant, seed, step, metric, value``;
-- ``final``: one row per (run, benchmark, metric) of the final evaluation: ``run, algo, variant, seed, benchmark,
+- ``history``: one row per (run, step, metric): ``run, algorithm, arm, seed, step, metric, value``;
+- ``final``: one row per (run, benchmark, metric) of the final evaluation: ``run, algorithm, arm, seed, benchmark,
   metric, value`` (from ``evals/<run>.json`` when present, else the run's last validation), plus the base model's
-  rows (variant ``base``) from ``evals/base.json`` when the pipeline evaluated it.
+  rows (arm ``base``) from ``evals/base.json`` when the pipeline evaluated it.
 
-``variant`` is the run's variant name (``nft-omega-sqrt`` from the study's ``variants``; the algorithm itself
+``arm`` is the run's arm (``nft-omega-sqrt``, a name in the study's ``arm_settings``; the algorithm itself
 otherwise; for runs without that tag, the algorithm plus its loss overrides, ``nft[omega=sqrt]``), so ablation runs
-of one algorithm stay apart.
+of one algorithm stay apart; ``algorithm`` is the registered loss the run trained.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import yaml
 
 from nft.evaluate import eval_benchmarks
 
-HISTORY_COLUMNS = ["run", "algo", "variant", "seed", "step", "metric", "value"]
-FINAL_COLUMNS = ["run", "algo", "variant", "seed", "benchmark", "metric", "value"]
+HISTORY_COLUMNS = ["run", "algorithm", "arm", "seed", "step", "metric", "value"]
+FINAL_COLUMNS = ["run", "algorithm", "arm", "seed", "benchmark", "metric", "value"]
 
 
-def variant_name(algo: str, overrides: dict | None) -> str:
+def arm_name(algo: str, overrides: dict | None) -> str:
+    """The arm of a run without an ``arm`` tag: its algorithm, with its loss overrides in brackets."""
     if not overrides:
         return algo
     return algo + "[" + ",".join(f"{k}={overrides[k]}" for k in sorted(overrides)) + "]"
@@ -34,14 +35,13 @@ def variant_name(algo: str, overrides: dict | None) -> str:
 def _run_identity(run_dir: Path) -> dict:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     res = cfg.get("resolved", {})
-    algo = res.get("algo") or run_dir.name.rsplit("-s", 1)[0]
+    algo = res.get("algorithm") or run_dir.name.rsplit("-s", 1)[0]
     overrides = ((res.get("train") or {}).get("loss") or {}).get(algo) or {}
     tags = json.loads((run_dir / "tags.json").read_text()) if (run_dir / "tags.json").is_file() else {}
-    variant = tags.get("variant") or variant_name(algo, overrides)
     return {
         "run": run_dir.name,
-        "algo": algo,
-        "variant": variant,
+        "algorithm": algo,
+        "arm": tags.get("arm") or arm_name(algo, overrides),
         "seed": int(res.get("seed", run_dir.name.rsplit("-s", 1)[-1] if "-s" in run_dir.name else 0)),
     }
 
@@ -53,7 +53,7 @@ def _history_rows(ident: dict, rows: list[dict]) -> list[tuple]:
         for k, v in r.items():
             if k == "step" or not isinstance(v, (int, float)) or isinstance(v, bool):
                 continue
-            out.append((ident["run"], ident["algo"], ident["variant"], ident["seed"], step, k, float(v)))
+            out.append((ident["run"], ident["algorithm"], ident["arm"], ident["seed"], step, k, float(v)))
     return out
 
 
@@ -63,12 +63,14 @@ def _final_rows(ident: dict, eval_json: dict | None, last_val: dict) -> list[tup
         for bench, metrics in eval_benchmarks(eval_json).items():
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    out.append((ident["run"], ident["algo"], ident["variant"], ident["seed"], bench, k, float(v)))
+                    out.append((ident["run"], ident["algorithm"], ident["arm"], ident["seed"], bench, k, float(v)))
     else:
         for k, v in last_val.items():
             parts = k.split("/")
             if len(parts) == 3 and parts[0] == "val" and parts[1] != "mean":
-                out.append((ident["run"], ident["algo"], ident["variant"], ident["seed"], parts[1], parts[2], float(v)))
+                out.append(
+                    (ident["run"], ident["algorithm"], ident["arm"], ident["seed"], parts[1], parts[2], float(v))
+                )
     return out
 
 
@@ -89,10 +91,10 @@ BASE = "base"
 
 
 def _add_base(evals_dir, final: list) -> None:
-    """The base model's final-evaluation rows (variant ``base``, seed 0) when ``evals/base.json`` exists."""
+    """The base model's final-evaluation rows (arm ``base``, seed 0) when ``evals/base.json`` exists."""
     path = Path(evals_dir) / f"{BASE}.json" if evals_dir is not None else None
     if path is not None and path.is_file():
-        final += _final_rows({"run": BASE, "algo": BASE, "variant": BASE, "seed": 0}, json.loads(path.read_text()), {})
+        final += _final_rows({"run": BASE, "algorithm": BASE, "arm": BASE, "seed": 0}, json.loads(path.read_text()), {})
 
 
 def load_runs(runs_dir: str | Path, evals_dir: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list]:
@@ -117,12 +119,12 @@ def load_runs(runs_dir: str | Path, evals_dir: str | Path | None = None) -> tupl
 
 
 def _latest_per_arm(runs: list, problems: list[str]) -> list:
-    """One run per (variant, seed): the latest finished one (else the latest); the others are named in
+    """One run per (arm, seed): the latest finished one (else the latest); the others are named in
     ``problems`` (reruns, replays, DVC experiments logging into the same study)."""
     by_key: dict[tuple, list] = {}
     for r in runs:
         t = r.data.tags
-        by_key.setdefault((t.get("variant") or t["algo"], t.get("seed")), []).append(r)
+        by_key.setdefault((t.get("arm") or t["algorithm"], t.get("seed")), []).append(r)
     keep = []
     for key, group in sorted(by_key.items(), key=lambda kv: str(kv[0])):
         group.sort(key=lambda r: (r.info.status == "FINISHED", r.info.start_time or 0), reverse=True)
@@ -154,12 +156,12 @@ def load_mlflow(
     runs = [
         r
         for r in client.search_runs([exp.experiment_id], max_results=10000)
-        if "algo" in r.data.tags  # study runs, sweep parents and foreign runs have no algo
+        if "algorithm" in r.data.tags  # training runs; sweep parents and foreign runs have no algorithm tag
         and (dvc_exp is None or r.data.tags.get("dvc.exp_name", "workspace") == dvc_exp)
     ]
     for run in sorted(_latest_per_arm(runs, problems), key=lambda r: r.info.run_name or ""):
         tags, params = run.data.tags, run.data.params
-        algo = tags["algo"]
+        algo = tags["algorithm"]
         overrides = {}
         prefix = f"resolved.train.loss.{algo}."
         for k, v in params.items():
@@ -168,8 +170,8 @@ def load_mlflow(
         name = run.info.run_name or f"{algo}-s{tags.get('seed')}"
         ident = {
             "run": name,
-            "algo": algo,
-            "variant": tags.get("variant") or variant_name(algo, overrides),
+            "algorithm": algo,
+            "arm": tags.get("arm") or arm_name(algo, overrides),
             "seed": int(tags.get("seed", 0)),
         }
         by_step: dict[int, dict] = {}
@@ -185,19 +187,19 @@ def load_mlflow(
 
 
 def curve(history: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """``variant x step`` mean, std and count over seeds of one metric (NaN dropped; runs of unequal length give
+    """``arm x step`` mean, std and count over seeds of one metric (NaN dropped; runs of unequal length give
     fewer seeds at late steps, reported in ``n``)."""
     sub = history[history.metric == metric].dropna(subset=["value"])
     if sub.empty:
-        return pd.DataFrame(columns=["variant", "step", "mean", "std", "n"])
-    g = sub.groupby(["variant", "step"])["value"]
+        return pd.DataFrame(columns=["arm", "step", "mean", "std", "n"])
+    g = sub.groupby(["arm", "step"])["value"]
     out = g.agg(["mean", "std", "count"]).reset_index().rename(columns={"count": "n"})
     out["std"] = out["std"].fillna(0.0)
     return out
 
 
-def seed_matrix(final: pd.DataFrame, variant: str, metric: str, benchmarks: list[str]) -> np.ndarray:
-    """``(seeds x benchmarks)`` array of one metric for one variant (NaN where a seed lacks a benchmark)."""
-    sub = final[(final.variant == variant) & (final.metric == metric)]
+def seed_matrix(final: pd.DataFrame, arm: str, metric: str, benchmarks: list[str]) -> np.ndarray:
+    """``(seeds x benchmarks)`` array of one metric for one arm (NaN where a seed lacks a benchmark)."""
+    sub = final[(final.arm == arm) & (final.metric == metric)]
     table = sub.pivot_table(index="seed", columns="benchmark", values="value", aggfunc="mean")
     return table.reindex(columns=benchmarks).to_numpy(dtype=float)

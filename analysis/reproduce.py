@@ -72,9 +72,8 @@ def snapshot(root: Path) -> tuple[dict, dict[str, str]]:
             missing[name] = f"run {name}: missing {', '.join(gone)}"
             continue
         runs[name] = {"weights_sha256": file_sha256(weights), "final": _final(eval_file, metric_for)}
-    variants = {
-        v: {k: m[k] for k in ("mean", "std", "seeds", "gain_over_base") if k in m}
-        for v, m in numbers["variants"].items()
+    arms = {
+        v: {k: m[k] for k in ("mean", "std", "seeds", "gain_over_base") if k in m} for v, m in numbers["arms"].items()
     }
     claims = {
         c: {k: m[k] for k in ("diff", "ci_low", "ci_high", "verdict")} for c, m in numbers.get("claims", {}).items()
@@ -83,7 +82,7 @@ def snapshot(root: Path) -> tuple[dict, dict[str, str]]:
         "metric": numbers["metric"],
         "metric_per_benchmark": metric_for,
         "runs": runs,
-        "variants": variants,
+        "arms": arms,
         "claims": claims,
     }, missing
 
@@ -164,7 +163,7 @@ def mlflow_gaps(root: Path, experiment: str, tracking_uri: str, names: list[str]
             continue
         lost, wrong = [], []
         for *_, bench, k, v in _final_rows(
-            {"run": name, "algo": "", "variant": "", "seed": 0}, json.loads(eval_file.read_text()), {}
+            {"run": name, "algorithm": "", "arm": "", "seed": 0}, json.loads(eval_file.read_text()), {}
         ):
             got = finals.get((name, f"final/{bench}/{k}"))
             if got is None:
@@ -203,8 +202,8 @@ def compare(
     for name in differ:
         d = {b: cur["runs"][name]["final"].get(b, float("nan")) - v for b, v in ref["runs"][name]["final"].items()}
         notes.append(f"run {name}: final {ref['metric']} moved " + ", ".join(f"{b} {x:+.1f}" for b, x in d.items()))
-    for v, r in sorted(ref["variants"].items()):
-        c = cur["variants"].get(v)
+    for v, r in sorted(ref["arms"].items()):
+        c = cur["arms"].get(v)
         if c is None:
             fail.append(f"arm {v}: in the reference, not in this study")
             continue
@@ -244,7 +243,7 @@ def record(root: Path, out: Path) -> int:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"provenance": _provenance(root), **snap}, indent=1, sort_keys=True) + "\n")
     tmp.replace(out)
-    print(f"reproduce record: {len(snap['runs'])} runs, {len(snap['variants'])} arms -> {out}")
+    print(f"reproduce record: {len(snap['runs'])} runs, {len(snap['arms'])} arms -> {out}")
     return 0
 
 
@@ -262,7 +261,7 @@ def check(root: Path, args: argparse.Namespace) -> int:
         return 2
     try:
         ref = json.loads(ref_path.read_text())
-        for key in ("runs", "variants", "claims", "provenance"):
+        for key in ("runs", "arms", "claims", "provenance"):
             ref[key]  # noqa: B018
     except (OSError, ValueError, KeyError) as e:
         print(f"reproduce check: {ref_path}: not a reference ({type(e).__name__}: {e})", file=sys.stderr)

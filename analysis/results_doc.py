@@ -37,7 +37,7 @@ def study_section(name: str, ref: dict) -> str:
         "| arm | mean ± std | seeds | gain over the base model |",
         "|---|---|---|---|",
     ]
-    arms = sorted(ref["variants"].items(), key=lambda kv: (kv[0] != "base", -kv[1]["mean"]))
+    arms = sorted(ref["arms"].items(), key=lambda kv: (kv[0] != "base", -kv[1]["mean"]))
     for arm, v in arms:
         gain = "–" if arm == "base" else f"{v['gain_over_base']:+.1f}"
         lines.append(f"| {arm} | {v['mean']:.1f} ± {v['std']:.1f} | {v['seeds']} | {gain} |")

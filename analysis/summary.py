@@ -63,7 +63,7 @@ class Results:
     benchmarks: list[str]
     metric_for: dict[str, str]  # each benchmark's headline metric
     plot_k: int  # the k of the validation curves
-    variants: list[str]  # the arms, the base model's row first
+    arms: list[str]  # the arms, the base model's row first
     numbers: dict  # metric, per-arm statistics, gains, probabilities of improvement, claims (metrics.json)
     problems: list[str]
     table: object = None  # the results table (a DataFrame), None without a final evaluation
@@ -78,19 +78,19 @@ class Results:
 def compute(history, final, problems: list[str], k: int | None = None, seed: int = 0, paper_model: str = "") -> Results:
     """The study's numbers from the tidy frames (:mod:`analysis.load`)."""
     benchmarks = sorted(final.benchmark.unique(), key=lambda b: (ORDER.get(b, 99), b))
-    arms_final = final[final.variant != BASE] if (final.variant != BASE).any() else final
+    arms_final = final[final.arm != BASE] if (final.arm != BASE).any() else final
     metric_for = headline_metrics(arms_final, benchmarks, k)  # the arms' k (a base row evaluated otherwise is blank)
     kval = max([int(m.split("@")[1]) for m in metric_for.values()] or [1])
     val_k = sorted({int(m.split("@")[1]) for m in history.metric.unique() if m.startswith("val/mean/avg@")})
-    variants = sorted(final.variant.unique(), key=lambda v: (v != BASE, v))
-    numbers: dict = {"metric": metric_label(metric_for), "metric_per_benchmark": metric_for, "variants": {}}
-    res = Results(benchmarks, metric_for, val_k[-1] if val_k else kval, variants, numbers, list(problems))
+    arms = sorted(final.arm.unique(), key=lambda v: (v != BASE, v))
+    numbers: dict = {"metric": metric_label(metric_for), "metric_per_benchmark": metric_for, "arms": {}}
+    res = Results(benchmarks, metric_for, val_k[-1] if val_k else kval, arms, numbers, list(problems))
     if len(final):  # seeds without every benchmark are left out of the average: say which
         res.problems += seed_gaps(final, metric_for, benchmarks)
         res.table = results_table(final, metric_for, benchmarks)
     if res.table is not None and len(res.table):
         res.comparison = paper_comparison(final, metric_for, benchmarks, paper_model, seed=seed) or None
-        mats = {v: seed_frame(final, v, metric_for, benchmarks).to_numpy(dtype=float) for v in variants}
+        mats = {v: seed_frame(final, v, metric_for, benchmarks).to_numpy(dtype=float) for v in arms}
         _arm_statistics(mats, numbers, seed)
         if BASE in mats and mats[BASE].size:
             numbers["gain_computed"] = _gains(mats, numbers, seed)
@@ -108,7 +108,7 @@ def _arm_statistics(mats: dict, numbers: dict, seed: int) -> None:
     for v, mat in mats.items():
         point, lo, hi = stratified_bootstrap_ci(mat, seed=seed) if mat.size else (np.nan,) * 3
         mu, sd = mean_std(mat)
-        numbers["variants"][v] = {
+        numbers["arms"][v] = {
             "mean": mu,
             "std": sd,
             "point": point,
@@ -141,7 +141,7 @@ def _gains(mats: dict, numbers: dict, seed: int) -> bool:
         if not per.size:
             continue
         d, lo, hi = diff_interval(per, base, seed=seed)
-        numbers["variants"][v].update(
+        numbers["arms"][v].update(
             {
                 "gain_over_base": d,
                 "gain_ci_low": lo,
@@ -202,11 +202,11 @@ def render(res: Results, history, final, out: Path, source: str, per_seed: bool 
 
 
 def public_numbers(numbers: dict) -> dict:
-    """``numbers`` as reports/metrics.json has always held them: the render-only fields left out."""
+    """``numbers`` as reports/metrics.json holds them: the render-only fields left out."""
     out = {k: v for k, v in numbers.items() if k not in ("gain_computed", "base_mean")}
-    out["variants"] = {
+    out["arms"] = {
         v: {k: x for k, x in m.items() if k not in ("point", "gain_std", "gain_seeds")}
-        for v, m in numbers["variants"].items()
+        for v, m in numbers["arms"].items()
     }
     if "poi" in numbers:
         out["poi"] = {k: p[0] for k, p in numbers["poi"].items()}
@@ -215,11 +215,11 @@ def public_numbers(numbers: dict) -> dict:
 
 def _runs_section(history) -> list[str]:
     """The summary's table of runs: each arm's seeds and the last step each reached."""
-    runs = history.groupby(["variant", "seed"]).step.max().reset_index() if len(history) else None
+    runs = history.groupby(["arm", "seed"]).step.max().reset_index() if len(history) else None
     if runs is None or not len(runs):
         return []
-    lines = ["## Runs\n\n| variant | seeds | last step |\n|---|---|---|"]
-    for v, g in runs.groupby("variant"):
+    lines = ["## Runs\n\n| arm | seeds | last step |\n|---|---|---|"]
+    for v, g in runs.groupby("arm"):
         lines.append(
             f"| {v} | {', '.join(map(str, sorted(g.seed)))} | "
             f"{', '.join(str(int(s)) for s in g.sort_values('seed').step)} |"
@@ -233,18 +233,18 @@ def _statistics_lines(res: Results) -> list[str]:
         "## Statistics over seeds x benchmarks\n",
         "Stratified bootstrap 95% intervals (2,000 resamples, seeded), interquartile mean, and probability "
         "of improvement P(row > column).\n",
-        "| variant | mean | 95% CI | IQM | seeds |",
+        "| arm | mean | 95% CI | IQM | seeds |",
         "|---|---|---|---|---|",
     ]
-    for v in res.variants:
-        m = numbers["variants"][v]
+    for v in res.arms:
+        m = numbers["arms"][v]
         lines.append(
             f"| {v} | {m['point']:.1f} | [{m['ci_low']:.1f}, {m['ci_high']:.1f}] | {m['iqm']:.1f} | {m['seeds']} |"
         )
     lines.append("")
     if "gain_computed" in numbers:
         lines += _gain_lines(res)
-    arms = [v for v in res.variants if v != BASE]
+    arms = [v for v in res.arms if v != BASE]
     if len(arms) > 1:
         lines += ["| P(row > column) | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
         for a in arms:
@@ -272,10 +272,10 @@ def _gain_lines(res: Results) -> list[str]:
         "### Gain over the base model\n",
         f"Base model: {numbers['base_mean']:.1f} (one evaluation). Gain = arm − base, average over benchmarks, in "
         "points.\n",
-        "| variant | gain | std over seeds | 95% CI | seeds |",
+        "| arm | gain | std over seeds | 95% CI | seeds |",
         "|---|---|---|---|---|",
     ]
-    for v, m in numbers["variants"].items():
+    for v, m in numbers["arms"].items():
         if "gain_over_base" in m:
             d, lo, hi = m["gain_over_base"], m["gain_ci_low"], m["gain_ci_high"]
             lines.append(f"| {v} | {d:+.1f} | {m['gain_std']:.1f} | [{lo:+.1f}, {hi:+.1f}] | {m['gain_seeds']} |")
@@ -283,7 +283,7 @@ def _gain_lines(res: Results) -> list[str]:
 
 
 def write_plot_tables(history, out: Path, k: int) -> None:
-    """Wide CSVs (step x algorithm, mean over seeds) for ``dvc plots``: val_accuracy, entropy, reward."""
+    """Wide CSVs (step x arm, mean over seeds) for ``dvc plots``: val_accuracy, entropy, reward."""
     from .load import curve
 
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +293,7 @@ def write_plot_tables(history, out: Path, k: int) -> None:
         ("reward", "rollout/accuracy"),
     ]:
         c = curve(history, metric)
-        wide = c.pivot(index="step", columns="variant", values="mean") if len(c) else None
+        wide = c.pivot(index="step", columns="arm", values="mean") if len(c) else None
         if wide is not None:
             wide.reset_index().to_csv(out / f"{name}.csv", index=False)
 
@@ -307,6 +307,6 @@ def study_metrics(numbers: dict) -> dict:
             v: {
                 k: float(m[k]) if k != "seeds" else int(m[k]) for k in keys if k in m and np.isfinite(m[k])
             }  # strict JSON: no NaN
-            for v, m in numbers["variants"].items()
+            for v, m in numbers["arms"].items()
         }
     }

@@ -1,4 +1,4 @@
-"""Results tables (Markdown and LaTeX): benchmarks x algorithms, mean ± std over seeds, entries within 1 point of the
+"""Results tables (Markdown and LaTeX): arms x benchmarks, mean ± std over seeds, entries within 1 point of the
 column maximum in bold (as the paper's Table 1), and the comparison with the paper's 7B numbers."""
 
 from __future__ import annotations
@@ -38,15 +38,13 @@ def _metric(metric_for: dict[str, str] | str, benchmark: str) -> str:
     return metric_for if isinstance(metric_for, str) else metric_for.get(benchmark, "")
 
 
-def seed_frame(
-    final: pd.DataFrame, variant: str, metric_for: dict[str, str] | str, benchmarks: list[str]
-) -> pd.DataFrame:
-    """``seed x benchmark`` values of one variant, in percent, indexed by seed id (every seed the variant has in
+def seed_frame(final: pd.DataFrame, arm: str, metric_for: dict[str, str] | str, benchmarks: list[str]) -> pd.DataFrame:
+    """``seed x benchmark`` values of one arm, in percent, indexed by seed id (every seed the arm has in
     ``final``; NaN where a seed lacks a benchmark's metric).
 
     Each benchmark's column is read with its own metric and the columns are joined on the seed: stacking them by
     row position would pair one seed's value with another's as soon as a seed lacks one benchmark."""
-    mine = final[final.variant == variant]
+    mine = final[final.arm == arm]
     cols = {}
     for b in benchmarks:
         sub = mine[(mine.benchmark == b) & (mine.metric == _metric(metric_for, b))]
@@ -56,11 +54,11 @@ def seed_frame(
 
 
 def seed_gaps(final: pd.DataFrame, metric_for: dict[str, str] | str, benchmarks: list[str]) -> list[str]:
-    """One line per variant whose seeds lack some benchmark: which seed lacks which, and that the average column
+    """One line per arm whose seeds lack some benchmark: which seed lacks which, and that the average column
     leaves those seeds out (for the summary's problems)."""
     lines = []
-    for variant in sorted(final.variant.unique()):
-        frame = seed_frame(final, variant, metric_for, benchmarks)
+    for arm in sorted(final.arm.unique()):
+        frame = seed_frame(final, arm, metric_for, benchmarks)
         missing = [
             f"seed {s} has no {', '.join(f'{b} {_metric(metric_for, b)}' for b in frame.columns[row.isna()])}"
             for s, row in frame.iterrows()
@@ -69,7 +67,7 @@ def seed_gaps(final: pd.DataFrame, metric_for: dict[str, str] | str, benchmarks:
         if missing:
             complete = int((~frame.isna().any(axis=1)).sum())
             lines.append(
-                f"{variant}: {'; '.join(missing)}; left out of the average column (mean over the {complete} "
+                f"{arm}: {'; '.join(missing)}; left out of the average column (mean over the {complete} "
                 f"seed(s) with every benchmark)"
             )
     return lines
@@ -78,16 +76,16 @@ def seed_gaps(final: pd.DataFrame, metric_for: dict[str, str] | str, benchmarks:
 def results_table(
     final: pd.DataFrame, metric_for: dict[str, str] | str, benchmarks: list[str] | None = None
 ) -> pd.DataFrame:
-    """``variant x (benchmarks + average)`` with columns ``mean``/``std``/``n`` per cell, in percent.
+    """``arm x (benchmarks + average)`` with columns ``mean``/``std``/``n`` per cell, in percent.
 
     ``metric_for``: one metric name for all benchmarks, or a per-benchmark mapping (avg@32 vs avg@1). A benchmark's
     cell uses every seed that has it; the average uses only the seeds that have every benchmark (a seed's average
     over fewer benchmarks is another quantity), matched by seed id; :func:`seed_gaps` names the seeds left out."""
     benchmarks = benchmarks or sorted(final.benchmark.unique())
     rows = []
-    for variant in sorted(final.variant.unique()):
-        row = {"variant": variant}
-        frame = seed_frame(final, variant, metric_for, benchmarks)
+    for arm in sorted(final.arm.unique()):
+        row = {"arm": arm}
+        frame = seed_frame(final, arm, metric_for, benchmarks)
         for b in benchmarks:
             col = frame[b].to_numpy()
             mu, sd = mean_std(col)
@@ -98,7 +96,7 @@ def results_table(
             row[("average", "mean")], row[("average", "std")] = mu, sd
             row[("average", "n")] = len(complete)
         rows.append(row)
-    df = pd.DataFrame(rows).set_index("variant")
+    df = pd.DataFrame(rows).set_index("arm")
     df.columns = pd.MultiIndex.from_tuples(df.columns)
     return df
 
@@ -118,35 +116,33 @@ def _cell(mu: float, sd: float, bold: bool, latex: bool) -> str:
     return text
 
 
-def _name(variant: str) -> str:
-    algo = variant.split("[")[0]
-    return LABELS.get(algo, algo) + variant[len(algo) :]
+def _name(arm: str) -> str:
+    algo = arm.split("[")[0]
+    return LABELS.get(algo, algo) + arm[len(algo) :]
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     cols = list(dict.fromkeys(table.columns.get_level_values(0)))
     bold = bold_mask(table)
-    lines = ["| algorithm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for variant in table.index:
+    lines = ["| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for arm in table.index:
         cells = [
-            _cell(table.loc[variant, (c, "mean")], table.loc[variant, (c, "std")], bool(bold.loc[variant, c]), False)
-            for c in cols
+            _cell(table.loc[arm, (c, "mean")], table.loc[arm, (c, "std")], bool(bold.loc[arm, c]), False) for c in cols
         ]
-        lines.append(f"| {_name(variant)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_name(arm)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def to_latex(table: pd.DataFrame) -> str:
     cols = list(dict.fromkeys(table.columns.get_level_values(0)))
     bold = bold_mask(table)
-    head = " & ".join(["Algorithm"] + [c.replace("_", "\\_") for c in cols]) + " \\\\"
+    head = " & ".join(["Arm"] + [c.replace("_", "\\_") for c in cols]) + " \\\\"
     body = []
-    for variant in table.index:
+    for arm in table.index:
         cells = [
-            _cell(table.loc[variant, (c, "mean")], table.loc[variant, (c, "std")], bool(bold.loc[variant, c]), True)
-            for c in cols
+            _cell(table.loc[arm, (c, "mean")], table.loc[arm, (c, "std")], bool(bold.loc[arm, c]), True) for c in cols
         ]
-        body.append(" & ".join([_name(variant).replace("_", "\\_")] + cells) + " \\\\")
+        body.append(" & ".join([_name(arm).replace("_", "\\_")] + cells) + " \\\\")
     return (
         "\\begin{tabular}{l"
         + "c" * len(cols)
@@ -159,14 +155,14 @@ def to_latex(table: pd.DataFrame) -> str:
 
 
 def _interval(
-    final: pd.DataFrame, variant: str, metric_for, benchmarks: list[str], seed: int
+    final: pd.DataFrame, arm: str, metric_for, benchmarks: list[str], seed: int
 ) -> dict[str, tuple[float, float, float, int]]:
     """Per benchmark and ``average``: ``(mean, low, high, seeds)`` in percent. Three seeds or more: a percentile
     bootstrap over seeds; fewer: mean ± 1.96 standard errors over questions (the evaluation's ``stderr``)."""
     from .stats import stratified_bootstrap_ci
 
-    frame = seed_frame(final, variant, metric_for, benchmarks)
-    se = seed_frame(final, variant, "stderr", benchmarks) if (final.metric == "stderr").any() else None
+    frame = seed_frame(final, arm, metric_for, benchmarks)
+    se = seed_frame(final, arm, "stderr", benchmarks) if (final.metric == "stderr").any() else None
     out = {}
     cols = {b: frame[b].dropna().to_numpy() for b in benchmarks}
     cols["average"] = frame.dropna().mean(axis=1).to_numpy()
@@ -201,20 +197,19 @@ def paper_comparison(
     if paper is None:
         return None
     lines = [
-        "| algorithm | benchmark | this study [95% CI] | seeds | paper | difference | paper inside the interval |",
+        "| arm | benchmark | this study [95% CI] | seeds | paper | difference | paper inside the interval |",
         "|---|---|---|---|---|---|---|",
     ]
-    for variant in sorted(final.variant.unique(), key=lambda v: (v != "base", v)):
-        if variant not in paper.index:
+    for arm in sorted(final.arm.unique(), key=lambda v: (v != "base", v)):
+        if arm not in paper.index:
             continue
-        iv = _interval(final, variant, metric_for, PAPER_BENCHMARKS, seed)
+        iv = _interval(final, arm, metric_for, PAPER_BENCHMARKS, seed)
         for b in PAPER_BENCHMARKS + ["average"]:
             mu, lo, hi, n = iv[b]
-            ref = float(paper.loc[variant, b])
+            ref = float(paper.loc[arm, b])
             inside = "–" if np.isnan(lo) else ("yes" if lo <= ref <= hi else "no")
             lines.append(
-                f"| {_name(variant)} | {b} | {mu:.1f} [{lo:.1f}, {hi:.1f}] | {n} | {ref:.1f} | "
-                f"{mu - ref:+.1f} | {inside} |"
+                f"| {_name(arm)} | {b} | {mu:.1f} [{lo:.1f}, {hi:.1f}] | {n} | {ref:.1f} | {mu - ref:+.1f} | {inside} |"
             )
     return "\n".join(lines) + "\n"
 

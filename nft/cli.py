@@ -6,7 +6,7 @@
     nft compose  experiments/ablation-eps.yaml --out params.yaml   a preset over the defaults, every key explicit
     nft prepare  --config params.yaml --out data
     nft pretrain --config params.yaml --out models/base [--set pretrain.steps=100 ...]
-    nft train    --config params.yaml --algo nft --seed 0 --out runs/nft-s0 [--set train.steps=5 ...]
+    nft train    --config params.yaml --arm nft --seed 0 --out runs/nft-s0 [--set train.steps=5 ...]
     nft evaluate --model runs/nft-s0/model --benchmarks synth-medium,math500 --k 4 --out eval.json
                  [--samples answers.jsonl] [--config params.yaml] [--data data] [--limit N]
     nft replay   runs/nft-s0 [--tracking-uri URI]      copy an offline run folder into MLflow
@@ -58,8 +58,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     raw = cfg["_raw"]
-    missing = [k for k in ("algorithms", "seeds") if k not in raw]
-    missing += [f"variants.{a}" for a in raw.get("algorithms") or [] if a not in (raw.get("variants") or {})]
+    missing = [k for k in ("arms", "seeds") if k not in raw]
+    missing += [f"arm_settings.{a}" for a in raw.get("arms") or [] if a not in (raw.get("arm_settings") or {})]
     if missing and Path(args.config).name == "params.yaml":  # the file dvc.yaml reads these keys from
         raise ConfigError(
             f"{args.config}: missing key(s) {missing}, which dvc.yaml reads (`nft compose PRESET "
@@ -71,7 +71,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if found:
         return 1
     plan = cfg["plan"]
-    print(f"check: {args.config} is valid: algorithms {plan.algorithms}, seeds {plan.seeds}")
+    print(f"check: {args.config} is valid: arms {plan.arms}, seeds {plan.seeds}")
     return 0
 
 
@@ -145,7 +145,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     plan = cfg["plan"]
-    algo, train = plan.arm(args.algo, cfg["train"])  # a variant: an algorithm with its own loss hyperparameters
+    algo, train = plan.arm(args.arm, cfg["train"])  # the arm's algorithm, with its own loss and train settings
     full = {**to_dict(plan), **{k: to_dict(v) for k, v in cfg.items() if k not in ("_raw", "plan")}}
     final = run_training(
         train,
@@ -155,12 +155,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         study=plan.study.name,
         full_config=full,
         progress=not args.quiet,
-        variant=args.algo,
+        arm=args.arm,
         checkpoints=args.checkpoints,
     )
     if final:  # rank 0 (the other ranks of a launcher return nothing)
         accs = {k: round(v, 4) for k, v in final.items() if k.startswith("val/") and "avg@" in k}
-        print(f"train: {args.algo} seed {args.seed} done -> {args.out} {accs}")
+        print(f"train: {args.arm} seed {args.seed} done -> {args.out} {accs}")
     return 0
 
 
@@ -281,10 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--out", required=True, help="data folder")
     p.set_defaults(func=_cmd_prepare)
-    p = sub.add_parser("train", help="online training of one algorithm with one seed")
+    p = sub.add_parser("train", help="online training of one arm with one seed")
     _common(p)
     p.add_argument(
-        "--algo", required=True, help="the arm: a registered loss (`nft losses`) or a name in the study's variants"
+        "--arm",
+        required=True,
+        help="the arm: a registered algorithm (`nft losses`) or a name in the study's arm_settings",
     )
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")

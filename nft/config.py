@@ -156,11 +156,12 @@ class StudySection:
 
 
 @dataclass
-class Variant:
-    """A named arm of a study: a registered algorithm with its own loss hyperparameters (ablations) and, where the arm
-    is about the schedule (e.g. a strictly on-policy pair), its own ``train`` settings."""
+class ArmSettings:
+    """The settings of one arm of a study (an ``arm_settings`` entry): the registered algorithm it trains, with its
+    own loss hyperparameters (ablations) and, where the arm is about the schedule (e.g. a strictly on-policy pair),
+    its own ``train`` settings."""
 
-    algo: str
+    algorithm: str
     loss: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     """``train`` keys this arm sets differently (e.g. ``{mini_batch_prompts: 16}``: one optimizer step per rollout
@@ -170,14 +171,14 @@ class Variant:
         from .algorithms import LOSSES, make_params
         from .train.config import TrainConfig
 
-        if self.algo not in LOSSES:
-            raise ValueError(f"algo: unknown {self.algo!r}; registered: {sorted(LOSSES)}")
+        if self.algorithm not in LOSSES:
+            raise ValueError(f"algorithm: unknown {self.algorithm!r}; registered: {sorted(LOSSES)}")
         names = {f.name for f in dataclasses.fields(TrainConfig)} - {"loss"}
         unknown = sorted(set(self.train) - names)
         if unknown:
             raise ValueError(f"train: unknown key(s) {unknown}; valid: the train section's keys except loss")
         try:
-            make_params(self.algo, **self.loss)
+            make_params(self.algorithm, **self.loss)
         except (TypeError, ValueError) as e:
             raise ValueError(f"loss: {e}") from None
 
@@ -192,70 +193,76 @@ class Variant:
 #: with each other, not with the other arms; it saves a sixth of the default study's compute).
 _ON_POLICY = {"mini_batch_prompts": 0, "batch_rule": "dynamic", "steps": 30}
 ON_POLICY_PAIR = {
-    "nft-onpolicy": Variant(algo="nft", loss={"omega": "sqrt"}, train=dict(_ON_POLICY)),
-    "grpo-onpolicy": Variant(algo="grpo", loss={"agg": "token-sum", "std": "population"}, train=dict(_ON_POLICY)),
+    "nft-onpolicy": ArmSettings(algorithm="nft", loss={"omega": "sqrt"}, train=dict(_ON_POLICY)),
+    "grpo-onpolicy": ArmSettings(
+        algorithm="grpo", loss={"agg": "token-sum", "std": "population"}, train=dict(_ON_POLICY)
+    ),
 }
 
 
 @dataclass
 class StudyConfig:
-    """The top-level keys of a study file: the study, its train x seed matrix (``dvc.yaml``) and named variants."""
+    """The top-level keys of a study file: the study, its arm x seed matrix (``dvc.yaml``) and the arms' settings."""
 
     study: StudySection = field(default_factory=StudySection)
-    algorithms: list[str] = field(
+    arms: list[str] = field(
         default_factory=lambda: ["nft", "rft", "grpo", "dapo", "sft", "nft-onpolicy", "grpo-onpolicy"]
     )
-    """the arms: registered losses or names of ``variants`` (the embedded default's: the paper's four, the
-    supervised control and the strictly on-policy pair)."""
+    """the arms the study trains over its seeds: registered algorithms (an arm of that name trains that loss with the
+    train section's settings) or names in ``arm_settings`` (the embedded default's: the paper's four, the supervised
+    control and the strictly on-policy pair)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    variants: dict[str, Variant] = field(default_factory=dict)
-    """named arms; the built-in ones (:data:`ON_POLICY_PAIR`) need no entry to be used as arms."""
+    arm_settings: dict[str, ArmSettings] = field(default_factory=dict)
+    """each named arm's algorithm, loss and train overrides; the built-in arms (:data:`ON_POLICY_PAIR`) need no
+    entry to be listed in ``arms``."""
 
     def __post_init__(self):
         from .algorithms import LOSSES
 
-        if not self.algorithms:
-            raise ValueError(f"algorithms: expected a non-empty list of registered losses {sorted(LOSSES)}")
-        self.variants = {
-            **self.variants,
-            **{a: ON_POLICY_PAIR[a] for a in self.algorithms if a in ON_POLICY_PAIR and a not in self.variants},
+        if not self.arms:
+            raise ValueError(f"arms: expected a non-empty list of registered algorithms {sorted(LOSSES)} or named arms")
+        self.arm_settings = {
+            **self.arm_settings,
+            **{a: ON_POLICY_PAIR[a] for a in self.arms if a in ON_POLICY_PAIR and a not in self.arm_settings},
         }
-        bad = [a for a in self.algorithms if a not in LOSSES and a not in self.variants]
+        bad = [a for a in self.arms if a not in LOSSES and a not in self.arm_settings]
         if bad:
             raise ValueError(
-                f"algorithms: unknown {bad}; registered: {sorted(LOSSES)}, variants: {sorted(self.variants)}"
+                f"arms: unknown {bad}; registered algorithms: {sorted(LOSSES)}, "
+                f"arm_settings: {sorted(self.arm_settings)}"
             )
         if not self.seeds:
             raise ValueError("seeds: expected a non-empty list of integers")
-        for name, v in self.variants.items():
-            official_rft = name == "rft" and v.algo == "nft" and v.loss.get("neg_weight") == 0
-            if name in LOSSES and v.algo != name and not official_rft:
+        for name, s in self.arm_settings.items():
+            official_rft = name == "rft" and s.algorithm == "nft" and s.loss.get("neg_weight") == 0
+            if name in LOSSES and s.algorithm != name and not official_rft:
                 raise ValueError(
-                    f"variants.{name}: an arm named after the registered loss {name!r} must be that loss "
-                    f"(algo: {name}; rft may also be the official RFT, algo: nft with neg_weight: 0), "
-                    f"got algo: {v.algo}"
+                    f"arm_settings.{name}: an arm named after the registered algorithm {name!r} must train it "
+                    f"(algorithm: {name}; rft may also be the official RFT, algorithm: nft with neg_weight: 0), "
+                    f"got algorithm: {s.algorithm}"
                 )
 
     def with_every_arm(self) -> StudyConfig:
-        """The same study with a ``variants`` entry for every arm (a plain algorithm: ``{algo: NAME}``) and none for
-        names that are not arms: DVC's train stage reads its arm's entry (``variants.<arm>``), so that changing one
-        arm reruns that arm's runs only."""
-        variants = {a: self.variants.get(a) or Variant(algo=a) for a in self.algorithms}
-        return dataclasses.replace(self, variants=variants)
+        """The same study with an ``arm_settings`` entry for every arm (a plain algorithm: ``{algorithm: NAME}``) and
+        none for names that are not arms: DVC's train stage reads its arm's entry (``arm_settings.<arm>``), so that
+        changing one arm reruns that arm's runs only."""
+        settings = {a: self.arm_settings.get(a) or ArmSettings(algorithm=a) for a in self.arms}
+        return dataclasses.replace(self, arm_settings=settings)
 
     def arm(self, name: str, train) -> tuple[str, Any]:
-        """``(algorithm, train config)`` of the arm ``name``: a variant's loss overrides merged into ``train.loss``
-        (on top of any the train section sets for its algorithm)."""
-        if name not in self.variants:
+        """``(algorithm, train config)`` of the arm ``name``: its ``arm_settings`` entry's train keys and loss
+        overrides merged into ``train`` (the loss overrides on top of any the train section sets for its algorithm);
+        an arm without an entry is the registered algorithm of that name with ``train`` as it is."""
+        if name not in self.arm_settings:
             return name, train
-        v = self.variants[name]
-        if v.train:
-            train = from_dict(type(train), {**dataclasses.asdict(train), **v.train}, "train")
-        if not v.loss:
-            return v.algo, train
+        s = self.arm_settings[name]
+        if s.train:
+            train = from_dict(type(train), {**dataclasses.asdict(train), **s.train}, "train")
+        if not s.loss:
+            return s.algorithm, train
         loss = dict(train.loss)
-        loss[v.algo] = {**(loss.get(v.algo) or {}), **v.loss}
-        return v.algo, dataclasses.replace(train, loss=loss)
+        loss[s.algorithm] = {**(loss.get(s.algorithm) or {}), **s.loss}
+        return s.algorithm, dataclasses.replace(train, loss=loss)
 
 
 #: the top-level keys :class:`StudyConfig` reads (the rest of a study file are sections)
@@ -294,12 +301,12 @@ def load_study(path: str | Path, sets: list[str] | None = None, extra_sections: 
         out["plan"] = from_dict(StudyConfig, {k: raw[k] for k in STUDY_KEYS if k in raw})
         for name, cls in sections.items():
             out[name] = from_dict(cls, raw.get(name), name)
-        for name, v in out["plan"].variants.items():  # an arm's own train settings, against this train section
-            if v.train:
+        for name, s in out["plan"].arm_settings.items():  # an arm's own train settings, against this train section
+            if s.train:
                 try:
                     out["plan"].arm(name, out["train"])
                 except ConfigError as e:
-                    raise ConfigError(f"variants.{name}.{e}") from None
+                    raise ConfigError(f"arm_settings.{name}.{e}") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return out
@@ -319,7 +326,7 @@ __all__ = [
     "compose_study",
     "StudyConfig",
     "StudySection",
-    "Variant",
+    "ArmSettings",
     "STUDY_KEYS",
     "from_dict",
     "to_dict",

@@ -29,7 +29,7 @@ def test_params_yaml_sets_nothing_the_defaults_do_not_say():
             f"{name}.{k}: {v!r} != {defaults[k]!r}" for k, v in (raw.get(name) or {}).items() if defaults.get(k) != v
         ]
     plan = {f.name: _default(f) for f in dataclasses.fields(StudyConfig)}
-    differ += [f"{k}: {raw[k]!r}" for k in ("algorithms", "seeds") if raw[k] != plan[k]]
+    differ += [f"{k}: {raw[k]!r}" for k in ("arms", "seeds") if raw[k] != plan[k]]
     assert not differ, "params.yaml differs from the dataclass defaults: " + "; ".join(differ)
 
 
@@ -57,19 +57,25 @@ def _study(tmp_path: Path, **top) -> Path:
 @pytest.mark.parametrize(
     "top, key",
     [
-        ({"algorithms": ["nft", "ppo"]}, "algorithms: unknown ['ppo']"),
-        ({"algorithms": []}, "algorithms: expected a non-empty list"),
+        ({"arms": ["nft", "ppo"]}, "arms: unknown ['ppo']"),
+        ({"arms": []}, "arms: expected a non-empty list"),
         ({"seeds": [0, "one"]}, "seeds[1]: expected an integer"),
-        ({"variants": {"v": {"algo": "nft", "loss": {"epsilon": 1}}}}, "variants.v.loss: "),
-        ({"variants": {"v": {"algo": "ppo"}}}, "variants.v.algo: unknown 'ppo'"),
-        ({"variants": {"v": {"algo": "nft", "lr": 1}}}, "unknown key(s) variants.v.lr"),
+        ({"arm_settings": {"v": {"algorithm": "nft", "loss": {"epsilon": 1}}}}, "arm_settings.v.loss: "),
+        ({"arm_settings": {"v": {"algorithm": "ppo"}}}, "arm_settings.v.algorithm: unknown 'ppo'"),
+        ({"arm_settings": {"v": {"algorithm": "nft", "lr": 1}}}, "unknown key(s) arm_settings.v.lr"),
         ({"study": {"name": "x", "owner": "me"}}, "unknown key(s) study.owner"),
-        ({"variants": {"v": {"algo": "nft", "train": {"lrr": 1}}}}, "variants.v.train: unknown key(s) ['lrr']"),
         (
-            {"variants": {"v": {"algo": "nft", "train": {"mini_batch_prompts": 999}}}},
-            "variants.v.train.mini_batch_prompts (999) exceeds train.prompts_per_step",
+            {"arm_settings": {"v": {"algorithm": "nft", "train": {"lrr": 1}}}},
+            "arm_settings.v.train: unknown key(s) ['lrr']",
         ),
-        ({"variants": {"v": {"algo": "nft", "train": {"lr": "big"}}}}, "variants.v.train.lr: expected a number"),
+        (
+            {"arm_settings": {"v": {"algorithm": "nft", "train": {"mini_batch_prompts": 999}}}},
+            "arm_settings.v.train.mini_batch_prompts (999) exceeds train.prompts_per_step",
+        ),
+        (
+            {"arm_settings": {"v": {"algorithm": "nft", "train": {"lr": "big"}}}},
+            "arm_settings.v.train.lr: expected a number",
+        ),
         ({"sweep": {}}, "unknown section(s) ['sweep']"),
         ({"train": {"checkpoint_every": 0}}, "train.checkpoint_every: must be >= 1, got 0"),
         ({"train": {"val_every": -1}}, "train.val_every: must be >= 0, got -1"),
@@ -81,13 +87,13 @@ def test_bad_top_level_keys_name_the_key(tmp_path, top, key):
     assert key in str(e.value) and "params.yaml" in str(e.value)
 
 
-def test_variant_arm_merges_its_loss_into_train(tmp_path):
+def test_named_arm_merges_its_loss_into_train(tmp_path):
     cfg = load_study(
         _study(
             tmp_path,
-            algorithms=["x"],
+            arms=["x"],
             train={"loss": {"nft": {"eps": 0.5, "omega": "one"}}},
-            variants={"x": {"algo": "nft", "loss": {"eps": 0.25}}},
+            arm_settings={"x": {"algorithm": "nft", "loss": {"eps": 0.25}}},
         )
     )
     algo, train = cfg["plan"].arm("x", cfg["train"])
@@ -95,7 +101,7 @@ def test_variant_arm_merges_its_loss_into_train(tmp_path):
     assert cfg["plan"].arm("grpo", cfg["train"]) == ("grpo", cfg["train"])
 
 
-def test_variant_arm_sets_its_own_train_keys(tmp_path):
+def test_named_arm_sets_its_own_train_keys(tmp_path):
     """The default study's strictly on-policy pair: one optimizer step per rollout step, GRPO-equivalent weights,
     half the steps of the other arms (a short pair)."""
     cfg = load_study(REPO / "params.yaml")
@@ -108,13 +114,13 @@ def test_variant_arm_sets_its_own_train_keys(tmp_path):
 
 
 def test_check_asks_params_yaml_for_what_dvc_reads(tmp_path):
-    """dvc.yaml reads each arm's `variants` entry from params.yaml: `nft check` names a missing one there; a preset
+    """dvc.yaml reads each arm's `arm_settings` entry from params.yaml: `nft check` names a missing one there; a preset
     (composed before DVC reads it) needs none."""
-    study = {"algorithms": ["nft"], "seeds": [0]}
+    study = {"arms": ["nft"], "seeds": [0]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(study))
     (tmp_path / "preset.yaml").write_text(yaml.safe_dump(study))
     r = nft_cli("check", "--config", tmp_path / "params.yaml", check=False)
-    assert r.returncode == 2 and "variants.nft" in r.stderr
+    assert r.returncode == 2 and "arm_settings.nft" in r.stderr
     nft_cli("check", "--config", tmp_path / "preset.yaml")
     nft_cli("compose", tmp_path / "preset.yaml", "--out", tmp_path / "params.yaml")
     nft_cli("check", "--config", tmp_path / "params.yaml")

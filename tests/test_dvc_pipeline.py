@@ -17,9 +17,9 @@ from tests.conftest import REPO, TINY, copy_checkout
 
 SMOKE = {
     "study": {"name": "smoke", "launcher": "nft"},
-    "algorithms": ["nft", "grpo"],
+    "arms": ["nft", "grpo"],
     "seeds": [0],
-    "variants": {"nft": {"algo": "nft"}, "grpo": {"algo": "grpo"}},
+    "arm_settings": {"nft": {"algorithm": "nft"}, "grpo": {"algorithm": "grpo"}},
     **{k: v for k, v in TINY.items() if k != "train"},
     "train": {**TINY["train"], "model": "models/base", "data": "data", "tracking": False},
     "eval": {"benchmarks": ["synth-easy", "synth-medium"], "k": 2, "limit": 6, "max_new_tokens": 24, "workers": 1},
@@ -83,10 +83,10 @@ def test_dvc_repro_smoke_and_selective_rerun(repo_copy):
     assert _changed(repo_copy) == set()
     # a change to one arm's loss: that arm's runs only
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())
-    params["variants"]["nft"]["loss"] = {"eps": 0.5}
+    params["arm_settings"]["nft"]["loss"] = {"eps": 0.5}
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _changed(repo_copy) == {"train@nft-0"}
-    params["variants"]["nft"].pop("loss")
+    params["arm_settings"]["nft"].pop("loss")
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     # a training param changes: train, evaluate and analyze rerun; prepare and base do not
@@ -164,7 +164,7 @@ class _Recording(dict):
         return super().__contains__(key)
 
 
-def _keys_read(monkeypatch, stage: dict, params: Path, algo: str) -> set[str]:
+def _keys_read(monkeypatch, stage: dict, params: Path, arm: str) -> set[str]:
     """The top-level params.yaml keys that ``stage``'s command reads, recorded while running that very command line
     (from dvc.yaml) on ``params`` with its work stubbed out (``run_training``, ``run_evaluate``).
 
@@ -208,7 +208,7 @@ def _keys_read(monkeypatch, stage: dict, params: Path, algo: str) -> set[str]:
     monkeypatch.setattr(nft.train.run, "run_training", lambda *a, **k: {})
     monkeypatch.setattr(nft.evaluate, "run_evaluate", lambda *a, **k: {})
     cmd = stage["cmd"]
-    for var, value in {"${study.launcher}": "nft", "${item.algo}": algo, "${item.seed}": "0"}.items():
+    for var, value in {"${study.launcher}": "nft", "${item.arm}": arm, "${item.seed}": "0"}.items():
         cmd = cmd.replace(var, value)
     argv = shlex.split(cmd)
     assert argv[0] == "nft" and "${" not in cmd, cmd
@@ -232,13 +232,13 @@ def _listed_params(stage: dict) -> set[str]:
 @pytest.mark.parametrize("stage_name", ["train", "evaluate"])
 def test_stage_params_list_what_its_command_reads(monkeypatch, tmp_path, stage_name, preset):
     """dvc repro reruns a stage only when a listed param changes: a key the command reads but the stage does not
-    list (``variants`` for train, once) leaves stale runs in place. The preset with variants runs its first
-    algorithm, a variant name, so the command's variant branch is exercised too."""
+    list (``arm_settings`` for train, once) leaves stale runs in place. The ablation preset runs its first arm, a
+    name in its ``arm_settings``, so the command's branch for a named arm is exercised too."""
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage_name]
     study = yaml.safe_load((REPO / preset).read_text())
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(study, sort_keys=False))
-    read = _keys_read(monkeypatch, stage, params, study["algorithms"][0])
+    read = _keys_read(monkeypatch, stage, params, study["arms"][0])
     missing = sorted(read - _listed_params(stage))
     assert not missing, f"dvc.yaml: stage {stage_name}: params does not list {missing}, which `nft {stage_name}` reads"
 
@@ -251,7 +251,7 @@ def test_study_files_carry_the_train_params():
     listed = _listed_params(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"])
     for path in [REPO / "params.yaml", *sorted((REPO / "experiments").glob("*.yaml"))]:
         study = yaml.safe_load(path.read_text())
-        if "algorithms" not in study:
+        if "arms" not in study:
             continue  # not a study file (a sweep space)
         if path.parent.name == "experiments":
             study = compose_study(path)
@@ -302,6 +302,6 @@ def test_queued_experiments_keep_metrics_and_mlflow_runs(repo_copy):
     runs = client.search_runs([exp.experiment_id])
     by_exp = {}
     for r in runs:
-        if "algo" in r.data.tags:
+        if "algorithm" in r.data.tags:
             by_exp.setdefault(r.data.tags["dvc.exp_name"], set()).add(r.info.run_name)
     assert by_exp["q1"] == by_exp["q2"] == {"nft-s0", "grpo-s0"}, by_exp

@@ -56,9 +56,9 @@ def test_mlflow_ui_shows_the_study(tiny_study, tmp_path, mlflow_server):  # noqa
         "train.steps=1",
     ]
     runs = {}
-    for algo in ("nft", "grpo"):
-        run = tmp_path / f"{algo}-s0"
-        nft_cli("train", "--config", params, "--algo", algo, "--seed", "0", "--out", run, "--quiet", *track)
+    for arm in ("nft", "grpo"):
+        run = tmp_path / f"{arm}-s0"
+        nft_cli("train", "--config", params, "--arm", arm, "--seed", "0", "--out", run, "--quiet", *track)
         nft_cli(
             "evaluate",
             "--model",
@@ -72,14 +72,14 @@ def test_mlflow_ui_shows_the_study(tiny_study, tmp_path, mlflow_server):  # noqa
             "--data",
             data,
             "--out",
-            tmp_path / "evals" / f"{algo}-s0.json",
+            tmp_path / "evals" / f"{arm}-s0.json",
         )
-        runs[algo] = (run / "mlflow_run_id").read_text().strip()
+        runs[arm] = (run / "mlflow_run_id").read_text().strip()
     space = tmp_path / "space.yaml"
     space.write_text(
         yaml.safe_dump(
             {
-                "algo": "nft",
+                "arm": "nft",
                 "metric": "val/mean/avg@2",
                 "direction": "maximize",
                 "params": {"train.lr": {"type": "float", "low": 1e-5, "high": 1e-4}},
@@ -115,9 +115,9 @@ def test_mlflow_ui_shows_the_study(tiny_study, tmp_path, mlflow_server):  # noqa
     # the train runs are nested under the study's run: the table shows it (collapsed) and counts them all
     assert "ui-study" in page and "3 matching runs" in page, "the runs table lacks the study run and its children"
     assert "uisweep" not in page  # the sweep's runs are not among the study's
-    for algo, run_id in runs.items():
+    for arm, run_id in runs.items():
         page = _dom(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs/{run_id}?workflowType=machine_learning")
-        for text in (f"{algo}-s0", algo, "train", "nft train", "final/synth-easy/avg_at_2"):
-            assert text in page, f"run page of {algo}-s0 lacks {text!r}"
+        for text in (f"{arm}-s0", arm, "train", "nft train", "final/synth-easy/avg_at_2"):
+            assert text in page, f"run page of {arm}-s0 lacks {text!r}"
     page = _dom(f"{mlflow_server}/#/experiments/{sweeps.experiment_id}?workflowType=machine_learning")
     assert "sweep-uisweep" in page

@@ -32,7 +32,7 @@ def scaled_down(model: Path) -> list[str]:
     sets = {
         "study.launcher": "nft",
         "study.benchmarks_dir": str(SHARED_BENCHMARKS),
-        "algorithms": "[nft, dapo]",
+        "arms": "[nft, dapo]",
         "seeds": "[0]",
         "pretrain.base_model": str(model),
         "train.model": str(model),

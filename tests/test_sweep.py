@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import nft_cli
 
 SPACE = {
-    "algo": "nft",
+    "arm": "nft",
     "metric": "val/mean/avg@2",
     "direction": "maximize",
     "pruner": {"type": "none"},
@@ -116,7 +116,7 @@ def test_sqlite_two_workers_and_nested_mlflow(tiny_study, tmp_path):
             "train",
             "--config",
             best,
-            "--algo",
+            "--arm",
             "nft",
             "--seed",
             "0",
@@ -286,11 +286,26 @@ def test_bad_space_fails_before_work(tiny_study, tmp_path):
         check=False,
     )
     assert r.returncode == 2 and "low" in r.stderr
+    bad = _space(tmp_path, arms=["nft", "nope"])
+    r = nft_cli(
+        "sweep",
+        "--config",
+        params,
+        "--space",
+        bad,
+        "--study-name",
+        "b",
+        "--storage",
+        f"sqlite:///{tmp_path}/b.db",
+        check=False,
+    )
+    assert r.returncode == 2 and "arms: unknown ['nope']" in r.stderr
 
 
-def test_shared_setting_over_algorithms_on_a_grid(tiny_study, tmp_path):
-    """``algos``: every trial trains each algorithm with the same setting and the objective is their mean; ``grid``
-    runs every combination once; ``sweep table`` lists each algorithm's value and the objective, best first."""
+def test_shared_setting_over_arms_on_a_grid(tiny_study, tmp_path):
+    """``arms``: every trial trains each arm with the same setting (a named arm with its ``arm_settings``) and the
+    objective is their mean; ``grid`` runs every combination once; ``sweep table`` lists each arm's value and the
+    objective, best first."""
     import optuna
 
     from nft.sweep import run_sweep, sweep_table
@@ -299,30 +314,41 @@ def test_shared_setting_over_algorithms_on_a_grid(tiny_study, tmp_path):
     storage = f"sqlite:///{tmp_path}/grid.db"
     space = _space(
         tmp_path,
-        algos=["nft", "grpo"],
+        arms=["nft", "grpo-pop"],
         sampler="grid",
         base={"train.steps": 1, "train.val_every": 1},
         params={"train.lr": {"type": "categorical", "choices": [1e-4, 1e-3]}},
     )
     summary = run_sweep(
-        str(params), str(space), 5, "g", storage, [0], ["train.tracking=false"], str(tmp_path / "sweeps")
+        str(params),
+        str(space),
+        5,
+        "g",
+        storage,
+        [0],
+        ["train.tracking=false", "arm_settings.grpo-pop={algorithm: grpo, loss: {std: population}}"],
+        str(tmp_path / "sweeps"),
     )
     assert summary["complete"] == 2  # the grid has two points: five trials asked, two run
     trials = optuna.load_study(study_name="g", storage=storage).get_trials()
     assert sorted(t.params["train.lr"] for t in trials) == [1e-4, 1e-3]
     for t in trials:
-        per_algo = [t.user_attrs[f"value/{a}/s0"] for a in ("nft", "grpo")]
-        assert t.value == pytest.approx(sum(per_algo) / 2)
+        per_arm = [t.user_attrs[f"value/{a}/s0"] for a in ("nft", "grpo-pop")]
+        assert t.value == pytest.approx(sum(per_arm) / 2)
     assert sorted(p.name for p in (tmp_path / "sweeps" / "g").iterdir()) == [
-        "trial0-grpo-s0",
+        "trial0-grpo-pop-s0",
         "trial0-nft-s0",
-        "trial1-grpo-s0",
+        "trial1-grpo-pop-s0",
         "trial1-nft-s0",
     ]
+    resolved = yaml.safe_load((tmp_path / "sweeps" / "g" / "trial0-grpo-pop-s0" / "config.yaml").read_text())[
+        "resolved"
+    ]
+    assert resolved["algorithm"] == "grpo" and resolved["loss"]["std"] == "population"  # the arm's own loss setting
     table = sweep_table("g", storage).splitlines()
     r = nft_cli("sweep", "table", "--study-name", "g", "--storage", storage, "--config", params)
     assert r.stdout.splitlines() == table
-    assert table[0] == "| trial | train.lr | nft | grpo | objective | state |" and len(table) == 4
+    assert table[0] == "| trial | train.lr | nft | grpo-pop | objective | state |" and len(table) == 4
     best = max(trials, key=lambda t: t.value)
     assert table[2].startswith(f"| {best.number} |") and f"{100 * best.value:.1f}" in table[2]
     bad = _space(tmp_path, sampler="grid", params={"train.lr": {"type": "float", "low": 1e-4, "high": 1e-3}})

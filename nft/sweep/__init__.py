@@ -1,4 +1,4 @@
-"""Optuna sweeps over an algorithm's hyperparameters, on one machine or many sharing one storage.
+"""Optuna sweeps over an arm's hyperparameters, on one machine or many sharing one storage.
 
     nft sweep --config params.yaml --space experiments/sweeps/nft.yaml --trials 20 --study-name nft-lr \\
               [--storage sqlite:///sweeps/nft-lr.db | postgresql://user@host/db] [--seeds 0,1]
@@ -10,14 +10,14 @@ workers mark failed once its heartbeat is stale (``heartbeat.grace`` seconds) an
 (``RetryHeartbeatStaleTrialCallback``: the copy records the trial it retries); ``MaxTrialsCallback`` bounds the study at
 ``--trials`` finished (complete or pruned) trials; each worker's TPE sampler has its own seed, derived from the space's
 ``sampler_seed`` and the worker's id (recorded on its trials), so workers do not suggest the same points. A ``grid``
-space runs each point once (Optuna's ``GridSampler``). A trial trains one short run per algorithm and seed
+space runs each point once (Optuna's ``GridSampler``). A trial trains one short run per arm and seed
 (cleanrl's tuner: seeds in turn) and reports the validation metric after every validation to the pruner; the
 objective is the mean of the last validations. A trial that crashes is marked failed with its error and the sweep
 goes on.
 
 The space file::
 
-    algo: nft                      # the algorithm swept
+    arm: nft                       # the arm swept (or arms: [nft, grpo]: the objective is their mean)
     metric: val/mean/avg@4         # objective: a validation metric of the history
     direction: maximize
     pruner: {type: median, n_startup_trials: 2, n_warmup_steps: 0}   # or {type: hyperband}, {type: none}

@@ -1,4 +1,4 @@
-"""One trial of a sweep: the trial's setting trained once per algorithm and seed, each run's validations reported
+"""One trial of a sweep: the trial's setting trained once per arm and seed, each run's validations reported
 to the pruner, and the objective the mean of the runs' last validations. With tracking on, the trial is an MLflow
 run nested under the sweep's run."""
 
@@ -45,7 +45,7 @@ class Reporter:
     finals: list[float]
     """the values of the trial's runs finished so far (the trial's own list, appended to as runs finish)"""
     offset: int
-    algo: str
+    arm: str
     seed: int
 
     def __call__(self, step, row) -> None:
@@ -55,13 +55,13 @@ class Reporter:
             done = self.finals + [row[self.metric]]
             self.trial.report(sum(done) / len(done), self.offset + step)
             if self.trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at {self.algo} seed {self.seed} step {step}")
+                raise optuna.TrialPruned(f"pruned at {self.arm} seed {self.seed} step {step}")
 
 
 @dataclass
 class Objective:
     """The function ``study.optimize`` calls for each of this worker's trials. ``tcfg`` is the base config's train
-    section (tracking, and the steps per run that number the pruner's steps); ``base_sets`` the overrides every
+    section (where the trials are tracked); ``base_sets`` the overrides every
     trial starts from; ``run_training`` trains one run (:func:`nft.train.run.run_training`, imported by the caller
     before the first trial)."""
 
@@ -142,15 +142,19 @@ class Objective:
         return tracker
 
     def _train(self, trial, cfg: dict, full: dict, tracker: MLflowTracker | None) -> float:
-        """One run per algorithm and seed, in turn; returns the mean of their final values of the metric."""
+        """One run per arm and seed, in turn (each arm with its settings from the study's ``arm_settings``); returns the
+        mean of their final values of the metric. The runs take consecutive pruner steps (validation steps 0 to
+        ``steps`` each)."""
         space = self.space
-        steps_per_seed = self.tcfg.steps + 1
         finals: list[float] = []
-        for i, (algo, seed) in enumerate((a, s) for a in space.algos for s in self.seeds):
-            report = Reporter(trial, space.metric, finals, i * steps_per_seed, algo, seed)
-            name = f"trial{trial.number}-s{seed}" if len(space.algos) == 1 else f"trial{trial.number}-{algo}-s{seed}"
+        offset = 0
+        for arm, seed in ((a, s) for a in space.arms for s in self.seeds):
+            algo, train = cfg["plan"].arm(arm, cfg["train"])
+            report = Reporter(trial, space.metric, finals, offset, arm, seed)
+            offset += train.steps + 1
+            name = f"trial{trial.number}-s{seed}" if len(space.arms) == 1 else f"trial{trial.number}-{arm}-s{seed}"
             final = self.run_training(
-                cfg["train"],
+                train,
                 algo,
                 seed,
                 Path(self.out_dir) / self.study_name / name,
@@ -159,12 +163,13 @@ class Objective:
                 progress=self.progress,
                 tracker=NullTracker(),
                 on_validate=report,
+                arm=arm,
             )
             if space.metric not in final:
                 raise ValueError(f"metric {space.metric!r} not in the run's final metrics {sorted(final)}")
             finals.append(final[space.metric])
-            trial.set_user_attr(f"value/{algo}/s{seed}", final[space.metric])
+            trial.set_user_attr(f"value/{arm}/s{seed}", final[space.metric])
             if tracker:
-                key = f"seed{seed}" if len(space.algos) == 1 else f"{algo}/seed{seed}"
+                key = f"seed{seed}" if len(space.arms) == 1 else f"{arm}/seed{seed}"
                 tracker.log_metrics({f"{key}/{space.metric}": final[space.metric]}, trial.number)
         return sum(finals) / len(finals)

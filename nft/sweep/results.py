@@ -11,7 +11,7 @@ from .space import override_sets
 
 
 def sweep_table(study_name: str, storage: str) -> str:
-    """The study's trials as a Markdown table, best first: parameters, each algorithm's value (mean over seeds), the
+    """The study's trials as a Markdown table, best first: parameters, each arm's value (mean over seeds), the
     objective and the state (the tables of docs/log.md)."""
     import optuna
     from optuna.trial import TrialState
@@ -20,20 +20,20 @@ def sweep_table(study_name: str, storage: str) -> str:
     trials = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
     params = sorted({k for t in trials for k in t.params})
     seen = list(dict.fromkeys(k.split("/")[1] for t in trials for k in t.user_attrs if k.startswith("value/")))
-    algos = [a for a in study.user_attrs.get("algos", []) if a in seen] + sorted(
-        set(seen) - set(study.user_attrs.get("algos", []))
+    arms = [a for a in study.user_attrs.get("arms", []) if a in seen] + sorted(
+        set(seen) - set(study.user_attrs.get("arms", []))
     )
     sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
     trials.sort(key=lambda t: (t.value is None, sign * (t.value or 0.0), t.number))
     lines = [
-        "| trial | " + " | ".join(params + algos) + " | objective | state |",
-        "|---" * (len(params) + len(algos) + 3) + "|",
+        "| trial | " + " | ".join(params + arms) + " | objective | state |",
+        "|---" * (len(params) + len(arms) + 3) + "|",
     ]
     for t in trials:
         cells = [
             f"{t.params[p]:.3g}" if isinstance(t.params.get(p), float) else str(t.params.get(p, "–")) for p in params
         ]
-        for a in algos:
+        for a in arms:
             vals = [v for k, v in t.user_attrs.items() if k.startswith(f"value/{a}/")]
             cells.append(f"{100 * sum(vals) / len(vals):.1f}" if vals else "–")
         obj = f"{100 * t.value:.1f}" if t.value is not None else "–"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..config import load_study
 from .objective import Objective
-from .space import SweepSpace, grid_points, load_space, override_sets, probe
+from .space import SweepSpace, check_arms, grid_points, load_space, override_sets, probe
 from .study import FinishedTrials, create_or_load, default_storage, max_wait
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def _setup_parent(
     if tcfg.tracking:
         parent = MLflowTracker(tcfg.tracking_uri, sweep_exp, f"sweep-{study_name}")
         if not parent.offline:
-            parent.set_tags({"sweep": study_name, "algo": ",".join(space.algos)})
+            parent.set_tags({"sweep": study_name, "arms": ",".join(space.arms)})
             parent.log_params({"space": Path(space_path).name, "trials": trials, "seeds": seeds})
             parent.finish("FINISHED")
             study.set_user_attr("mlflow_parent_run_id", parent.run_id)
@@ -120,6 +120,7 @@ def run_sweep(
     # validate the base config, the space's base overrides and one sample of every parameter before any work
     base_sets = list(sets or []) + override_sets(space.base)
     cfg0 = load_study(config, base_sets)
+    check_arms(space, cfg0["plan"], space_path)
     load_study(config, base_sets + override_sets(probe(space)))
     storage = storage or default_storage(study_name)
     tcfg = cfg0["train"]

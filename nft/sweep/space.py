@@ -40,11 +40,12 @@ class ParamSpec:
 class SweepSpace:
     """A sweep space file (experiments/sweeps/*.yaml)."""
 
-    algo: str = "nft"
-    algos: list[str] = field(default_factory=list)
-    """several algorithms: every trial trains each (with the same setting) and the objective is the mean over
-    algorithms and seeds, so one shared setting is chosen for all (as the paper's one lr), never by one algorithm's
-    score. Empty: ``[algo]``."""
+    arm: str = "nft"
+    """the arm swept: a registered algorithm, or a name in the study's ``arm_settings`` (trained with its settings)."""
+    arms: list[str] = field(default_factory=list)
+    """several arms: every trial trains each (with the same setting) and the objective is the mean over arms and
+    seeds, so one shared setting is chosen for all (as the paper's one lr), never by one arm's score. Empty:
+    ``[arm]``."""
     metric: str = "val/mean/avg@4"
     direction: str = "maximize"
     pruner: dict[str, Any] = field(default_factory=lambda: {"type": "median"})
@@ -58,12 +59,7 @@ class SweepSpace:
     params: dict[str, ParamSpec] = field(default_factory=dict)
 
     def __post_init__(self):
-        from ..algorithms import LOSSES
-
-        self.algos = list(self.algos) or [self.algo]
-        bad = [a for a in self.algos if a not in LOSSES]
-        if bad:
-            raise ValueError(f"algos: unknown {bad}; registered: {sorted(LOSSES)}")
+        self.arms = list(self.arms) or [self.arm]
         if self.direction not in ("maximize", "minimize"):
             raise ValueError(f"direction: expected maximize or minimize, got {self.direction!r}")
         unknown = sorted(set(self.heartbeat) - {"interval", "grace", "retries"})
@@ -79,6 +75,19 @@ class SweepSpace:
             raise ValueError(f"sampler: expected tpe or grid, got {self.sampler!r}")
         if self.pruner.get("type", "median") not in ("median", "hyperband", "none"):
             raise ValueError(f"pruner.type: expected median, hyperband or none, got {self.pruner.get('type')!r}")
+
+
+def check_arms(space: SweepSpace, plan, space_path: str | Path) -> None:
+    """Every arm of the space is a registered algorithm or a name in the study's ``arm_settings`` (``plan``: the
+    study's :class:`nft.config.StudyConfig`)."""
+    from ..algorithms import LOSSES
+
+    bad = [a for a in space.arms if a not in LOSSES and a not in plan.arm_settings]
+    if bad:
+        raise ConfigError(
+            f"{space_path}: arms: unknown {bad}; registered algorithms: {sorted(LOSSES)}, "
+            f"arm_settings: {sorted(plan.arm_settings)}"
+        )
 
 
 def load_space(path: str | Path) -> SweepSpace:

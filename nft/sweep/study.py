@@ -68,7 +68,7 @@ def create_or_load(study_name: str, storage: str, space: SweepSpace, worker: str
                 load_if_exists=False,
                 **kw,
             )
-            study.set_user_attr("algos", list(space.algos))  # the order `sweep table` lists them in
+            study.set_user_attr("arms", list(space.arms))  # the order `sweep table` lists them in
             setup(study)
             return study
         except optuna.exceptions.DuplicatedStudyError:

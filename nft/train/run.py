@@ -1,7 +1,7 @@
 """One training run: set-up (``nft.train.setup``: run folder, engine, resume, tracker, sampler), the step loop,
 validation (``nft.train.validation``), the final save.
 
-Usage: ``nft train --config params.yaml --algo nft --seed 0 --out runs/nft-s0 [--set train.steps=5 ...]``
+Usage: ``nft train --config params.yaml --arm nft --seed 0 --out runs/nft-s0 [--set train.steps=5 ...]``
 
 One rollout step:
 1. draw P questions from a seeded cursor, sample K answers each, grade them, keep what the algorithm's batch rule
@@ -90,7 +90,7 @@ def _finish(run: Run, last: dict) -> dict:
         lines = (run.run_dir / "history.jsonl").read_text().splitlines()
         last = json.loads(lines[-1]) if lines else {}
     final = {k: v for k, v in last.items() if k.startswith("val/")}
-    final.update({"steps": run.cfg.steps, "algo": run.algo, "seed": run.seed})
+    final.update({"steps": run.cfg.steps, "arm": run.arm, "algorithm": run.algo, "seed": run.seed})
     atomic_write_json(run.run_dir / "metrics.json", final)
     if isinstance(run.tracker, MLflowTracker):  # where the weights are (MLflow holds the reference, not a copy)
         run.tracker.set_tags({"nft.model_dir": str(final_model.resolve())})
@@ -129,9 +129,7 @@ def _steps(run: Run, history, progress: bool, on_validate: Callable | None, stop
     """The step loop (validation, progress, checkpoints); returns the last row. On a stop signal: a checkpoint of the
     step just done, then :class:`Preempted`."""
     cfg, dist = run.cfg, run.dist
-    bar = Progress(
-        f"train {run.variant}-s{run.seed}", cfg.steps, start=run.start_step, enabled=progress and dist.is_main
-    )
+    bar = Progress(f"train {run.arm}-s{run.seed}", cfg.steps, start=run.start_step, enabled=progress and dist.is_main)
     if run.start_step == 0:
         row = {"step": 0, **run.validate()}
         run.record(row, history)
@@ -194,10 +192,12 @@ def run_training(
     progress: bool = True,
     tracker: Tracker | None = None,
     on_validate: Callable | None = None,
-    variant: str | None = None,
+    arm: str | None = None,
     checkpoints: str | Path | None = None,
 ) -> dict:
-    """Train ``algo`` with ``seed`` into run folder ``out``; resumes from its checkpoint; returns final metrics.
+    """Train the registered algorithm ``algo`` with ``seed`` into run folder ``out``; resumes from its checkpoint;
+    returns final metrics. ``arm``: the study's name of this training configuration (the run's name and its ``arm``
+    tag; default ``algo``).
 
     Under a launcher (``deepspeed``/``torchrun`` with ``train.engine: deepspeed``) every process calls this; rank 0
     alone writes the run folder, logs and validates, and returns the metrics (the other ranks return ``{}``).
@@ -213,7 +213,7 @@ def run_training(
         study=study,
         full_config=full_config,
         tracker=tracker,
-        variant=variant or algo,
+        arm=arm or algo,
         checkpoints=Path(checkpoints) if checkpoints else None,
     )
     if not isinstance(run, Run):

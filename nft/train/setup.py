@@ -67,7 +67,9 @@ class Run:
 
     cfg: TrainConfig
     algo: str
-    variant: str
+    """the registered algorithm (loss) the run trains"""
+    arm: str
+    """the study's name of the run's training configuration"""
     seed: int
     run_dir: Path
     ckpt_dir: Path
@@ -206,7 +208,7 @@ def _inputs(cfg: TrainConfig, algo: str, seed: int) -> _Inputs:
         raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
     ds_config = check_backends(cfg)
     resolved: dict[str, Any] = {
-        "algo": algo,
+        "algorithm": algo,
         "seed": seed,
         "batch_rule": rule,
         "loss": asdict(params),
@@ -257,10 +259,10 @@ def _load(
     return _Loaded(engine, tokenizer, source, cursor, start_step, resume)
 
 
-def _tags(cfg: TrainConfig, algo: str, variant: str, seed: int, study: str, ins: _Inputs, dist: Dist) -> dict:
+def _tags(cfg: TrainConfig, algo: str, arm: str, seed: int, study: str, ins: _Inputs, dist: Dist) -> dict:
     return {
-        "algo": algo,
-        "variant": variant,
+        "algorithm": algo,
+        "arm": arm,
         "seed": str(seed),
         "study": study,
         "dvc.exp_name": dvc_experiment(),
@@ -319,7 +321,7 @@ def setup(
     study: str,
     full_config: dict | None,
     tracker: Tracker | None,
-    variant: str,
+    arm: str,
     checkpoints: Path | None = None,
 ) -> Run | dict:
     """Validate, then set up the run (or return the final metrics of a finished one). ``checkpoints``: a folder of
@@ -333,10 +335,8 @@ def setup(
         return done
     seeds = seed_block(seed)
     got = _load(cfg, run_dir, ckpt_dir, dist, ins.ds_config, len(ins.train_set), seeds["seed/data_order"])
-    tags = _tags(cfg, algo, variant, seed, study, ins, dist)
-    tracker = _track(
-        cfg, run_dir, f"{variant}-s{seed}", study, ins, seeds, tags, got.resume, dist, tracker, full_config
-    )
+    tags = _tags(cfg, algo, arm, seed, study, ins, dist)
+    tracker = _track(cfg, run_dir, f"{arm}-s{seed}", study, ins, seeds, tags, got.resume, dist, tracker, full_config)
     engine = got.engine
     sampler = make_sampler(
         cfg.sampler,
@@ -351,7 +351,7 @@ def setup(
     return Run(
         cfg,
         algo,
-        variant,
+        arm,
         seed,
         run_dir,
         ckpt_dir,

@@ -103,10 +103,10 @@ def test_report_writes_claims_and_base_row(tmp_path):
     evals.mkdir()
     import yaml
 
-    for (run, algo, seed), g in final.groupby(["run", "algo", "seed"]):
+    for (run, algo, seed), g in final.groupby(["run", "algorithm", "seed"]):
         d = runs / run
         d.mkdir(parents=True)
-        (d / "config.yaml").write_text(yaml.safe_dump({"resolved": {"algo": algo, "seed": int(seed)}}))
+        (d / "config.yaml").write_text(yaml.safe_dump({"resolved": {"algorithm": algo, "seed": int(seed)}}))
         (d / "history.jsonl").write_text(json.dumps({"step": 1, "policy/entropy": 1.0}) + "\n")
         (d / "metrics.json").write_text("{}")
         (evals / f"{run}.json").write_text(json.dumps({b: {"avg@4": float(v)} for b, v in zip(g.benchmark, g.value)}))
@@ -119,9 +119,9 @@ def test_report_writes_claims_and_base_row(tmp_path):
         == 0
     )
     numbers = json.loads((out / "metrics.json").read_text())
-    assert numbers["variants"]["base"]["mean"] == pytest.approx(20.0)
-    assert set(numbers["variants"]["base"]) >= {"mean", "std", "ci_low", "ci_high", "seeds"}
-    assert numbers["variants"]["nft"]["gain_over_base"] == pytest.approx(21.0)
+    assert numbers["arms"]["base"]["mean"] == pytest.approx(20.0)
+    assert set(numbers["arms"]["base"]) >= {"mean", "std", "ci_low", "ci_high", "seeds"}
+    assert numbers["arms"]["nft"]["gain_over_base"] == pytest.approx(21.0)
     assert numbers["claims"]["nft>rft"]["verdict"] == "supported"
     assert "**supported**" in (out / "claims.md").read_text()
     assert (out / "results.md").read_text().splitlines()[2].startswith("| Base model |")

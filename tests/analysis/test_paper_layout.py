@@ -38,7 +38,7 @@ def make_study(root: Path) -> tuple[Path, Path]:
         for seed, delta in enumerate((-1.0, 0.0, 1.0)):
             d = runs / f"{algo}-s{seed}"
             d.mkdir(parents=True)
-            (d / "config.yaml").write_text(yaml.safe_dump({"resolved": {"algo": algo, "seed": seed}}))
+            (d / "config.yaml").write_text(yaml.safe_dump({"resolved": {"algorithm": algo, "seed": seed}}))
             (d / "history.jsonl").write_text(json.dumps({"step": 0, "val/mean/avg@1": 0.1}) + "\n")
             (d / "metrics.json").write_text("{}")
             vals = dict(zip(ORDER, (v + delta for v in PAPER_7B[algo])))
@@ -52,17 +52,15 @@ def test_table_1_layout_with_a_metric_per_benchmark(tmp_path):
     out = tmp_path / "reports"
     assert main(["--runs", str(runs), "--evals", str(evals), "--out", str(out)]) == 0
     table = (out / "results.md").read_text().splitlines()
-    assert table[0] == "| algorithm | " + " | ".join(ORDER) + " | average |"
+    assert table[0] == "| arm | " + " | ".join(ORDER) + " | average |"
     assert table[2].startswith("| Base model | 13.3 ± 0.0 | 69.0 ± 0.0 |")  # the base row first, every column filled
     nft = next(line for line in table if line.startswith("| NFT |"))
     assert "–" not in nft and "**32.0 ± 1.0**" in nft  # AIME24 from avg@32, MATH500 from avg@1: none blank
     numbers = json.loads((out / "metrics.json").read_text())
     assert numbers["metric"] == "avg@k" and numbers["metric_per_benchmark"]["math500"] == "avg@1"
     assert numbers["metric_per_benchmark"]["aime24"] == "avg@32"
-    assert numbers["variants"]["nft"]["mean"] == pytest.approx(sum(PAPER_7B["nft"]) / 6)  # six benchmarks averaged
-    assert numbers["variants"]["nft"]["gain_over_base"] == pytest.approx(
-        (sum(PAPER_7B["nft"]) - sum(PAPER_7B["base"])) / 6
-    )
+    assert numbers["arms"]["nft"]["mean"] == pytest.approx(sum(PAPER_7B["nft"]) / 6)  # six benchmarks averaged
+    assert numbers["arms"]["nft"]["gain_over_base"] == pytest.approx((sum(PAPER_7B["nft"]) - sum(PAPER_7B["base"])) / 6)
 
 
 def test_side_by_side_with_the_paper(tmp_path):

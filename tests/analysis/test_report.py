@@ -12,7 +12,7 @@ from analysis.figures import standard_figures
 from analysis.load import curve, load_mlflow, load_runs
 from analysis.tables import bold_mask, results_table, to_latex, to_markdown
 
-# final synth-medium / synth-easy accuracy per (algo, seed); nft is best on medium, grpo within 1 point on easy
+# final synth-medium / synth-easy accuracy per (arm, seed); nft is best on medium, grpo within 1 point on easy
 FINAL = {
     ("nft", 0): (0.30, 0.50),
     ("nft", 1): (0.32, 0.52),
@@ -28,7 +28,7 @@ def make_runs(root: Path) -> Path:
         d = runs / f"{algo}-s{seed}"
         d.mkdir(parents=True)
         (d / "config.yaml").write_text(
-            yaml.safe_dump({"resolved": {"algo": algo, "seed": seed, "train": {"loss": {}}}})
+            yaml.safe_dump({"resolved": {"algorithm": algo, "seed": seed, "train": {"loss": {}}}})
         )
         steps = 4 if (algo, seed) != ("nft", 2) else 2  # unequal length
         rows = [{"step": 0, "val/synth-medium/avg@4": 0.1, "val/synth-easy/avg@4": 0.3, "val/mean/avg@4": 0.2}]
@@ -48,7 +48,7 @@ def make_runs(root: Path) -> Path:
                 )
             rows.append(row)
         (d / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (d / "tags.json").write_text(json.dumps({"algo": algo, "seed": str(seed), "study": "gen"}))
+        (d / "tags.json").write_text(json.dumps({"algorithm": algo, "seed": str(seed), "study": "gen"}))
         if (algo, seed) != ("grpo", 1):
             (d / "metrics.json").write_text("{}")
     (runs / "stray").mkdir()
@@ -58,7 +58,7 @@ def make_runs(root: Path) -> Path:
 def test_tidy_frames_and_exact_statistics(tmp_path):
     runs = make_runs(tmp_path)
     history, final, problems = load_runs(runs)
-    assert set(history.columns) == {"run", "algo", "variant", "seed", "step", "metric", "value"}
+    assert set(history.columns) == {"run", "algorithm", "arm", "seed", "step", "metric", "value"}
     assert any("stray" in p for p in problems) and any("grpo-s1: unfinished" in p for p in problems)
     table = results_table(final, "avg@4", ["synth-easy", "synth-medium"])
     assert table.loc["nft", ("synth-medium", "mean")] == pytest.approx(32.0)
@@ -71,9 +71,9 @@ def test_tidy_frames_and_exact_statistics(tmp_path):
     md, tex = to_markdown(table), to_latex(table)
     assert "**32.0 ± 2.0**" in md and "\\textbf{32.0 $\\pm$ 2.0}" in tex and "21.0 ± 1.4" in md
     c = curve(history, "policy/entropy")
-    grpo1 = c[(c.variant == "grpo") & (c.step == 1)]
+    grpo1 = c[(c.arm == "grpo") & (c.step == 1)]
     assert grpo1.empty  # both grpo seeds have NaN at step 1: dropped, not averaged as 0
-    nft4 = c[(c.variant == "nft") & (c.step == 4)]
+    nft4 = c[(c.arm == "nft") & (c.step == 4)]
     assert nft4["n"].item() == 2  # seed 2 stopped at step 2
 
 
@@ -84,7 +84,7 @@ def test_report_files_and_figures(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "nft" in summary and "Problems" in summary and "unfinished" in summary and "NaN" in summary
     numbers = json.loads((out / "metrics.json").read_text())
-    assert numbers["variants"]["nft"]["seeds"] == 3 and numbers["variants"]["grpo"]["seeds"] == 2
+    assert numbers["arms"]["nft"]["seeds"] == 3 and numbers["arms"]["grpo"]["seeds"] == 2
     assert numbers["poi"]["nft>grpo"] == pytest.approx(0.75)  # medium: 6/6; easy: 3/6 -> mean over benchmarks
     for name in ("val_accuracy", "entropy", "reward", "length", "val_accuracy_synth-medium"):
         for ext in ("png", "pdf"):
@@ -119,4 +119,4 @@ def test_same_numbers_from_mlflow(tmp_path):
     pd.testing.assert_frame_equal(a[key + ["value"]], b[key + ["value"]])
     n1 = analyze(h1, f1, [], tmp_path / "r1", "folders")
     n2 = analyze(h2, f2, [], tmp_path / "r2", "mlflow")
-    assert n1["variants"] == n2["variants"] and n1["poi"] == n2["poi"]
+    assert n1["arms"] == n2["arms"] and n1["poi"] == n2["poi"]

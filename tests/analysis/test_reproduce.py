@@ -20,7 +20,7 @@ def _study(root, arms=ARMS):
     (root / "models/base/model.safetensors").write_bytes(b"base weights")
     (root / "evals").mkdir()
     (root / "evals/base.json").write_text(json.dumps({b: {"avg@4": 0.2} for b in BENCHES}))
-    variants = {"base": {"mean": 20.0, "std": 0.0, "seeds": 1}}
+    stats = {"base": {"mean": 20.0, "std": 0.0, "seeds": 1}}
     for arm, means in arms.items():
         for seed, m in enumerate(means):
             name = f"{arm}-s{seed}"
@@ -28,13 +28,13 @@ def _study(root, arms=ARMS):
             (run / "model").mkdir(parents=True)
             (run / "model/model.safetensors").write_bytes(f"{name} weights".encode())
             (run / "metrics.json").write_text("{}")
-            (run / "config.yaml").write_text(yaml.safe_dump({"resolved": {"algo": arm, "seed": seed}}))
-            (run / "tags.json").write_text(json.dumps({"variant": arm}))
+            (run / "config.yaml").write_text(yaml.safe_dump({"resolved": {"algorithm": arm, "seed": seed}}))
+            (run / "tags.json").write_text(json.dumps({"arm": arm}))
             (run / "history.jsonl").write_text(
                 "".join(json.dumps({"step": s, "loss": 1.0 / (s + 1 + seed)}) + "\n" for s in range(3))
             )
             (root / "evals" / f"{name}.json").write_text(json.dumps({b: {"avg@4": m / 100} for b in BENCHES}))
-        variants[arm] = {"mean": sum(means) / 3, "std": 1.0, "seeds": 3, "gain_over_base": sum(means) / 3 - 20}
+        stats[arm] = {"mean": sum(means) / 3, "std": 1.0, "seeds": 3, "gain_over_base": sum(means) / 3 - 20}
     claims = {"nft>rft": {"diff": 5.0, "ci_low": 4.0, "ci_high": 6.0, "verdict": "supported"}}
     (root / "params.yaml").write_text("study: {name: repro-test}  # a comment\nseeds: [0, 1, 2]\n")
     (root / "reports").mkdir()
@@ -43,7 +43,7 @@ def _study(root, arms=ARMS):
             {
                 "metric": "avg@4",
                 "metric_per_benchmark": {b: "avg@4" for b in BENCHES},
-                "variants": variants,
+                "arms": stats,
                 "claims": claims,
             }
         )
@@ -94,14 +94,14 @@ def test_changed_weights_are_reported_and_fail_only_with_exact(recorded, capsys)
 def test_an_arm_that_moved_beyond_tol_fails_a_verdict_change_is_reported(recorded, capsys):
     root, ref = recorded
     rep = _report(root)
-    rep["variants"]["rft"]["mean"] += 0.8
+    rep["arms"]["rft"]["mean"] += 0.8
     rep["claims"]["nft>rft"]["verdict"] = "inconclusive"
     (root / "reports/metrics.json").write_text(json.dumps(rep))
     assert _run(root, "check", "--reference", str(ref), "--no-mlflow") == 0
     out = capsys.readouterr().out
     assert "arm rft: mean 36.80 against the reference's 36.00 (+0.80 points)" in out
     assert "claim nft>rft: verdict inconclusive" in out
-    rep["variants"]["rft"]["mean"] += 0.4
+    rep["arms"]["rft"]["mean"] += 0.4
     (root / "reports/metrics.json").write_text(json.dumps(rep))
     assert _run(root, "check", "--reference", str(ref), "--no-mlflow") == 1
     assert "arm rft: mean 37.20" in capsys.readouterr().err
@@ -113,7 +113,7 @@ def test_missing_pieces_fail_by_name(recorded, capsys):
     (root / "evals/nft-s1.json").unlink()
     shutil.rmtree(root / "runs/rft-s2")
     rep = _report(root)
-    del rep["variants"]["rft"]
+    del rep["arms"]["rft"]
     (root / "reports/metrics.json").write_text(json.dumps(rep))
     assert _run(root, "check", "--reference", str(ref), "--no-mlflow") == 1
     err = capsys.readouterr().err
@@ -149,7 +149,7 @@ def test_mlflow_must_hold_every_history_value_and_final_number(recorded, tmp_pat
             name = f"{arm}-s{seed}"
             if name == "rft-s2":
                 continue  # never logged
-            run = client.create_run(exp, run_name=name, tags={"algo": arm, "variant": arm, "seed": str(seed)})
+            run = client.create_run(exp, run_name=name, tags={"algorithm": arm, "arm": arm, "seed": str(seed)})
             for s in range(3):
                 value = 1.0 / (s + 1 + seed)
                 if name == "nft-s1" and s == 2:
@@ -195,9 +195,9 @@ def test_the_committed_references_are_of_this_repository_s_params(vendor):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert ref["provenance"]["params_sha256"] == params_digest(repo / "params.yaml"), "stale reference"
     assert ref["provenance"]["study"] == params["study"]["name"]
-    runs = {"base"} | {f"{arm}-s{seed}" for arm in params["algorithms"] for seed in params["seeds"]}
+    runs = {"base"} | {f"{arm}-s{seed}" for arm in params["arms"] for seed in params["seeds"]}
     assert set(ref["runs"]) == runs
-    assert set(ref["variants"]) == {"base"} | set(params["algorithms"])
+    assert set(ref["arms"]) == {"base"} | set(params["arms"])
 
 
 def test_the_reference_of_this_machine_s_vendor_is_read(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ import pytest
 from analysis.load import FINAL_COLUMNS, HISTORY_COLUMNS
 from analysis.tables import results_table
 
-# (variant, seed) -> accuracy on benchmarks a and b; nft seed 1 has no b, grpo has no seed 1 at all
+# (arm, seed) -> accuracy on benchmarks a and b; nft seed 1 has no b, grpo has no seed 1 at all
 VALUES = {
     ("nft", 0): {"a": 0.10, "b": 0.50},
     ("nft", 1): {"a": 0.20},

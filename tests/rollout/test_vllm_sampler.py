@@ -78,7 +78,7 @@ def test_two_step_train_with_vllm(tiny_study_vllm, tmp_path):
         "train",
         "--config",
         params,
-        "--algo",
+        "--arm",
         "nft",
         "--seed",
         "0",

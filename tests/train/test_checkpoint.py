@@ -137,7 +137,7 @@ def test_sigterm_checkpoints_the_step_stops_and_the_rerun_resumes(tiny_study, tm
         raise Preempted("train: stopped by SIGTERM after step 1 of 3; ...")
 
     monkeypatch.setattr(run_mod, "run_training", stopped)
-    r = nft_cli("train", "--config", params, "--algo", "nft", "--seed", "0", "--out", tmp_path / "x", check=False)
+    r = nft_cli("train", "--config", params, "--arm", "nft", "--seed", "0", "--out", tmp_path / "x", check=False)
     assert r.returncode == 143 and r.stderr.strip().splitlines()[-1].startswith("train: stopped by SIGTERM")
 
 
@@ -150,7 +150,7 @@ def test_checkpoints_in_a_folder_of_their_own(tiny_study, tmp_path):
         "train",
         "--config",
         params,
-        "--algo",
+        "--arm",
         "nft",
         "--seed",
         "0",

@@ -126,7 +126,7 @@ def test_nft_train_under_the_launcher_zero3(tiny_study, tmp_path):
     params, _, _ = tiny_study
     p = zero3_params(params, tmp_path, steps=2, checkpoint_every=1)
     out = tmp_path / "run"
-    launch("--module", "nft.cli", "train", "--config", p, "--algo", "nft", "--seed", "0", "--out", out, "--quiet")
+    launch("--module", "nft.cli", "train", "--config", p, "--arm", "nft", "--seed", "0", "--out", out, "--quiet")
     rows = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]  # rank 0 alone writes
     assert json.loads((out / "tags.json").read_text())["processes"] == "2"
@@ -138,7 +138,7 @@ def test_nft_train_under_the_launcher_zero3(tiny_study, tmp_path):
     assert all(torch.equal(final[k], ckpt[k]) for k in final)
     # resume from the ZeRO-3 checkpoint (optimizer shards of both ranks): finishes with the same model
     (out / "metrics.json").unlink()
-    launch("--module", "nft.cli", "train", "--config", p, "--algo", "nft", "--seed", "0", "--out", out, "--quiet")
+    launch("--module", "nft.cli", "train", "--config", p, "--arm", "nft", "--seed", "0", "--out", out, "--quiet")
     again = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     assert all(torch.equal(final[k], again[k]) for k in final)
     assert (out / "metrics.json").is_file()
@@ -153,7 +153,7 @@ def test_zero3_with_vllm_sampler_under_the_launcher(tiny_study_vllm, tmp_path, t
     params, _, _ = tiny_study_vllm
     p = zero3_params(params, tmp_path, steps=2, sampler="vllm", vllm={"tensor_parallel_size": tp})
     out = tmp_path / "run"
-    launch("--module", "nft.cli", "train", "--config", p, "--algo", "nft", "--seed", "0", "--out", out, "--quiet")
+    launch("--module", "nft.cli", "train", "--config", p, "--arm", "nft", "--seed", "0", "--out", out, "--quiet")
     rows = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:

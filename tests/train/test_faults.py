@@ -58,7 +58,7 @@ def test_random_kills_then_resume_are_bit_identical(tiny_study, tmp_path, algo):
     seed = ALGOS[algo]
     ref = tmp_path / "ref"
     t0 = time.perf_counter()
-    nft_cli("train", "--config", params, "--algo", algo, "--seed", seed, "--out", ref, "--quiet", *STEPS)
+    nft_cli("train", "--config", params, "--arm", algo, "--seed", seed, "--out", ref, "--quiet", *STEPS)
     duration = time.perf_counter() - t0
     run = tmp_path / "faulty"
     cmd = [
@@ -68,7 +68,7 @@ def test_random_kills_then_resume_are_bit_identical(tiny_study, tmp_path, algo):
         "train",
         "--config",
         str(params),
-        "--algo",
+        "--arm",
         algo,
         "--seed",
         str(seed),
@@ -88,7 +88,7 @@ def test_random_kills_then_resume_are_bit_identical(tiny_study, tmp_path, algo):
             killed = _killed_at(cmd, delay)
         kills += killed
     assert kills >= 1
-    nft_cli("train", "--config", params, "--algo", algo, "--seed", seed, "--out", run, "--quiet", *STEPS)
+    nft_cli("train", "--config", params, "--arm", algo, "--seed", seed, "--out", run, "--quiet", *STEPS)
     assert (run / "metrics.json").is_file()
     assert _comparable(_history(run)) == _comparable(_history(ref)), f"{algo}: history differs after {kills} kills"
     a, b = _weights(ref / "model"), _weights(run / "model")
@@ -105,7 +105,7 @@ def test_zero3_two_ranks_killed_and_resumed(tiny_study, tmp_path):
     p = zero3_params(params, tmp_path, steps=3, checkpoint_every=1)
 
     def args(out: Path) -> list:
-        return ["--module", "nft.cli", "train", "--config", p, "--algo", "nft", "--seed", "5", "--out", out, "--quiet"]
+        return ["--module", "nft.cli", "train", "--config", p, "--arm", "nft", "--seed", "5", "--out", out, "--quiet"]
 
     ref, run = tmp_path / "ref", tmp_path / "killed"
     launch(*args(ref))

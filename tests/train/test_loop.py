@@ -71,7 +71,7 @@ GOLDEN = {
 def test_two_steps_change_parameters_and_log_finite_metrics(tiny_study, tmp_path, algo):
     params, _, base = tiny_study
     run = tmp_path / f"{algo}-s0"
-    nft_cli("train", "--config", params, "--algo", algo, "--seed", "0", "--out", run, "--quiet")
+    nft_cli("train", "--config", params, "--arm", algo, "--seed", "0", "--out", run, "--quiet")
     before, after = _weights(base), _weights(run / "model")
     changed = [k for k in before if not (before[k] == after[k]).all()]
     assert changed, f"{algo}: no parameter changed"
@@ -107,7 +107,7 @@ def test_two_steps_change_parameters_and_log_finite_metrics(tiny_study, tmp_path
     final = json.loads((run / "metrics.json").read_text())
     assert "val/synth-easy/avg@2" in final
     # a finished run is not redone
-    r = nft_cli("train", "--config", params, "--algo", algo, "--seed", "0", "--out", run, "--quiet")
+    r = nft_cli("train", "--config", params, "--arm", algo, "--seed", "0", "--out", run, "--quiet")
     assert "nothing to do" in r.stdout
 
 
@@ -119,7 +119,7 @@ def test_sigkill_resume_is_bit_identical(tiny_study, tmp_path):
     params, _, _ = tiny_study
     sets = ["--set", "train.steps=5"]
     ref = tmp_path / "ref"
-    nft_cli("train", "--config", params, "--algo", "nft", "--seed", "3", "--out", ref, "--quiet", *sets)
+    nft_cli("train", "--config", params, "--arm", "nft", "--seed", "3", "--out", ref, "--quiet", *sets)
 
     run = tmp_path / "killed"
     cmd = [
@@ -129,7 +129,7 @@ def test_sigkill_resume_is_bit_identical(tiny_study, tmp_path):
         "train",
         "--config",
         str(params),
-        "--algo",
+        "--arm",
         "nft",
         "--seed",
         "3",
@@ -148,7 +148,7 @@ def test_sigkill_resume_is_bit_identical(tiny_study, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
-    nft_cli("train", "--config", params, "--algo", "nft", "--seed", "3", "--out", run, "--quiet", *sets)
+    nft_cli("train", "--config", params, "--arm", "nft", "--seed", "3", "--out", run, "--quiet", *sets)
     assert _comparable(_history(run)) == _comparable(_history(ref))
     a, b = _weights(ref / "model"), _weights(run / "model")
     assert all((a[k] == b[k]).all() for k in a)
@@ -220,7 +220,7 @@ def test_mlflow_holds_the_run(tiny_study, tmp_path, mlflow_server):
         "train",
         "--config",
         params,
-        "--algo",
+        "--arm",
         "dapo",
         "--seed",
         "1",
@@ -242,7 +242,7 @@ def test_mlflow_holds_the_run(tiny_study, tmp_path, mlflow_server):
     assert got.info.status == "FINISHED" and got.info.run_name == "dapo-s1"
     assert got.info.experiment_id == exp.experiment_id
     tags = got.data.tags
-    assert tags["algo"] == "dapo" and tags["variant"] == "dapo" and tags["seed"] == "1"
+    assert tags["algorithm"] == "dapo" and tags["arm"] == "dapo" and tags["seed"] == "1"
     assert tags["study"] == "tiny-study" and tags["dvc.exp_name"] == "workspace"
     assert len(tags["mlflow.source.git.commit"]) == 40 and tags["nft.git_dirty"] in ("True", "False")
     assert tags["mlflow.source.name"] == "nft train" and tags["nft.model_dir"] == str((run / "model").resolve())
@@ -286,7 +286,7 @@ def test_mlflow_holds_the_run(tiny_study, tmp_path, mlflow_server):
         "train",
         "--config",
         params,
-        "--algo",
+        "--arm",
         "nft",
         "--seed",
         "1",
@@ -317,7 +317,7 @@ def test_dead_server_then_replay(tiny_study, tmp_path):
         "train",
         "--config",
         params,
-        "--algo",
+        "--arm",
         "grpo",
         "--seed",
         "0",
@@ -335,26 +335,26 @@ def test_dead_server_then_replay(tiny_study, tmp_path):
     nft_cli("replay", run, "--tracking-uri", store)
     run_id = (run / "mlflow_run_id").read_text().strip()
     client = MlflowClient(tracking_uri=store)
-    assert client.get_run(run_id).data.tags["algo"] == "grpo"
+    assert client.get_run(run_id).data.tags["algorithm"] == "grpo"
     hist = client.get_metric_history(run_id, "train/batch_entropy")
     assert [m.value for m in hist] == [x["train/batch_entropy"] for x in _history(run)[1:]]
-    # replaying again continues the same run and adds nothing twice; one (variant, seed), one run
+    # replaying again continues the same run and adds nothing twice; one (arm, seed), one run
     assert nft_cli("replay", run, "--tracking-uri", store).stdout.split()[-1] == run_id
     assert len(client.get_metric_history(run_id, "train/batch_entropy")) == len(hist)
     exp = client.get_experiment_by_name("nft-study")
-    trains = [r for r in client.search_runs([exp.experiment_id]) if "algo" in r.data.tags]
+    trains = [r for r in client.search_runs([exp.experiment_id]) if "algorithm" in r.data.tags]
     assert [r.info.run_id for r in trains] == [run_id]
 
 
 def test_bad_inputs_fail_before_work(tiny_study, tmp_path):
     params, _, _ = tiny_study
-    r = nft_cli("train", "--config", params, "--algo", "ppo", "--seed", "0", "--out", tmp_path / "x", check=False)
+    r = nft_cli("train", "--config", params, "--arm", "ppo", "--seed", "0", "--out", tmp_path / "x", check=False)
     assert r.returncode == 2 and "ppo" in r.stderr and "nft" in r.stderr
     r = nft_cli(
         "train",
         "--config",
         params,
-        "--algo",
+        "--arm",
         "nft",
         "--seed",
         "0",
@@ -369,7 +369,7 @@ def test_bad_inputs_fail_before_work(tiny_study, tmp_path):
         "train",
         "--config",
         params,
-        "--algo",
+        "--arm",
         "nft",
         "--seed",
         "0",
@@ -417,13 +417,13 @@ def test_damaged_checkpoint_falls_back(tiny_study, tmp_path, how):
     params, _, _ = tiny_study
     sets = ["--set", "train.steps=3"]
     ref = tmp_path / "ref"
-    nft_cli("train", "--config", params, "--algo", "grpo", "--seed", "1", "--out", ref, "--quiet", *sets)
+    nft_cli("train", "--config", params, "--arm", "grpo", "--seed", "1", "--out", ref, "--quiet", *sets)
     assert json.loads((ref / "checkpoint" / "manifest.json").read_text())["step"] == 3
     assert json.loads((ref / "checkpoint.prev" / "manifest.json").read_text())["step"] == 2
     shutil.copytree(ref, tmp_path / "run")
     run = tmp_path / "run"
     _damage(run, how)
-    r = nft_cli("train", "--config", params, "--algo", "grpo", "--seed", "1", "--out", run, "--quiet", *sets)
+    r = nft_cli("train", "--config", params, "--arm", "grpo", "--seed", "1", "--out", run, "--quiet", *sets)
     assert "failed its check" in r.stderr and (run / "checkpoint.bad-0").is_dir()
     if how == "both":
         assert (run / "checkpoint.bad-1").is_dir() and "starting the run afresh" in r.stderr
