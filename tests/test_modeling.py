@@ -109,3 +109,13 @@ def test_chunked_logprobs_equal_one_pass_with_one_chunk_of_logits_alive(tiny_stu
         (lp0, ent0, g0), (lp1, ent1, g1) = out
         assert (lp0 - lp1)[on].abs().max() < 1e-6 and (ent0 - ent1)[on].abs().max() < 1e-6
         assert (g0 - g1).norm() <= 1e-6 * g0.norm()
+
+
+def test_logprob_chunks_below_the_mmap_threshold_are_refused():
+    import pytest
+
+    from nft.train.config import TrainConfig
+
+    assert TrainConfig(logprob_chunk_mb=0).logprob_chunk_mb == 0 and TrainConfig().logprob_chunk_mb == 128
+    with pytest.raises(ValueError, match="train.logprob_chunk_mb: expected 0 .* or >= 64, got 32"):
+        TrainConfig(logprob_chunk_mb=32)

@@ -123,7 +123,8 @@ class TrainConfig:
     logprob_chunk_mb: float = 128.0
     """the trainer's log-prob pass: where its fp32 logits (tokens x vocabulary x 4 bytes) would exceed this many MB,
     the head runs over chunks of tokens this size, each recomputed in the backward pass (``nft.modeling``); peak memory
-    about 4 chunks instead of about 4 whole logits tensors (2.4 GB each at 4,096 tokens x 151,936). 0: never."""
+    a few chunks instead of a few whole logits tensors. 0: never; otherwise at least 64, so that a chunk's tensors
+    are above the allocator's mmap threshold and go back to the system when freed."""
     experiment: str = ""
     """MLflow experiment; empty: the study's name (``study.name``)."""
     tracking_uri: str = ""
@@ -196,8 +197,12 @@ class TrainConfig:
                 f"train.gen_batch_prompts ({self.gen_batch_prompts}) is below train.prompts_per_step "
                 f"({self.prompts_per_step}); 0 means P"
             )
-        if self.logprob_chunk_mb < 0:
-            raise ValueError(f"train.logprob_chunk_mb: expected >= 0 (0: one pass), got {self.logprob_chunk_mb}")
+        if self.logprob_chunk_mb != 0 and self.logprob_chunk_mb < 64:
+            raise ValueError(
+                f"train.logprob_chunk_mb: expected 0 (one pass) or >= 64, got {self.logprob_chunk_mb} (smaller chunks "
+                f"fall under the allocator's mmap threshold, nft.cli.MALLOC_THRESHOLDS, and fragment the heap: "
+                f"benchmarks/README.md)"
+            )
         if self.push_bucket_mb < 0:
             raise ValueError(
                 f"train.push_bucket_mb: expected >= 0 (0: one parameter at a time), got {self.push_bucket_mb}"

@@ -217,6 +217,25 @@ def _inputs(cfg: TrainConfig, algo: str, seed: int) -> _Inputs:
     return _Inputs(params, rule, train_set, val_sets, ds_config, resolved)
 
 
+def _load_policy(source: str, ds_config: dict | None):
+    """The policy in the dtype it trains in: float32 for the torch engine; under DeepSpeed its config's (bf16 weights
+    are what DeepSpeed casts them to anyway), and under ZeRO-3 partitioned as it loads (``HfDeepSpeedConfig``: each
+    rank materialises its shard, not a full copy)."""
+    if ds_config is None:
+        return load_policy(source)
+    dtype = torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") else torch.float32
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if stage < 3:
+        return load_policy(source, dtype)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds_config)  # while it lives, from_pretrained loads under deepspeed.zero.Init
+    try:
+        return load_policy(source, dtype)
+    finally:
+        del keep
+
+
 @dataclass
 class _Loaded:
     engine: Engine
@@ -241,7 +260,7 @@ def _load(
         print(f"train: {ckpt_dir} has no usable checkpoint; starting the run afresh", file=sys.stderr)
     resume = ckpt is not None
     source = str(Path(cast(str, ckpt)) / "model") if resume else cfg.model
-    model, tokenizer = load_policy(source)
+    model, tokenizer = _load_policy(source, ds_config)
     if ds_config is None and torch.cuda.is_available():
         model = model.cuda()  # DeepSpeed places its own
     if cfg.gradient_checkpointing:
