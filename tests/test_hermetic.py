@@ -16,6 +16,7 @@ DECOYS = (
     "runs/nft-s0/metrics.json",
     "runs/nft-s0/history.jsonl",
     "runs/nft-s0/config.yaml",
+    "checkpoints/nft-s0/fingerprint",
     "reports/metrics.json",
     "data/train.jsonl",
     "data/synth-easy.jsonl",

@@ -248,7 +248,7 @@ def test_vllm_sleep_bookkeeping():
     s.wake()
     s.wake()  # awake: nothing
     assert calls == [
-        ("sleep", 1),
+        ("sleep", 2),
         ("wake_up", ("weights",)),
         ("reload_weights", 1),
         ("reset_prefix_cache",),

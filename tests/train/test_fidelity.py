@@ -105,7 +105,7 @@ def test_micro_batch_normalizer_is_the_sum_of_micro_token_means(monkeypatch):
         def step(self):
             return 0.0
 
-    def fake_logprobs(model, prompts, response, mask, pad, temp, with_entropy=False, shared_prefix=True):
+    def fake_logprobs(model, prompts, response, mask, pad, temp, with_entropy=False, shared_prefix=True, chunk_mb=0.0):
         lp = -0.1 * torch.arange(1, response.numel() + 1, dtype=torch.float).reshape(response.shape) / response.numel()
         return (lp, torch.zeros_like(lp)) if with_entropy else (lp, None)
 
