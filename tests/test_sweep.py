@@ -258,48 +258,16 @@ def test_pruning_and_a_crashing_trial(tiny_study, tmp_path):
 
 def test_bad_space_fails_before_work(tiny_study, tmp_path):
     params, _, _ = tiny_study
-    bad = _space(tmp_path, params={"train.lrr": {"type": "float", "low": 1e-4, "high": 1e-3}})
-    r = nft_cli(
-        "sweep",
-        "--config",
-        params,
-        "--space",
-        bad,
-        "--study-name",
-        "b",
-        "--storage",
-        f"sqlite:///{tmp_path}/b.db",
-        check=False,
-    )
-    assert r.returncode == 2 and "train.lrr" in r.stderr
-    bad = _space(tmp_path, params={"train.lr": {"type": "float", "low": 1e-3, "high": 1e-4}})
-    r = nft_cli(
-        "sweep",
-        "--config",
-        params,
-        "--space",
-        bad,
-        "--study-name",
-        "b",
-        "--storage",
-        f"sqlite:///{tmp_path}/b.db",
-        check=False,
-    )
-    assert r.returncode == 2 and "low" in r.stderr
-    bad = _space(tmp_path, arms=["nft", "nope"])
-    r = nft_cli(
-        "sweep",
-        "--config",
-        params,
-        "--space",
-        bad,
-        "--study-name",
-        "b",
-        "--storage",
-        f"sqlite:///{tmp_path}/b.db",
-        check=False,
-    )
-    assert r.returncode == 2 and "arms: unknown ['nope']" in r.stderr
+    cases = [
+        ({"params": {"train.lrr": {"type": "float", "low": 1e-4, "high": 1e-3}}}, "train.lrr"),
+        ({"params": {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-4}}}, "low"),
+        ({"arms": ["nft", "nope"]}, "arms: unknown ['nope']"),
+    ]
+    for changes, said in cases:
+        bad = _space(tmp_path, **changes)
+        storage = f"sqlite:///{tmp_path}/b.db"
+        r = nft_cli("sweep", "--config", params, "--space", bad, "--study-name", "b", "--storage", storage, check=False)
+        assert r.returncode == 2 and said in r.stderr
 
 
 def test_shared_setting_over_arms_on_a_grid(tiny_study, tmp_path):

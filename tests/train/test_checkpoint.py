@@ -146,20 +146,8 @@ def test_checkpoints_in_a_folder_of_their_own(tiny_study, tmp_path):
     DIR, resume the run; a run of another configuration starts DIR afresh."""
     params, _, _ = tiny_study
     run, ckpts = tmp_path / "runs" / "nft-s0", tmp_path / "checkpoints" / "nft-s0"
-    args = [
-        "train",
-        "--config",
-        params,
-        "--arm",
-        "nft",
-        "--seed",
-        "0",
-        "--out",
-        run,
-        "--checkpoints",
-        ckpts,
-        "--quiet",
-    ]
+    args = ["train", "--config", params, "--arm", "nft", "--seed", "0", "--quiet"]
+    args += ["--out", run, "--checkpoints", ckpts]
     nft_cli(*args, "--set", "train.steps=1", "--set", "train.checkpoint_every=1")
     assert not list(run.glob("checkpoint*")) and (run / "model").is_dir() and (run / "metrics.json").is_file()
     assert torch.load(ckpts / "checkpoint" / "state.pt", weights_only=False)["step"] == 1
