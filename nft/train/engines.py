@@ -40,16 +40,21 @@ class Engine(Protocol):
     dist: Dist
     dtype: torch.dtype
     """the trainer's weights' dtype (a sampler's full copy is loaded in it)."""
+    discards_early: bool
+    """True: the loop drops a mini-batch at its first non-finite loss (:meth:`discard`, one process); False: the
+    non-finite loss is back-propagated and :meth:`step` skips the step on every rank together (DeepSpeed: the global
+    gradient norm is non-finite on all ranks when it is on one)."""
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         """Accumulate the gradient of ``loss``; ``last``: the mini-batch's last micro-batch."""
 
     def step(self) -> float | None:
         """Clip, apply the optimizer and the schedule, zero the gradients; returns the gradient norm (None: not
-        measured). A non-finite norm means the step was not applied (TorchEngine)."""
+        measured). A non-finite gradient norm is not applied: the gradient is dropped, the optimizer and the schedule
+        do not move, and the norm is returned for the loop to count."""
 
     def discard(self) -> None:
-        """Drop the accumulated gradient without a step (a mini-batch with a non-finite loss)."""
+        """Drop the accumulated gradient without a step (a mini-batch with a non-finite loss; ``discards_early``)."""
 
     @property
     def lr(self) -> float: ...
@@ -137,6 +142,7 @@ class TorchEngine:
         self.model, self.cfg = model, cfg
         self.dist = Dist()
         self.dtype = next(model.parameters()).dtype
+        self.discards_early = True
         self.opt = make_optimizer(model, cfg)
         self.sched = make_schedule(self.opt, cfg)
 
@@ -230,10 +236,18 @@ def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, hidden_siz
         raise ValueError(
             f"{where}: fp16 is not supported (its loss scaling breaks the exact micro-batch sums); use bf16"
         )
+    if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("check_grad_overflow") is False:
+        raise ValueError(
+            f"{where}: bf16.check_grad_overflow must stay true: ZeRO skips a step whose gradient is not finite "
+            "on any rank, as the torch engine does"
+        )
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"{where}: zero_optimization.stage must be 0-3, got {stage}")
+    if stage not in (2, 3):
+        raise ValueError(
+            f"{where}: zero_optimization.stage must be 2 or 3, got {stage} (ZeRO-2/3's optimizer detects a "
+            "non-finite gradient and skips the step on every rank)"
+        )
     h = hidden_size or 1024
     for key, value in (
         ("reduce_bucket_size", h * h),
@@ -278,6 +292,7 @@ class DeepSpeedEngine:
         self.module = self.ds.module
         self.stage = self.ds.zero_optimization_stage()
         self.dtype = torch.bfloat16 if self.ds.bfloat16_enabled() else torch.float32
+        self.discards_early = False
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         # ``last``: the mini-batch's last micro-batch (DeepSpeed's accumulation boundary). DeepSpeed averages
@@ -287,14 +302,13 @@ class DeepSpeedEngine:
         self.ds.backward(loss * (self.dist.world if self.cfg.dp_reduce == "sum" else 1), scale_wrt_gas=False)
 
     def discard(self) -> None:
-        raise RuntimeError(
-            "a non-finite loss under DeepSpeed cannot be skipped here (every rank must take the same "
-            "step); lower train.lr and resume from the last checkpoint"
-        )
+        raise RuntimeError("internal: DeepSpeedEngine skips a non-finite step in step() (discards_early is False)")
 
     def step(self) -> float | None:
-        """DeepSpeed's step (its fp16 loss scaler skips overflow steps; bf16/fp32 steps are applied as they come);
-        the global gradient norm, or None where DeepSpeed does not report one (not measured, not non-finite)."""
+        """DeepSpeed's step. ZeRO-2/3 compute the global gradient norm over all ranks first; where it is not finite
+        they drop the gradient and apply neither the optimizer nor the schedule (fp16's overflow path, which bf16 and
+        fp32 take too), and the norm comes back as inf for the loop to count. None where DeepSpeed does not report a
+        norm (not measured, not non-finite)."""
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else None

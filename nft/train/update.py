@@ -169,7 +169,7 @@ def _train_minibatch(st: _Step, rows: list[int], passes: list, first: bool) -> f
         dev = logp.device  # the loss is computed where the model is (inputs stay on the CPU)
         if first and part and not st.reference:
             st.old[at_row, :w] = logp.detach().cpu()
-        if engine.dist.world == 1 and not torch.isfinite(logp.detach()[micro["mask"].to(dev) > 0]).all():
+        if engine.discards_early and not torch.isfinite(logp.detach()[micro["mask"].to(dev) > 0]).all():
             return _skip(engine, batch, rows, "non-finite log-probs")
         micro_norm = normalizer
         if trim and normalizer is None:  # the whole micro-batch's own denominator, as its untrimmed rows give it
@@ -189,7 +189,7 @@ def _train_minibatch(st: _Step, rows: list[int], passes: list, first: bool) -> f
             params=st.params,
             rule=st.rule,
         )
-        if engine.dist.world == 1 and not torch.isfinite(loss.detach()):
+        if engine.discards_early and not torch.isfinite(loss.detach()):
             return _skip(engine, batch, rows, "a non-finite loss")
         engine.backward(loss, last=j == len(passes) - 1)
         if not part:

@@ -67,6 +67,21 @@ def fixed_batch(model, tokenizer, drop: tuple[int, ...] = ()) -> dict:
     return {k: [v[i] for i in keep] if isinstance(v, list) else v[keep] for k, v in batch.items()}
 
 
+def poisoned(question: int, rank: int = 0):
+    """``nft.train.update.policy_loss`` whose loss is NaN, on process ``rank``, for every micro-batch holding rows of
+    ``question`` (a non-finite gradient on one rank only: the step must still be skipped on every rank)."""
+    from nft.algorithms import policy_loss
+    from nft.dist import Dist
+
+    def nan_loss(algo, **kw):
+        loss, met = policy_loss(algo, **kw)
+        if Dist().rank == rank and bool((kw["group_ids"] == question).any()):
+            loss = loss * float("nan")
+        return loss, met
+
+    return nan_loss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -75,6 +90,7 @@ def main() -> None:
     ap.add_argument("--algo", default="nft")
     ap.add_argument("--drop", default="", help="comma-separated rows to remove from the batch")
     ap.add_argument("--tokens", type=int, default=0, help="train.micro_batch_tokens (0: micro_batch_size)")
+    ap.add_argument("--poison", type=int, default=-1, help="a question whose losses are NaN on rank 0 (-1: none)")
     ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher (LOCAL_RANK is read)")
     args = ap.parse_args()
     from nft.modeling import load_policy
@@ -91,6 +107,10 @@ def main() -> None:
     ds = resolve_deepspeed_config(args.ds_config, cfg, dist.world)
     engine = DeepSpeedEngine(model, cfg, ds)
     trace: list[float] = []
+    if args.poison >= 0:
+        import nft.train.update
+
+        nft.train.update.policy_loss = poisoned(args.poison)
     metrics = update(engine, batch, args.algo, {}, cfg, tok.pad_token_id, seed=0, step=0, trace=trace)
     out = Path(args.out)
     engine.save_model(out / "model", tok)

@@ -57,6 +57,8 @@ def test_auto_entries_are_filled_from_the_train_config(tmp_path):
         ({"scheduler": {"type": "WarmupLR"}}, ["scheduler", "train.warmup_steps"]),
         ({"fp16": {"enabled": True}}, ["fp16", "bf16"]),
         ({"zero_optimization": {"stage": 5}}, ["zero_optimization.stage"]),
+        ({"zero_optimization": {"stage": 1}}, ["zero_optimization.stage must be 2 or 3", "non-finite"]),
+        ({"bf16": {"enabled": True, "check_grad_overflow": False}}, ["bf16.check_grad_overflow"]),
         ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, ["sub_group_size"]),
     ],
 )

@@ -122,6 +122,34 @@ def test_two_ranks_take_the_torch_engines_steps(tiny_study, tmp_path, stage, alg
     assert max(float((ref[k] - got[k]).abs().max()) for k in ref) < 1e-4
 
 
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_both(tiny_study, tmp_path, monkeypatch, stage):
+    """Question 2's losses are NaN on rank 0 only: the mini-batch holding it is skipped by both ranks (ZeRO's global
+    norm), counted, and the weights equal the torch engine's, which drops the same mini-batch."""
+    import nft.train.update as up
+    from tests.train.ds_worker import poisoned
+
+    _, _, base = tiny_study
+    launch(
+        REPO / "tests/train/ds_worker.py",
+        *("--model", base, "--ds-config", REPO / f"experiments/deepspeed/{stage}.json", "--out", tmp_path),
+        *("--poison", 2),
+    )
+    res = json.loads((tmp_path / "result.json").read_text())
+    monkeypatch.setattr(up, "policy_loss", poisoned(2))
+    ref_losses, ref_metrics, ref_model = torch_reference(base, "nft")
+    assert ref_metrics["train/skipped_steps"] == res["metrics"]["train/skipped_steps"] == 1
+    # the loop records every mini-batch's loss (mini-batch 1 holds question 2); the torch engine stops at the NaN
+    applied = [res["losses"][0], res["losses"][2]]
+    assert len(res["losses"]) == 3 and max(abs(a - b) for a, b in zip(ref_losses, applied, strict=True)) < 1e-5
+    from transformers import AutoModelForCausalLM
+
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    ref = ref_model.state_dict()
+    assert all(bool(torch.isfinite(v).all()) for v in got.values())
+    assert max(float((ref[k] - got[k]).abs().max()) for k in ref) < 1e-4
+
+
 def test_nft_train_under_the_launcher_zero3(tiny_study, tmp_path):
     params, _, _ = tiny_study
     p = zero3_params(params, tmp_path, steps=2, checkpoint_every=1)
