@@ -142,14 +142,25 @@ class TorchSampler:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.stop_ids[0])
 
     def update_weights(self, weights) -> None:
-        """A module: sample from it (the trainer's own, nothing copied). A state dict, or a callable returning one
-        (the ZeRO-3 gather): load it into this sampler's module."""
+        """A module: sample from it (the trainer's own, nothing copied). A state dict, or a callable returning
+        ``(name, tensor)`` pairs (the ZeRO-3 gather, bucket by bucket): copied into this sampler's module pair by
+        pair, so nothing beyond the pair in hand is held."""
         if isinstance(weights, torch.nn.Module):
             self.model = weights
             return
-        sd = weights() if callable(weights) else weights
-        missing, unexpected = self.model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+        pairs = weights() if callable(weights) else weights.items()
+        own = dict(self.model.named_parameters(remove_duplicate=False))
+        own.update((k, b) for k, b in self.model.named_buffers() if k in self.model.state_dict())
+        loaded: set[int] = set()
+        unexpected = []
+        with torch.no_grad():
+            for name, t in pairs:
+                if name not in own:
+                    unexpected.append(name)
+                    continue
+                own[name].copy_(t)
+                loaded.add(id(own[name]))
+        missing = [k for k, v in own.items() if id(v) not in loaded]  # a tied name counts as loaded by its twin
         if unexpected or missing:
             raise ValueError(f"sampler weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
 

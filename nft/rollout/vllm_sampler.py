@@ -185,16 +185,22 @@ class VLLMSampler:
 
     # -- weights --------------------------------------------------------------------------------------------------
     def update_weights(self, weights) -> None:
-        """Push new weights in place: ``weights`` is a module, a state dict or a zero-argument callable returning one
-        (the DeepSpeed engine's gather); then drop the prefix cache computed with the old weights."""
-        if callable(weights) and not isinstance(weights, torch.nn.Module):
-            weights = weights()
-        sd = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+        """Push new weights in place: ``weights`` is a module, a state dict or a zero-argument callable returning
+        ``(name, tensor)`` pairs (the DeepSpeed engine's gather, bucket by bucket); then drop the prefix cache
+        computed with the old weights. With the engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+        set by this sampler) the pairs stream into vLLM's loader as they are gathered; an engine core in another
+        process needs them all at once (a list, pickled)."""
+        if isinstance(weights, torch.nn.Module):
+            pairs = iter(weights.state_dict().items())
+        else:
+            pairs = iter(weights() if callable(weights) else weights.items())
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+            pairs = iter(list(pairs))
         if "weights" in self.asleep:  # the weights' memory first; the KV cache stays free until sampling
             _free_cached_blocks()
             self.llm.wake_up(tags=["weights"])
             self.asleep -= {"weights", "stale"}
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(sd.items())})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
         self.llm.reset_prefix_cache()
 
     def sleep(self) -> None:

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -59,8 +59,9 @@ class Engine(Protocol):
     @property
     def lr(self) -> float: ...
 
-    def rollout_weights(self) -> torch.nn.Module | Callable[[], dict[str, torch.Tensor]]:
-        """What the sampler loads: the trainer's own module, or a gather of the full weights (a collective)."""
+    def rollout_weights(self) -> torch.nn.Module | Callable[[], Iterable[tuple[str, torch.Tensor]]]:
+        """What the sampler loads: the trainer's own module, or a gather of the full weights, ``(name, tensor)``
+        pairs bucket by bucket (a collective)."""
 
     def save_model(self, path: Path, tokenizer) -> None: ...
 
@@ -317,54 +318,61 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full weights on every rank (a collective: all ranks call). ZeRO-3 gathers the parameters in buckets
-        of up to ``train.push_bucket_mb`` (one all-gather per bucket, not per parameter)."""
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The full weights as ``(name, tensor)`` pairs, every name of a tied parameter included (a collective under
+        ZeRO-3: all ranks iterate to the end). ZeRO-3 gathers them in buckets of at most ``train.push_bucket_mb`` (a
+        larger parameter alone), one all-gather per bucket; a pair stays valid until the next bucket is reached, so
+        a consumer copies it where it goes (the sampler's module, vLLM's) and at most one bucket is gathered at a
+        time. ZeRO-2: the module's own tensors, nothing gathered or copied."""
         if self.stage < 3:
-            return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+            yield from self.module.state_dict().items()
+            return
         import deepspeed
 
         limit = self.cfg.push_bucket_mb * 2**20
-        done: dict[int, torch.Tensor] = {}
-        names: list[tuple[str, torch.nn.Parameter]] = []
-        bucket: list[torch.nn.Parameter] = []
-        size = 0
-
-        def flush():
-            nonlocal bucket, size
-            if bucket:
-                with deepspeed.zero.GatheredParameters(bucket, modifier_rank=None):
-                    for q in bucket:
-                        done[id(q)] = q.detach().cpu().clone()
-            bucket, size = [], 0
-
         # every name of a tied parameter (lm_head.weight = embed_tokens.weight): vLLM's in-place reload leaves a
         # module it receives no weight for at its old values (measured: log-probs off by 0.5 without lm_head.weight)
-        seen: set[int] = set()
+        names: dict[int, list[str]] = {}
+        params: list[torch.nn.Parameter] = []
         for name, p in self.module.named_parameters(remove_duplicate=False):
-            names.append((name, p))
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            bucket.append(p)
-            size += getattr(p, "ds_numel", p.numel()) * p.element_size()
-            if size >= limit:
-                flush()
-        flush()
-        out = {name: done[id(p)] for name, p in names}
+            if id(p) not in names:
+                names[id(p)] = []
+                params.append(p)
+            names[id(p)].append(name)
+        bucket: list[torch.nn.Parameter] = []
+        size = 0
+        for p in [*params, None]:
+            nbytes = 0 if p is None else getattr(p, "ds_numel", p.numel()) * p.element_size()
+            if bucket and (p is None or size + nbytes > limit):
+                with deepspeed.zero.GatheredParameters(bucket, modifier_rank=None):
+                    for q in bucket:
+                        for name in names[id(q)]:
+                            yield name, q.detach()
+                bucket, size = [], 0
+            if p is not None:
+                bucket.append(p)
+                size += nbytes
         keys = set(self.module.state_dict())
         for name, b in self.module.named_buffers():
             if name in keys:
-                out[name] = b.detach().cpu().clone()
-        return out
+                yield name, b.detach()
 
     def rollout_weights(self):
-        """Under ZeRO-3 the module's parameters are shards: samplers get a gather (a callable, run on every rank)."""
-        return self.full_state_dict if self.stage == 3 else self.module
+        """ZeRO-3: the module's parameters are shards, samplers get :meth:`iter_weights` (run on every rank);
+        ZeRO-2: the module."""
+        return self.iter_weights if self.stage == 3 else self.module
 
     def save_model(self, path: Path, tokenizer) -> None:
-        """``save_pretrained`` of the full weights by rank 0 (collective under ZeRO-3)."""
-        sd = self.full_state_dict() if self.stage == 3 else None
+        """``save_pretrained`` of the full weights by rank 0 (collective under ZeRO-3: the other ranks take part in
+        the gathers and keep nothing)."""
+        sd = None
+        if self.stage == 3:
+            pairs = self.iter_weights()
+            if self.dist.is_main:
+                sd = {name: t.cpu().clone() for name, t in pairs}
+            else:
+                for _ in pairs:
+                    pass
         if self.dist.is_main:
             _save_pretrained(self.module, path, tokenizer, state_dict=sd)
         self.dist.barrier()

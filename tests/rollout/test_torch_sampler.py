@@ -128,3 +128,22 @@ def test_every_decode_attention_mode_draws_the_same_answers(policy, monkeypatch,
     got = TorchSampler(model, tok).sample(prompts, 3, max_new_tokens=32, seed=7)
     assert torch.equal(ref.response, got.response)
     assert (ref.logprobs - got.logprobs).abs().max() < 5e-5  # another summation order; the answers are equal
+
+
+def test_pushed_pairs_are_copied_in_one_by_one_tied_names_and_all(tiny_study):
+    """A gather's ``(name, tensor)`` pairs land in the sampler's own module (each pair copied as it comes: the
+    generator's tensors are dropped after it); a missing or unknown name is refused."""
+    _, _, base = tiny_study
+    trainer, tok = load_policy(str(base))
+    copy, _ = load_policy(str(base))
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(0.5)
+    sampler = TorchSampler(copy, tok)
+    sampler.update_weights(lambda: ((k, v.clone()) for k, v in trainer.state_dict().items()))
+    assert all(torch.equal(v, copy.state_dict()[k]) for k, v in trainer.state_dict().items())
+    assert sampler.model is copy  # loaded into, not replaced
+    with pytest.raises(ValueError, match="missing .*model.norm.weight"):
+        sampler.update_weights(lambda: ((k, v) for k, v in trainer.state_dict().items() if k != "model.norm.weight"))
+    with pytest.raises(ValueError, match="unexpected .*'extra'"):
+        sampler.update_weights({**trainer.state_dict(), "extra": torch.zeros(1)})

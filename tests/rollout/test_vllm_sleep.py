@@ -21,7 +21,7 @@ class _LLM:
         self.calls.append(("wake_up", tuple(tags)))
 
     def collective_rpc(self, name, kwargs):
-        self.calls.append((name, len(kwargs["weights_iterator"])))
+        self.calls.append((name, len(list(kwargs["weights_iterator"]))))
 
     def reset_prefix_cache(self):
         self.calls.append(("reset_prefix_cache",))
@@ -71,3 +71,51 @@ def test_level_2_refuses_to_wake_discarded_weights_and_level_1_wakes_both(monkey
     ]
     with pytest.raises(ValueError, match="vllm.sleep_level"):
         vs.VLLMOptions(sleep_level=3)
+
+
+class _StreamLLM:
+    """Records when vLLM's loader takes each pair."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def collective_rpc(self, name, kwargs):
+        for k, _ in kwargs["weights_iterator"]:
+            self.calls.append(("loaded", k))
+
+    def reset_prefix_cache(self):
+        pass
+
+
+@pytest.mark.parametrize("in_process", ["0", "1"])
+def test_a_gather_streams_into_an_in_process_engine_bucket_by_bucket(monkeypatch, in_process):
+    """Engine core in this process: each pair is loaded before the next is gathered (no full copy is ever held);
+    in another process: gathered whole first (a list to pickle)."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", in_process)
+    calls: list = []
+
+    def gather():
+        for k in ("a", "b", "c"):
+            calls.append(("gathered", k))
+            yield k, torch.zeros(1)
+
+    s = object.__new__(vs.VLLMSampler)
+    s.opts, s.llm, s.asleep = vs.VLLMOptions(sleep=False), _StreamLLM(calls), set()
+    s.update_weights(gather)
+    streamed = [
+        ("gathered", "a"),
+        ("loaded", "a"),
+        ("gathered", "b"),
+        ("loaded", "b"),
+        ("gathered", "c"),
+        ("loaded", "c"),
+    ]
+    listed = [
+        ("gathered", "a"),
+        ("gathered", "b"),
+        ("gathered", "c"),
+        ("loaded", "a"),
+        ("loaded", "b"),
+        ("loaded", "c"),
+    ]
+    assert calls == (streamed if in_process == "0" else listed)

@@ -82,6 +82,27 @@ def poisoned(question: int, rank: int = 0):
     return nan_loss
 
 
+def push_peak(engine) -> dict:
+    """Walk the ZeRO-3 push (:meth:`DeepSpeedEngine.iter_weights`) and record, at every pair, the bytes of the
+    partitioned parameters gathered at that moment (persistent small ones excluded: they are never partitioned)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    params = [p for p in engine.module.parameters() if not getattr(p, "ds_persist", False)]
+    peak, pairs = 0, 0
+    for _name, _t in engine.iter_weights():
+        pairs += 1
+        live = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+        peak = max(peak, sum(p.ds_numel * p.element_size() for p in live))
+    return {
+        "peak_gathered": peak,
+        "largest": max(p.ds_numel * p.element_size() for p in params),
+        "limit": engine.cfg.push_bucket_mb * 2**20,
+        "total": sum(p.ds_numel * p.element_size() for p in params),
+        "pairs": pairs,
+        "names": len(list(engine.module.state_dict())),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -90,6 +111,7 @@ def main() -> None:
     ap.add_argument("--algo", default="nft")
     ap.add_argument("--drop", default="", help="comma-separated rows to remove from the batch")
     ap.add_argument("--tokens", type=int, default=0, help="train.micro_batch_tokens (0: micro_batch_size)")
+    ap.add_argument("--push-mb", type=float, default=0, help="only walk a push of buckets this size (ZeRO-3)")
     ap.add_argument("--poison", type=int, default=-1, help="a question whose losses are NaN on rank 0 (-1: none)")
     ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher (LOCAL_RANK is read)")
     args = ap.parse_args()
@@ -105,6 +127,12 @@ def main() -> None:
     batch = dist.broadcast(fixed_batch(model, tok, drop) if dist.is_main else None)
     cfg = config(args.tokens)
     ds = resolve_deepspeed_config(args.ds_config, cfg, dist.world)
+    if args.push_mb:
+        engine = DeepSpeedEngine(model, replace(cfg, push_bucket_mb=args.push_mb), ds)
+        res = push_peak(engine)
+        if dist.is_main:
+            (Path(args.out) / "result.json").write_text(json.dumps(res))
+        return
     engine = DeepSpeedEngine(model, cfg, ds)
     trace: list[float] = []
     if args.poison >= 0:

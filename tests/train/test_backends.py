@@ -237,7 +237,7 @@ def test_vllm_sleep_bookkeeping():
             calls.append(("wake_up", tuple(tags or ())))
 
         def collective_rpc(self, name, kwargs):
-            calls.append((name, len(kwargs["weights_iterator"])))
+            calls.append((name, len(list(kwargs["weights_iterator"]))))
 
         def reset_prefix_cache(self):
             calls.append(("reset_prefix_cache",))
@@ -259,5 +259,5 @@ def test_vllm_sleep_bookkeeping():
     calls.clear()
     s.opts = VLLMOptions(sleep=False)
     s.sleep()
-    s.update_weights(lambda: {"w": torch.zeros(1), "v": torch.ones(1)})  # a gather callable
+    s.update_weights(lambda: iter([("w", torch.zeros(1)), ("v", torch.ones(1))]))  # a gather callable
     assert calls == [("reload_weights", 2), ("reset_prefix_cache",)]

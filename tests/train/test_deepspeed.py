@@ -150,6 +150,24 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_both(tiny_study, tm
     assert max(float((ref[k] - got[k]).abs().max()) for k in ref) < 1e-4
 
 
+def test_a_zero3_push_holds_one_bucket_at_a_time(tiny_study, tmp_path):
+    """The push gathers bucket by bucket: never more than one bucket's bytes (or one larger parameter) gathered at
+    once, in more than one bucket, every state-dict name pushed (the tied lm_head too)."""
+    _, _, base = tiny_study
+    ds = json.loads((REPO / "experiments/deepspeed/zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # the tiny model's parameters all partitioned
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    launch(
+        REPO / "tests/train/ds_worker.py",
+        *("--model", base, "--ds-config", tmp_path / "zero3.json", "--out", tmp_path),
+        *("--push-mb", 0.01),
+    )
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["total"] > 3 * max(res["limit"], res["largest"]), res  # several buckets
+    assert 0 < res["peak_gathered"] <= max(res["limit"], res["largest"]), res
+    assert res["pairs"] == res["names"]  # every state-dict name, the tied lm_head.weight included
+
+
 def test_nft_train_under_the_launcher_zero3(tiny_study, tmp_path):
     params, _, _ = tiny_study
     p = zero3_params(params, tmp_path, steps=2, checkpoint_every=1)
