@@ -54,7 +54,8 @@ def main() -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from nft.train.config import TrainConfig
-    from nft.train.engines import DeepSpeedEngine, init_distributed, resolve_deepspeed_config
+    from nft.train.ds_config import resolve_deepspeed_config
+    from nft.train.engines import DeepSpeedEngine, init_distributed
 
     torch.set_num_threads(1)
     dist = init_distributed("deepspeed")

@@ -18,7 +18,6 @@ the gradient is the *sum* over ranks; DeepSpeed averages over ranks, hence ``bac
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -184,97 +183,6 @@ class TorchEngine:
 # ----------------------------------------------------------------------------------------------------------------------
 # DeepSpeed
 # ----------------------------------------------------------------------------------------------------------------------
-def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, hidden_size: int | None = None) -> dict:
-    """Read the DeepSpeed JSON and fill its ``"auto"`` entries from the train config; any number that contradicts
-    the train config raises one error naming both fields. Runs before any model loads."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"train.deepspeed_config: {path}: file not found")
-    try:
-        ds = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"train.deepspeed_config: {path}: not valid JSON ({e})") from None
-    where = f"train.deepspeed_config ({path})"
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ValueError(
-                f'{where}: remove "{key}": the loop owns AdamW and the warmup schedule '
-                f"(train.lr, train.warmup_steps, train.weight_decay, train.adam_betas)"
-            )
-    if cfg.prompts_per_step % world:
-        raise ValueError(
-            f"train.prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
-            f"training processes ({world})"
-        )
-    micro = cfg.micro_batch_size
-    per_rank = math.ceil(cfg.mini_batch_prompts * cfg.answers_per_prompt / world)
-    gas = max(1, math.ceil(per_rank / micro))
-    derived = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": gas,
-        "train_batch_size": micro * gas * world,
-        "gradient_clipping": cfg.grad_clip,
-    }
-    source = {
-        "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-        "gradient_accumulation_steps": "ceil(train.mini_batch_prompts * train.answers_per_prompt / processes "
-        "/ train.micro_batch_size)",
-        "train_batch_size": "train.micro_batch_size * gradient_accumulation_steps * processes",
-        "gradient_clipping": "train.grad_clip",
-    }
-    for key, value in derived.items():
-        given = ds.get(key, "auto")
-        if given != "auto" and given != value:
-            raise ValueError(
-                f"{where}: {key} is {given} but the train config gives {value} ({source[key]} with "
-                f'{world} process(es)); set it to "auto" or change the train section'
-            )
-        ds[key] = value
-    for half in ("bf16", "fp16"):
-        if isinstance(ds.get(half), dict) and ds[half].get("enabled") == "auto":
-            ds[half]["enabled"] = half == "bf16" and torch.cuda.is_available()
-    if ds.get("fp16", {}).get("enabled"):
-        raise ValueError(
-            f"{where}: fp16 is not supported (its loss scaling breaks the exact micro-batch sums); use bf16"
-        )
-    if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("check_grad_overflow") is False:
-        raise ValueError(
-            f"{where}: bf16.check_grad_overflow must stay true: ZeRO skips a step whose gradient is not finite "
-            "on any rank, as the torch engine does"
-        )
-    zero = ds.setdefault("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage not in (2, 3):
-        raise ValueError(
-            f"{where}: zero_optimization.stage must be 2 or 3, got {stage} (ZeRO-2/3's optimizer detects a "
-            "non-finite gradient and skips the step on every rank)"
-        )
-    h = hidden_size or 1024
-    for key, value in (
-        ("reduce_bucket_size", h * h),
-        ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
-        ("stage3_param_persistence_threshold", 10 * h),
-    ):
-        if zero.get(key) == "auto":
-            zero[key] = value
-    if zero.get("offload_optimizer") or zero.get("offload_param"):
-        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # the client AdamW on offloaded states
-    ds.setdefault("steps_per_print", 10**9)
-    ds.setdefault("wall_clock_breakdown", False)
-    leftover = [k for k, v in _walk(ds) if v == "auto"]
-    if leftover:
-        raise ValueError(f'{where}: no value to fill "auto" with for {leftover}')
-    return ds
-
-
-def _walk(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _walk(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
 class DeepSpeedEngine:
     """DeepSpeed ZeRO training engine with the loop's AdamW and schedule (see the module docstring)."""
 
@@ -383,16 +291,7 @@ class DeepSpeedEngine:
         return {"world": self.dist.world}
 
     def load_state(self, path: Path, state: dict) -> None:
-        if state.get("world") not in (None, self.dist.world):
-            raise ValueError(
-                f"checkpoint {path} was written by {state['world']} processes; resume it with the same "
-                f"number (this run has {self.dist.world})"
-            )
-        self.ds.load_checkpoint(str(Path(path) / "deepspeed"), tag="state", load_module_strict=False)
-
-
-def model_hidden_size(model_dir: str) -> int | None:
-    f = Path(model_dir) / "config.json"
-    if f.is_file():
-        return json.loads(f.read_text()).get("hidden_size")
-    return None
+        """The checkpoint's DeepSpeed state; written by another number of processes, its universal conversion (the
+        engine was built with ``checkpoint.load_universal``: :func:`nft.train.ds_config.resume_config`)."""
+        tag = "state" if state.get("world") in (None, self.dist.world) else "universal"
+        self.ds.load_checkpoint(str(Path(path) / "deepspeed"), tag=tag, load_module_strict=False)

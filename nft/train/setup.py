@@ -28,7 +28,8 @@ from ..tracking import MLflowTracker, NullTracker, Tracker
 from ..tracking_store import dvc_experiment, git_state, study_run
 from .checkpoint import fingerprint, has_checkpoint, restore_checkpoint, truncate_history, usable_checkpoint
 from .config import TrainConfig
-from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed, model_hidden_size, resolve_deepspeed_config
+from .ds_config import model_hidden_size, resolve_deepspeed_config, resume_config
+from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed
 from .seeds import Cursor, seed_block
 from .validation import validate
 
@@ -259,6 +260,8 @@ def _load(
     if had and ckpt is None and dist.is_main:
         print(f"train: {ckpt_dir} has no usable checkpoint; starting the run afresh", file=sys.stderr)
     resume = ckpt is not None
+    if resume and ds_config is not None:  # written by another number of processes: its universal conversion
+        ds_config = resume_config(Path(cast(str, ckpt)), ds_config, dist.world)
     source = str(Path(cast(str, ckpt)) / "model") if resume else cfg.model
     model, tokenizer = _load_policy(source, ds_config)
     if ds_config is None and torch.cuda.is_available():

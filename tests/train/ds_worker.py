@@ -116,7 +116,8 @@ def main() -> None:
     ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher (LOCAL_RANK is read)")
     args = ap.parse_args()
     from nft.modeling import load_policy
-    from nft.train.engines import DeepSpeedEngine, init_distributed, resolve_deepspeed_config
+    from nft.train.ds_config import resolve_deepspeed_config
+    from nft.train.engines import DeepSpeedEngine, init_distributed
     from nft.train.update import update
 
     torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nft.train.config import TrainConfig
-from nft.train.engines import resolve_deepspeed_config
+from nft.train.ds_config import resolve_deepspeed_config
 from nft.train.setup import check_backends
 from tests.conftest import REPO, nft_cli
 
@@ -261,3 +261,21 @@ def test_vllm_sleep_bookkeeping():
     s.sleep()
     s.update_weights(lambda: iter([("w", torch.zeros(1)), ("v", torch.ones(1))]))  # a gather callable
     assert calls == [("reload_weights", 2), ("reset_prefix_cache",)]
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_with_its_conversion_command(tmp_path):
+    from nft.train.ds_config import resume_config
+
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    torch.save({"engine": {"world": 8}}, ckpt / "state.pt")
+    ds = {"zero_optimization": {"stage": 3}}
+    assert resume_config(ckpt, ds, world=8) is ds
+    with pytest.raises(ValueError, match="written by 8 processes and this run has 2") as e:
+        resume_config(ckpt, ds, world=2)
+    assert str(e.value).splitlines()[-1].strip() == (
+        f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt}/deepspeed/state "
+        f"--output_folder {ckpt}/deepspeed/universal"
+    )
+    (ckpt / "deepspeed" / "universal").mkdir(parents=True)
+    assert resume_config(ckpt, ds, world=2) == {**ds, "checkpoint": {"load_universal": True}}

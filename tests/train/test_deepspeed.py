@@ -190,6 +190,37 @@ def test_nft_train_under_the_launcher_zero3(tiny_study, tmp_path):
     assert (out / "metrics.json").is_file()
 
 
+def test_a_zero3_checkpoint_resumes_at_another_world_size_through_the_universal_format(tiny_study, tmp_path):
+    """Written by 2 ranks at step 1, resumed by 1 process: refused with the one conversion command; once converted,
+    the same command resumes (optimizer and schedule from the universal checkpoint) and finishes the run."""
+    params, _, _ = tiny_study
+    p = zero3_params(params, tmp_path, steps=2, checkpoint_every=1)
+    out = tmp_path / "run"
+    train = ["--module", "nft.cli", "train", "--config", p, "--arm", "nft", "--seed", "0", "--out", out, "--quiet"]
+    launch(*train)
+    # back to step 1: the newest checkpoint dropped, the previous one (step 1) the one to resume from
+    import shutil
+
+    shutil.rmtree(out / "checkpoint")
+    (out / "checkpoint.prev").rename(out / "checkpoint")
+    (out / "metrics.json").unlink()
+    one = [sys.executable, "-m", "nft.cli", *map(str, train[2:])]
+    r = subprocess.run(one, capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=600)
+    assert r.returncode != 0 and "written by 2 processes and this run has 1" in r.stderr, r.stderr[-2000:]
+    cmd = r.stderr.strip().splitlines()[-1].strip()
+    assert cmd.startswith("python -m deepspeed.checkpoint.ds_to_universal"), cmd
+    conv = subprocess.run(
+        [sys.executable, *cmd.split()[1:]], capture_output=True, text=True, env=launch_env(), timeout=600
+    )
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    r = subprocess.run(one, capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert json.loads((out / "tags.json").read_text())["processes"] == "1"
+    assert (out / "metrics.json").is_file()
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_zero3_with_vllm_sampler_under_the_launcher(tiny_study_vllm, tmp_path, tp):
     """2 ranks: one vLLM engine each (tp 1) or one engine across both (tp 2, vLLM's external_launcher backend).
