@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class EvalConfig:
     limit: int = 0
     """evaluate only the first ``limit`` problems of each benchmark (0: all)."""
     prompts_per_batch: int = 64
+    sample_memory_mb: float = 0.0
+    """the torch sampler's decoding memory per call (as ``train.sample_memory_mb``; 0: one block)."""
     seed: int = 0
     graders: list[str] = field(default_factory=lambda: ["math_verify", "dapo"])
     """the first grader gives the headline metrics; the others are reported beside it with the disagreement rate."""
@@ -60,6 +63,8 @@ class EvalConfig:
             raise ValueError(f"eval.k / eval.k_per_benchmark: must be >= 1, got {self.k}, {self.k_per_benchmark}")
         if self.threads < 1:
             raise ValueError(f"eval.threads: must be >= 1, got {self.threads}")
+        if self.sample_memory_mb < 0:
+            raise ValueError(f"eval.sample_memory_mb: expected >= 0 (0: one block), got {self.sample_memory_mb}")
         if not self.graders:
             raise ValueError("eval.graders: at least one grader is needed")
         from .reward import GRADERS
@@ -114,6 +119,49 @@ def k_for(cfg: EvalConfig, benchmark: str) -> int:
     return cfg.k_per_benchmark.get(benchmark, cfg.k)
 
 
+def sampling_calls(n: int, k: int, prompts_per_batch: int, shares: int, seeds_per_prompt: bool) -> list[tuple]:
+    """``(start, stop, seed offset)`` of each sampling call over ``n`` problems, in order; call ``c`` belongs to
+    share ``c % shares``. A sampler with one random stream per call samples blocks of ``prompts_per_batch`` problems
+    (seed offset: the block's start), so the answers are the same whichever process samples a block; a sampler with
+    per-prompt seeds takes each share's problems in one call (seed offset ``start * k``: problem ``j`` is sampled
+    with seed ``seed + j * k`` however the problems are split)."""
+    if not seeds_per_prompt:
+        return [(a, min(a + prompts_per_batch, n), a) for a in range(0, n, prompts_per_batch)]
+    size = max(1, math.ceil(n / shares))
+    return [(a, min(a + size, n), a * k) for a in range(0, n, size)]
+
+
+def _sample_and_grade(sampler, tokenizer, problems, calls, cfg: EvalConfig, pools: dict, seed: int) -> list[dict]:
+    """This process's sampling calls, each graded by every pool: one dict per call."""
+    out = []
+    for start, stop, offset in calls:
+        chunk = problems[start:stop]
+        ro = sampler.sample(
+            [render_prompt(tokenizer, p.question) for p in chunk],
+            cfg.k,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=seed + offset,
+        )
+        finished = ro.finished.tolist()
+        golds = [p.answer for p in chunk for _ in range(cfg.k)]
+        graded = {name: pool.grade_many(ro.texts, golds, only=finished) for name, pool in pools.items()}
+        out.append(
+            {
+                "texts": ro.texts,
+                "finished": finished,
+                "lengths": ro.lengths.tolist(),
+                "ent_sum": ro.entropy_sum(),
+                "ent_tokens": int(ro.mask.sum()),
+                "verdicts": {name: v for name, (v, _) in graded.items()},
+                "timeouts": sum(st.timeouts for _, st in graded.values()),
+                "errors": sum(len(st.errors) for _, st in graded.values()),
+            }
+        )
+    return out
+
+
 def evaluate_problems(
     sampler,
     tokenizer,
@@ -122,37 +170,36 @@ def evaluate_problems(
     pool: GraderPool,
     extra_pools: dict[str, GraderPool] | None = None,
     seed: int | None = None,
+    dist=None,
 ):
     """Sample ``cfg.k`` answers per problem with ``sampler``, grade them, return ``(metrics, records)``
     (the caller picks the benchmark's k with :func:`k_for`).
 
-    ``problems`` need ``.question`` and ``.answer``; ``records`` is one dict per answer (for ``--samples``)."""
+    ``problems`` need ``.question`` and ``.answer``; ``records`` is one dict per answer (for ``--samples``).
+    ``dist`` (a :class:`nft.dist.Dist`; None: this process alone): every process calls, each samples and grades its
+    share of the calls (:func:`sampling_calls`; the processes of one vLLM engine share one), and every process
+    returns the same metrics and records, those of one process doing it all."""
     k = cfg.k
     seed = cfg.seed if seed is None else seed
     if cfg.limit:
         problems = problems[: cfg.limit]
-    texts, finished, lengths = [], [], []
-    ent_sum, ent_tokens = 0.0, 0
-    for start in range(0, len(problems), cfg.prompts_per_batch):
-        chunk = problems[start : start + cfg.prompts_per_batch]
-        prompts = [render_prompt(tokenizer, p.question) for p in chunk]
-        ro = sampler.sample(
-            prompts,
-            k,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            seed=seed + start,
-        )
-        texts += ro.texts
-        finished += ro.finished.tolist()
-        lengths += ro.lengths.tolist()
-        ent_sum += ro.entropy_sum()
-        ent_tokens += int(ro.mask.sum())
+    share, shares, leader = sampler.shard(dist) if dist is not None else (0, 1, True)
+    calls = sampling_calls(len(problems), k, cfg.prompts_per_batch, shares, getattr(sampler, "seeds_per_prompt", False))
+    pools = {"": pool, **(extra_pools or {})}
+    mine = _sample_and_grade(sampler, tokenizer, problems, calls[share::shares], cfg, pools, seed)
+    parts = dist.gather(mine if leader else None) if dist is not None and dist.world > 1 else [mine]
+    by_share = [p for p in parts if p is not None]
+    done = [by_share[c % shares][c // shares] for c in range(len(calls))]  # back in call order
+    texts = [t for d in done for t in d["texts"]]
+    finished = [f for d in done for f in d["finished"]]
+    lengths = [n for d in done for n in d["lengths"]]
     golds = [p.answer for p in problems for _ in range(k)]
-    verdicts, stats = pool.grade_many(texts, golds, only=finished)
     # an answer cut at the length limit is wrong, whatever it contains
-    ok = np.array([v and f for v, f in zip(verdicts, finished)], dtype=bool).reshape(len(problems), k)
+    graded = {
+        name: np.array([v and f for d in done for v, f in zip(d["verdicts"][name], d["finished"])], dtype=bool)
+        for name in pools
+    }
+    ok = graded[""].reshape(len(problems), k)
     answers = [extract_boxed(t) for t in texts]
     metrics = summarize(
         ok,
@@ -162,13 +209,12 @@ def evaluate_problems(
         k,
     )
     # the policy's mean token entropy on its answers (exact for the torch sampler, the -log p estimate for vLLM)
-    metrics["entropy"] = ent_sum / max(ent_tokens, 1)
-    metrics["grader_timeouts"] = stats.timeouts
-    metrics["grader_errors"] = len(stats.errors)
+    metrics["entropy"] = sum(d["ent_sum"] for d in done) / max(sum(d["ent_tokens"] for d in done), 1)
+    metrics["grader_timeouts"] = sum(d["timeouts"] for d in done)
+    metrics["grader_errors"] = sum(d["errors"] for d in done)
     others = {}
-    for name, other in (extra_pools or {}).items():
-        v2, _ = other.grade_many(texts, golds, only=finished)
-        ok2 = np.array([v and f for v, f in zip(v2, finished)], dtype=bool).reshape(len(problems), k)
+    for name in extra_pools or {}:
+        ok2 = graded[name].reshape(len(problems), k)
         metrics[f"{name}/avg@{k}"] = float(ok2.mean(axis=1).mean()) if len(problems) else float("nan")
         metrics[f"{name}/disagreement"] = float((ok2 != ok).mean()) if len(problems) else 0.0
         others[name] = ok2.reshape(-1).tolist()
@@ -213,7 +259,8 @@ def run_evaluate(
     ``out`` (metrics only, ``{benchmark: {avg@k, pass@k, maj@k, ...}, "mean": {"avg": ...}}``: what ``dvc exp show``
     tabulates), the settings beside it (``<out stem>.meta.json``: model, config, seconds per benchmark) and the
     per-answer JSONL ``samples``; returns the metrics. Benchmarks and the model are resolved before anything is
-    sampled."""
+    sampled. Under a launcher (``torchrun``, ``srun``: ``WORLD_SIZE`` > 1) every process samples and grades its share
+    of each benchmark and rank 0 writes the same files one process would."""
     import time
 
     import torch
@@ -227,8 +274,11 @@ def run_evaluate(
     if not Path(model).is_dir():
         raise FileNotFoundError(f"{model}: model folder not found")
     torch.set_num_threads(threads or cfg.threads)
+    dist = join_launcher()
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
-    sampler = make_sampler(cfg.sampler, str(model), tok, seed=cfg.seed, vllm=cfg.vllm, section="eval")
+    sampler = make_sampler(
+        cfg.sampler, str(model), tok, seed=cfg.seed, vllm=cfg.vllm, section="eval", memory_mb=cfg.sample_memory_mb
+    )
     result: dict[str, Any] = {}
     meta: dict[str, Any] = {"model": str(model), "config": dataclasses.asdict(cfg), "seconds": {}, "cpu_isa": cpu_isa()}
     records = []
@@ -238,29 +288,48 @@ def run_evaluate(
             t0 = time.perf_counter()
             bcfg = dataclasses.replace(cfg, k=k_for(cfg, name))
             metrics, recs = evaluate_problems(
-                sampler, tok, problems, bcfg, pools[cfg.graders[0]], {g: pools[g] for g in cfg.graders[1:]}
+                sampler, tok, problems, bcfg, pools[cfg.graders[0]], {g: pools[g] for g in cfg.graders[1:]}, dist=dist
             )
             metrics["skipped_rows"] = problems.skipped
             meta["seconds"][name] = round(time.perf_counter() - t0, 2)
             result[name] = metrics
             records += [{"benchmark": name, "question": problems[r["problem"]].question, **r} for r in recs]
             k = bcfg.k
-            print(
-                f"evaluate: {name}: avg@{k} {metrics[f'avg@{k}']:.4f} pass@{k} "
-                f"{metrics[f'pass@{k}']:.4f} ({metrics['problems']} problems, {meta['seconds'][name]} s)",
-                flush=True,
-            )
+            if dist.is_main:
+                print(
+                    f"evaluate: {name}: avg@{k} {metrics[f'avg@{k}']:.4f} pass@{k} "
+                    f"{metrics[f'pass@{k}']:.4f} ({metrics['problems']} problems, {meta['seconds'][name]} s)",
+                    flush=True,
+                )
     finally:
         for p in pools.values():
             p.close()
     accs = [m[f"avg@{k_for(cfg, b)}"] for b, m in result.items()]
     result["mean"] = {"avg": sum(accs) / len(accs) if accs else float("nan")}
+    if not dist.is_main:
+        return result
+    meta["processes"] = dist.world
     atomic_write_json(meta_path(out), meta)
     atomic_write_json(out, result)
     if samples:
         atomic_write(samples, "".join(json.dumps(r) + "\n" for r in records))
     _log_final(Path(model).parent, result, [Path(out), meta_path(out)])
     return result
+
+
+def join_launcher():
+    """The launcher's process group (gloo on CPU, NCCL on GPUs, each process on its ``LOCAL_RANK``'s device) when
+    one started several processes; a :class:`nft.dist.Dist` of one otherwise."""
+    import torch
+    import torch.distributed as td
+
+    from .dist import Dist, launched_world_size
+
+    if launched_world_size() > 1 and not td.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        td.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist()
 
 
 def _log_final(run_dir: Path, result: dict, files: list[Path]) -> None:

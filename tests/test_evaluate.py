@@ -1,6 +1,9 @@
 """Metric definitions on hand-computed cases and a deterministic fake sampler; the evaluate CLI end to end."""
 
 import json
+import os
+import subprocess
+import sys
 from math import comb
 
 import numpy as np
@@ -129,3 +132,27 @@ def test_evaluate_cli(tiny_study, tmp_path):
         check=False,
     )
     assert bad.returncode == 2 and "nope" in bad.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_evaluate_under_a_launcher_splits_the_work_and_writes_what_one_process_writes(tiny_study, tmp_path):
+    """``torchrun --nproc-per-node 2 -m nft.cli evaluate``: each process samples and grades its blocks (7 problems in
+    blocks of 2: 4 blocks, 2 and 2), rank 0 writes; the metrics and every answer equal one process's."""
+    _, data, base = tiny_study
+    args = ["--model", base, "--benchmarks", "synth-easy,synth-medium", "--k", "2", "--limit", "7", "--data", data]
+    args += ["--set", "prompts_per_batch=2", "--set", "workers=1"]
+    nft_cli("evaluate", *args, "--out", tmp_path / "one.json", "--samples", tmp_path / "one.jsonl")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    r = subprocess.run(
+        [*run, "-m", "nft.cli", "evaluate", *map(str, args), "--out", tmp_path / "two.json"]
+        + ["--samples", str(tmp_path / "two.jsonl")],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "two.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert json.loads((tmp_path / "two.meta.json").read_text())["processes"] == 2
+    assert r.stdout.count("evaluate: synth-easy") == 1  # rank 0 reports

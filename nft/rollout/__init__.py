@@ -19,13 +19,15 @@ def make_sampler(
     section: str = "train",
     weights=None,
     dtype=None,
+    memory_mb: float = 0,
 ) -> Sampler:
     """A ``kind`` sampler on the model in ``model_dir``.
 
     ``weights``: what to sample from instead of the folder's weights (the training engine's ``rollout_weights()``):
     the trainer's own module (the torch sampler then shares it: nothing is copied), or a state dict or a gather
-    returning one, loaded into the sampler's model. ``dtype``: the torch sampler's copy (default float32). vLLM checks
-    its options and devices (naming ``section``) before loading anything."""
+    returning one, loaded into the sampler's model. ``dtype``: the torch sampler's copy (default float32); ``memory_mb``:
+    its decoding memory budget per call (0: one block). vLLM checks its options and devices (naming ``section``)
+    before loading anything."""
     import torch
 
     if kind == "torch":
@@ -33,9 +35,10 @@ def make_sampler(
         from .torch_sampler import TorchSampler
 
         if isinstance(weights, torch.nn.Module):
-            return TorchSampler(weights, tokenizer)
+            return TorchSampler(weights, tokenizer, memory_mb=memory_mb)
         model, _ = load_policy(model_dir, dtype=dtype or torch.float32)
-        sampler: Sampler = TorchSampler(model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        sampler: Sampler = TorchSampler(model.to(device), tokenizer, memory_mb=memory_mb)
     elif kind == "vllm":
         from .vllm_sampler import VLLMSampler
 

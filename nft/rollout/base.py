@@ -47,6 +47,24 @@ class Rollout:
         return len(self.prompt_ids)
 
 
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One Rollout of ``parts`` in order (the per-token tensors right-padded to the longest answer)."""
+    T = max(p.response.shape[1] for p in parts)
+
+    def cat(ts: list[torch.Tensor], fill) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(t, (0, T - t.shape[1]), value=fill) for t in ts])
+
+    return Rollout(
+        prompt_ids=[ids for p in parts for ids in p.prompt_ids],
+        response=cat([p.response for p in parts], pad_id),
+        mask=cat([p.mask for p in parts], 0.0),
+        logprobs=cat([p.logprobs for p in parts], 0.0),
+        finished=torch.cat([p.finished for p in parts]),
+        texts=[t for p in parts for t in p.texts],
+        entropy=None if any(p.entropy is None for p in parts) else cat([p.entropy for p in parts], 0.0),  # type: ignore[misc]
+    )
+
+
 class Sampler(Protocol):
     """What the loop and ``nft evaluate`` use of a rollout backend."""
 
@@ -61,9 +79,13 @@ class Sampler(Protocol):
         seed: int = 0,
     ) -> Rollout: ...
 
+    seeds_per_prompt: bool
+    """True: prompt ``i`` of a call is sampled with seed ``seed + i * n`` alone (vLLM's per-request seeds), so the
+    answers do not depend on which prompts share a call; False: one random stream per call (the torch sampler)."""
+
     def update_weights(self, weights) -> None:
         """Make the sampler use the trainer's current weights: a module, a state dict, or a zero-argument callable
-        returning a state dict (a gather that every rank runs)."""
+        returning ``(name, tensor)`` pairs (a gather that every rank runs)."""
         ...
 
     def shard(self, dist) -> tuple[int, int, bool]:

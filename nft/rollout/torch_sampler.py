@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from ..modeling import model_device, stop_token_ids
 from . import kv_cache
-from .base import Rollout
+from .base import Rollout, concat_rollouts
+from .chunks import answer_uniforms, prompts_per_chunk
 from .kv_cache import DECODE_ATTENTION, DECODE_GQA, SharedPrefix, SlabCache, _compaction, repeated_prompt_bytes
 
 
@@ -106,15 +107,19 @@ class _Answers:
         )
 
 
-def _draw(logits, b: _Batch, out: _Answers, t: int, gen, temperature, top_p, stop_ids) -> torch.Tensor:
-    """Step ``t``'s token of every slot, recorded for the live ones (a stop token ends its answer); returns them."""
+def _draw(logits, b: _Batch, out: _Answers, t: int, rng, temperature, top_p, stop_ids) -> torch.Tensor:
+    """Step ``t``'s token of every slot, recorded for the live ones (a stop token ends its answer); returns them.
+    ``rng``: the call's generator, or ``(seed, first answer)``: a random stream per answer (:mod:`.chunks`)."""
     logp = F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
     draw = _top_p_filter(logp, top_p) if top_p < 1.0 else logp
     # Gumbel-max: argmax(log p + Gumbel noise) is a draw from p (cheaper than multinomial on CPU); the noise rows
     # follow answer order, so the draws do not depend on where compaction put each answer
-    u = torch.rand(draw.shape, generator=gen, device=b.dev)
-    if b.rank is not None:
-        u = u[b.rank]
+    if isinstance(rng, torch.Generator):
+        u = torch.rand(draw.shape, generator=rng, device=b.dev)
+        if b.rank is not None:
+            u = u[b.rank]
+    else:
+        u = answer_uniforms(rng[0], rng[1] + b.alive, t, draw.shape[-1])
     noise = -torch.log(-torch.log(u.clamp_(min=1e-20)))
     tok = (draw + noise).argmax(-1)
     rows = b.alive[b.live]
@@ -131,9 +136,13 @@ def _draw(logits, b: _Batch, out: _Answers, t: int, gen, temperature, top_p, sto
 class TorchSampler:
     """Samples from a transformers causal LM on the trainer's own module (so weight updates are seen at once)."""
 
-    def __init__(self, model, tokenizer, cascade: bool | None = None):
+    seeds_per_prompt = False
+
+    def __init__(self, model, tokenizer, cascade: bool | None = None, memory_mb: float = 0):
         self.model = model
         self.tokenizer = tokenizer
+        self.memory_mb = memory_mb
+        """a call's decoding memory budget (0: one block, one random stream per call)"""
         self.cascade = cascade
         """decode with the prompts read once per prompt (:func:`_cascade`), where the prepared mask runs (sdpa and a
         :data:`DECODE_GQA` mode other than "transformers"): None decides per call by :data:`CASCADE_MIN_BYTES` (on
@@ -172,7 +181,19 @@ class TorchSampler:
         """Nothing to free: the sampler is the trainer's module (or a copy beside it)."""
 
     def sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
-        ro = self._sample(prompts, n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        """``n`` answers per prompt. Within a memory budget (``memory_mb``) the prompts go in chunks sized from it,
+        each answer drawing from its own random stream: the same tokens whatever the chunks (:mod:`.chunks`)."""
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if not self.memory_mb:
+            ro = self._sample(prompts, n, **kw)
+        else:
+            longest = max(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+            dtype = next(self.model.parameters()).dtype
+            per = prompts_per_chunk(self.model.config, n, longest, max_new_tokens, dtype, self.memory_mb)
+            ro = concat_rollouts(
+                [self._sample(prompts[i : i + per], n, **kw, first=i * n) for i in range(0, len(prompts), per)],
+                self.pad_id,
+            )
         assert ro.entropy is not None  # _sample always records it
         # inference-mode tensors cannot enter autograd later (the trainer indexes with them): return normal copies
         ro.response, ro.mask, ro.logprobs, ro.finished, ro.entropy = (
@@ -193,7 +214,7 @@ class TorchSampler:
         return repeated_prompt_bytes(model, prompts, n, prompt_len) >= kv_cache.CASCADE_MIN_BYTES
 
     @torch.inference_mode()
-    def _sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0) -> Rollout:
+    def _sample(self, prompts, n, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=0, first=None) -> Rollout:
         if temperature <= 0:
             raise ValueError(f"temperature: must be > 0 for sampling, got {temperature}")
         model = self.model
@@ -202,7 +223,7 @@ class TorchSampler:
         try:
             enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
             b, logits = self._prefill(model, enc, n, max_new_tokens, attention)
-            answers = self._decode(model, b, logits, max_new_tokens, temperature, top_p, seed)
+            answers = self._decode(model, b, logits, max_new_tokens, temperature, top_p, seed, first)
         finally:
             model.train(was_training)
             if attention is not None:
@@ -261,9 +282,11 @@ class TorchSampler:
         batch = _Batch(cache, dev, n, Lp, prepared, cascade, keymask, bias, bias4, prompt_bias, next_pos, alive, live)
         return batch, logits
 
-    def _decode(self, model, b: _Batch, logits, max_new_tokens: int, temperature, top_p, seed) -> _Answers:
-        """Draw up to ``max_new_tokens`` tokens per answer, one decoding step at a time, until every answer stopped."""
-        gen = torch.Generator(device=b.dev).manual_seed(int(seed))
+    def _decode(self, model, b: _Batch, logits, max_new_tokens: int, temperature, top_p, seed, first) -> _Answers:
+        """Draw up to ``max_new_tokens`` tokens per answer, one decoding step at a time, until every answer stopped.
+        ``first``: None, one random stream for the call; else the call's first answer's index in a chunked call
+        (a stream per answer)."""
+        gen = torch.Generator(device=b.dev).manual_seed(int(seed)) if first is None else (int(seed), first)
         stop_ids = self.stop_ids.to(b.dev)
         out = _Answers.empty(len(b.alive), max_new_tokens, self.pad_id, b.dev)
         for t in range(max_new_tokens):

@@ -134,6 +134,8 @@ def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train", world:
 class VLLMSampler:
     """Samples with an offline ``vllm.LLM`` engine loaded from ``model_dir``; see the module docstring."""
 
+    seeds_per_prompt = True
+
     def __init__(
         self,
         model_dir: str,

@@ -120,6 +120,11 @@ class TrainConfig:
     push_bucket_mb: float = 64.0
     """ZeRO-3 weight push to the sampler: parameters are gathered a bucket of up to this many MB (full size, in the
     training dtype) at a time, one all-gather per bucket; 0 gathers one parameter at a time."""
+    sample_memory_mb: float = 0.0
+    """the torch sampler's decoding memory per call (KV cache, mask, the step's vocabulary-sized temporaries): a
+    call's prompts go in chunks sized to fit, each answer drawing from its own random stream, so the chunks draw what
+    one block would (``nft.rollout.chunks``). 0: one block, one random stream per call (the embedded default's
+    draws). Validation samples with the same sampler."""
     logprob_chunk_mb: float = 128.0
     """the trainer's log-prob pass: where its fp32 logits (tokens x vocabulary x 4 bytes) would exceed this many MB,
     the head runs over chunks of tokens this size, each recomputed in the backward pass (``nft.modeling``); peak memory
@@ -203,6 +208,8 @@ class TrainConfig:
                 f"fall under the allocator's mmap threshold, nft.cli.MALLOC_THRESHOLDS, and fragment the heap: "
                 f"benchmarks/README.md)"
             )
+        if self.sample_memory_mb < 0:
+            raise ValueError(f"train.sample_memory_mb: expected >= 0 (0: one block), got {self.sample_memory_mb}")
         if self.push_bucket_mb < 0:
             raise ValueError(
                 f"train.push_bucket_mb: expected >= 0 (0: one parameter at a time), got {self.push_bucket_mb}"

@@ -35,6 +35,30 @@ def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, hidden_siz
             f"train.prompts_per_step ({cfg.prompts_per_step}) must be divisible by the number of "
             f"training processes ({world})"
         )
+    _fill_batch_sizes(ds, cfg, world, where)
+    for half in ("bf16", "fp16"):
+        if isinstance(ds.get(half), dict) and ds[half].get("enabled") == "auto":
+            ds[half]["enabled"] = half == "bf16" and torch.cuda.is_available()
+    if ds.get("fp16", {}).get("enabled"):
+        raise ValueError(
+            f"{where}: fp16 is not supported (its loss scaling breaks the exact micro-batch sums); use bf16"
+        )
+    if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("check_grad_overflow") is False:
+        raise ValueError(
+            f"{where}: bf16.check_grad_overflow must stay true: ZeRO skips a step whose gradient is not finite "
+            "on any rank, as the torch engine does"
+        )
+    _fill_zero(ds, where, hidden_size or 1024)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ValueError(f'{where}: no value to fill "auto" with for {leftover}')
+    return ds
+
+
+def _fill_batch_sizes(ds: dict, cfg: TrainConfig, world: int, where: str) -> None:
+    """DeepSpeed's batch sizes and clipping from the train section (``"auto"``), or one error where they contradict."""
     micro = cfg.micro_batch_size
     per_rank = math.ceil(cfg.mini_batch_prompts * cfg.answers_per_prompt / world)
     gas = max(1, math.ceil(per_rank / micro))
@@ -59,18 +83,10 @@ def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, hidden_siz
                 f'{world} process(es)); set it to "auto" or change the train section'
             )
         ds[key] = value
-    for half in ("bf16", "fp16"):
-        if isinstance(ds.get(half), dict) and ds[half].get("enabled") == "auto":
-            ds[half]["enabled"] = half == "bf16" and torch.cuda.is_available()
-    if ds.get("fp16", {}).get("enabled"):
-        raise ValueError(
-            f"{where}: fp16 is not supported (its loss scaling breaks the exact micro-batch sums); use bf16"
-        )
-    if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("check_grad_overflow") is False:
-        raise ValueError(
-            f"{where}: bf16.check_grad_overflow must stay true: ZeRO skips a step whose gradient is not finite "
-            "on any rank, as the torch engine does"
-        )
+
+
+def _fill_zero(ds: dict, where: str, h: int) -> None:
+    """The ZeRO section: stage 2 or 3, its bucket sizes' ``"auto"`` from the hidden size ``h``."""
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage not in (2, 3):
@@ -78,7 +94,6 @@ def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, hidden_siz
             f"{where}: zero_optimization.stage must be 2 or 3, got {stage} (ZeRO-2/3's optimizer detects a "
             "non-finite gradient and skips the step on every rank)"
         )
-    h = hidden_size or 1024
     for key, value in (
         ("reduce_bucket_size", h * h),
         ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
@@ -88,12 +103,6 @@ def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, hidden_siz
             zero[key] = value
     if zero.get("offload_optimizer") or zero.get("offload_param"):
         ds.setdefault("zero_force_ds_cpu_optimizer", False)  # the client AdamW on offloaded states
-    ds.setdefault("steps_per_print", 10**9)
-    ds.setdefault("wall_clock_breakdown", False)
-    leftover = [k for k, v in _walk(ds) if v == "auto"]
-    if leftover:
-        raise ValueError(f'{where}: no value to fill "auto" with for {leftover}')
-    return ds
 
 
 def _walk(d: dict, prefix: str = ""):

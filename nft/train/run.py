@@ -19,7 +19,8 @@ data order, sampling seed per step and generation batch (and rollout shard, unde
 Several processes (``train.engine: deepspeed`` under a launcher, see ``nft.train.engines``): each samples and grades
 its share of the questions; the kept groups' metadata (rewards, lengths, owners) is gathered so every rank knows the
 same mini-batches and normalisers, and each row's tensors go only to the rank that trains on it (rows
-``rank::world`` of every mini-batch); rank 0 alone writes the run folder, logs and validates.
+``rank::world`` of every mini-batch); every process validates its share of the validation sets (all get the same
+metrics); rank 0 alone writes the run folder and logs.
 """
 
 from __future__ import annotations

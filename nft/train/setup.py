@@ -103,11 +103,8 @@ class Run:
         return self.pools[self.cfg.grader_per_set.get(self.cfg.train_set, self.cfg.grader)]
 
     def validate(self) -> dict:
-        """Rank 0 validates (with the other processes of its vLLM engine, if it spans several); the others wait and
-        receive its metrics."""
-        lead = self.sampler.shard(self.dist)[0] == 0
-        out = validate(self.sampler, self.tokenizer, self.val_sets, self.pools, self.cfg, self.seed) if lead else None
-        return self.dist.broadcast(out)
+        """Every process validates its share of each set; all return the same metrics."""
+        return validate(self.sampler, self.tokenizer, self.val_sets, self.pools, self.cfg, self.seed, self.dist)
 
 
 def _afresh_if_other(folder: Path, fp: str, what: str) -> None:
@@ -368,6 +365,7 @@ def setup(
         vllm=cfg.vllm,
         weights=engine.rollout_weights(),
         dtype=engine.dtype,
+        memory_mb=cfg.sample_memory_mb,
     )
     graders = {cfg.grader_per_set.get(name, cfg.grader) for name in [cfg.train_set, *cfg.val_benchmarks]}
     return Run(

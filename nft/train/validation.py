@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from ..dist import Dist
 from ..evaluate import EvalConfig, evaluate_problems
 from ..reward import GraderPool
 from ..rollout import Sampler
@@ -14,10 +15,17 @@ from .seeds import derive_seed
 
 
 def validate(
-    sampler: Sampler, tokenizer, val_sets: dict, pools: dict[str, GraderPool], cfg: TrainConfig, seed: int
+    sampler: Sampler,
+    tokenizer,
+    val_sets: dict,
+    pools: dict[str, GraderPool],
+    cfg: TrainConfig,
+    seed: int,
+    dist: Dist | None = None,
 ) -> dict:
     """avg@k, pass@k, mean length and policy entropy on each validation set (the evaluation code path, each set with
-    its k and grader), and their means over sets (``val/mean/avg@{val_k}``: the mean of each set's avg@k)."""
+    its k and grader), and their means over sets (``val/mean/avg@{val_k}``: the mean of each set's avg@k). ``dist``:
+    every process validates its share and returns the same metrics (:func:`nft.evaluate.evaluate_problems`)."""
     out, accs, ents = {}, [], []
     t0 = time.perf_counter()
     for name, problems in val_sets.items():
@@ -32,7 +40,9 @@ def validate(
             limit=cfg.val_limit,
             graders=[grader],
         )
-        m, _ = evaluate_problems(sampler, tokenizer, problems, ecfg, pools[grader], seed=derive_seed(seed, "val", name))
+        m, _ = evaluate_problems(
+            sampler, tokenizer, problems, ecfg, pools[grader], seed=derive_seed(seed, "val", name), dist=dist
+        )
         out[f"val/{name}/avg@{k}"] = m[f"avg@{k}"]
         out[f"val/{name}/pass@{k}"] = m[f"pass@{k}"]
         out[f"val/{name}/length_mean"] = m["mean_length"]

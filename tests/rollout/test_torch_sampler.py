@@ -147,3 +147,39 @@ def test_pushed_pairs_are_copied_in_one_by_one_tied_names_and_all(tiny_study):
         sampler.update_weights(lambda: ((k, v) for k, v in trainer.state_dict().items() if k != "model.norm.weight"))
     with pytest.raises(ValueError, match="unexpected .*'extra'"):
         sampler.update_weights({**trainer.state_dict(), "extra": torch.zeros(1)})
+
+
+def test_answer_uniforms_depend_on_seed_answer_step_and_token_only():
+    from nft.rollout.chunks import answer_uniforms
+
+    u = answer_uniforms(7, torch.tensor([3, 4, 5]), 2, 1000)
+    assert torch.equal(u[1:], answer_uniforms(7, torch.tensor([4, 5]), 2, 1000))  # the others in the call do not matter
+    assert not torch.equal(u[0], answer_uniforms(8, torch.tensor([3]), 2, 1000)[0])
+    assert not torch.equal(u[0], answer_uniforms(7, torch.tensor([3]), 3, 1000)[0])
+    big = answer_uniforms(0, torch.arange(200), 0, 5000)
+    assert 0 < float(big.min()) and float(big.max()) < 1
+    assert abs(float(big.mean()) - 0.5) < 0.005 and abs(float(big.var()) - 1 / 12) < 0.002
+
+
+def test_a_memory_budget_samples_in_chunks_with_the_tokens_of_one_block(policy):
+    """A budget that takes 2 of the 6 prompts per chunk (3 calls of the model) draws the same answers as a budget
+    that takes them all at once."""
+    from nft.rollout import chunks
+
+    model, tok, prompts = policy
+    longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    n, new = 3, 12
+    per_prompt = n * chunks.bytes_per_answer(model.config, longest, new, torch.float32)
+    per_prompt += chunks.bytes_per_prompt(model.config, longest, torch.float32)
+    calls = []
+    kw = dict(max_new_tokens=new, seed=5)
+    whole = TorchSampler(model, tok, memory_mb=1e6).sample(prompts, n, **kw)
+    chunked = TorchSampler(model, tok, memory_mb=2.5 * per_prompt / 2**20)
+    real = chunked._sample
+    chunked._sample = lambda p, *a, **k: calls.append(len(p)) or real(p, *a, **k)
+    parts = chunked.sample(prompts, n, **kw)
+    assert calls == [2, 2, 2]
+    assert parts.texts == whole.texts and torch.equal(parts.response, whole.response)
+    assert torch.equal(parts.finished, whole.finished) and torch.equal(parts.mask, whole.mask)
+    assert torch.allclose(parts.logprobs, whole.logprobs, atol=1e-5)
+    assert len({t for t in whole.texts}) > 3  # the answers differ from one another
