@@ -373,8 +373,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     tune_malloc()
+    from nft.dist import leave
+
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        if rc == 0:
+            leave()
+        return rc
     except Preempted as e:
         print(str(e), file=sys.stderr)
         return PREEMPTED_EXIT

@@ -75,6 +75,16 @@ class Dist:
         return pickle.loads(box[0])
 
 
+def leave() -> None:
+    """Leave the launcher's process group after a command succeeded (every rank at once): a process that exits
+    with the group still open can abort in its teardown ("terminate called without an active exception")."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.barrier()
+        td.destroy_process_group()
+
+
 def launched_world_size() -> int:
     """Processes started by the launcher (``WORLD_SIZE``; 1 without one)."""
     return int(os.environ.get("WORLD_SIZE", "1"))

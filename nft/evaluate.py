@@ -48,6 +48,11 @@ class EvalConfig:
     seed: int = 0
     graders: list[str] = field(default_factory=lambda: ["math_verify", "dapo"])
     """the first grader gives the headline metrics; the others are reported beside it with the disagreement rate."""
+    grader_per_set: dict[str, str] = field(default_factory=dict)
+    """the headline grader of particular benchmarks (as ``train.grader_per_set``; the paper presets: the official
+    code's grader of each set); the others of ``graders`` are reported beside it."""
+    grade_truncated: bool = False
+    """grade an answer cut at the length limit like the others (the official code); False: it is wrong."""
     workers: int = 2
     """grader worker processes."""
     threads: int = 1
@@ -72,6 +77,14 @@ class EvalConfig:
         bad = [g for g in self.graders if g not in GRADERS]
         if bad:
             raise ValueError(f"eval.graders: unknown grader(s) {bad}; known: {sorted(GRADERS)}")
+        for name, g in self.grader_per_set.items():
+            if g not in GRADERS:
+                raise ValueError(f"eval.grader_per_set.{name}: unknown grader {g!r}; known: {sorted(GRADERS)}")
+
+    def graders_of(self, benchmark: str) -> list[str]:
+        """``benchmark``'s graders, its headline grader first."""
+        head = self.grader_per_set.get(benchmark, self.graders[0])
+        return [head, *[g for g in self.graders if g != head]]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -146,7 +159,8 @@ def _sample_and_grade(sampler, tokenizer, problems, calls, cfg: EvalConfig, pool
         )
         finished = ro.finished.tolist()
         golds = [p.answer for p in chunk for _ in range(cfg.k)]
-        graded = {name: pool.grade_many(ro.texts, golds, only=finished) for name, pool in pools.items()}
+        only = None if cfg.grade_truncated else finished
+        graded = {name: pool.grade_many(ro.texts, golds, only=only) for name, pool in pools.items()}
         out.append(
             {
                 "texts": ro.texts,
@@ -194,9 +208,12 @@ def evaluate_problems(
     finished = [f for d in done for f in d["finished"]]
     lengths = [n for d in done for n in d["lengths"]]
     golds = [p.answer for p in problems for _ in range(k)]
-    # an answer cut at the length limit is wrong, whatever it contains
+    # an answer cut at the length limit is wrong, whatever it contains (eval.grade_truncated: graded as the others)
     graded = {
-        name: np.array([v and f for d in done for v, f in zip(d["verdicts"][name], d["finished"])], dtype=bool)
+        name: np.array(
+            [v and (f or cfg.grade_truncated) for d in done for v, f in zip(d["verdicts"][name], d["finished"])],
+            dtype=bool,
+        )
         for name in pools
     }
     ok = graded[""].reshape(len(problems), k)
@@ -280,16 +297,24 @@ def run_evaluate(
         cfg.sampler, str(model), tok, seed=cfg.seed, vllm=cfg.vllm, section="eval", memory_mb=cfg.sample_memory_mb
     )
     result: dict[str, Any] = {}
-    meta: dict[str, Any] = {"model": str(model), "config": dataclasses.asdict(cfg), "seconds": {}, "cpu_isa": cpu_isa()}
+    meta: dict[str, Any] = {
+        "model": str(model),
+        "config": dataclasses.asdict(cfg),
+        "seconds": {},
+        "graders": {},
+        "cpu_isa": cpu_isa(),
+    }
     records = []
-    pools = {g: GraderPool(cfg.workers, g) for g in cfg.graders}
+    pools = {g: GraderPool(cfg.workers, g) for name in sets for g in cfg.graders_of(name)}
     try:
         for name, problems in sets.items():
             t0 = time.perf_counter()
             bcfg = dataclasses.replace(cfg, k=k_for(cfg, name))
+            head, *others = cfg.graders_of(name)
             metrics, recs = evaluate_problems(
-                sampler, tok, problems, bcfg, pools[cfg.graders[0]], {g: pools[g] for g in cfg.graders[1:]}, dist=dist
+                sampler, tok, problems, bcfg, pools[head], {g: pools[g] for g in others}, dist=dist
             )
+            meta["graders"][name] = [head, *others]
             metrics["skipped_rows"] = problems.skipped
             meta["seconds"][name] = round(time.perf_counter() - t0, 2)
             result[name] = metrics

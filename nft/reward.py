@@ -109,6 +109,26 @@ def grade_math_verify(response: str, gold: str, timeout: float = 2) -> bool:
     return bool(verify(gold_parsed, answer, timeout_seconds=timeout))
 
 
+def grade_math_verify_official(response: str, gold: str) -> bool:
+    """The official NFT code's grader for MATH500, Minerva and OlympiadBench (verl's ``math_verify.compute_score``,
+    which ``verifier.py`` dispatches): math-verify's ``math_metric`` over the whole response, the answer extracted as
+    an expression or as LaTeX (boxed or not: "The answer is 5" counts), the gold as LaTeX inside ``\\boxed{}``;
+    right where the metric's score exceeds 0.5, wrong on any exception. Looser than ``math_verify``, which reads only
+    the last box (units, ``^\\circ`` and an unboxed final answer are where they differ: ``tests/test_reward.py``)."""
+    from math_verify.metric import math_metric
+    from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
+
+    metric = math_metric(
+        gold_extraction_target=(LatexExtractionConfig(),),
+        pred_extraction_target=(ExprExtractionConfig(), LatexExtractionConfig()),
+    )
+    try:
+        score, _ = metric([f"\\boxed{{{gold}}}"], [response])
+    except Exception:  # noqa: BLE001 - the official call counts any failure as wrong
+        return False
+    return score > 0.5
+
+
 _DAPO_REMOVE = ["\\left", "\\right", "\\!", "\\,", "\\;", "\\ ", "$", " "]
 
 
@@ -182,6 +202,7 @@ GRADERS: dict[str, Grader] = {
     "math_verify": Grader(grade_math_verify, fast=fast_verdict, isolated=True, takes_timeout=True),
     "dapo": Grader(grade_dapo, isolated=False),
     "dapo_strict": Grader(grade_dapo_strict, isolated=False),
+    "math_verify_official": Grader(grade_math_verify_official, isolated=True),
 }
 
 

@@ -39,6 +39,7 @@ def validate(
             max_new_tokens=cfg.max_new_tokens,
             limit=cfg.val_limit,
             graders=[grader],
+            grade_truncated=cfg.grade_truncated,
         )
         m, _ = evaluate_problems(
             sampler, tokenizer, problems, ecfg, pools[grader], seed=derive_seed(seed, "val", name), dist=dist

@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--poison", type=int, default=-1, help="a question whose losses are NaN on rank 0 (-1: none)")
     ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher (LOCAL_RANK is read)")
     args = ap.parse_args()
+    from nft.dist import leave
     from nft.modeling import load_policy
     from nft.train.ds_config import resolve_deepspeed_config
     from nft.train.engines import DeepSpeedEngine, init_distributed
@@ -133,6 +134,7 @@ def main() -> None:
         res = push_peak(engine)
         if dist.is_main:
             (Path(args.out) / "result.json").write_text(json.dumps(res))
+        leave()
         return
     engine = DeepSpeedEngine(model, cfg, ds)
     trace: list[float] = []
@@ -147,6 +149,7 @@ def main() -> None:
         (out / "result.json").write_text(
             json.dumps({"losses": trace, "metrics": metrics, "world": dist.world, "stage": engine.stage})
         )
+    leave()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,215 @@
+"""Benchmark: host memory per rank of the ZeRO-3 path, a random Qwen2.5-0.5B-shaped model under 2 CPU ranks.
+
+    python benchmarks/memory_ranks.py [--nft PATH] [--label after] [--dir /tmp/nft-memory-ranks] [--json F]
+
+Builds (once, under ``--dir``) a random model with Qwen2.5-0.5B's configuration (494 M parameters, vocabulary
+151,936, tied embeddings) and a local tokenizer and data (``scripts/gpu_smoke.py``), then launches ``nft``'s training
+loop on 2 ranks (``deepspeed --num_gpus 2``, DeepSpeed ZeRO-3 in bf16, the torch sampler) for 2 rollout steps of 2
+questions x 4 answers x 48 tokens (a random model never stops). ``--nft PATH``: the ``nft`` package of another checkout (a git worktree of an
+earlier commit: the "before" of benchmarks/README.md); its defaults run (the settings this script passes exist in
+both).
+
+Each rank measures its own resident memory with the kernel's high-water mark (``/proc/self/clear_refs`` reset before
+a phase, ``VmHWM`` after it), around the loop's own calls:
+- **load**: the process's peak from its start to its first sampling call (model loaded and partitioned, engine,
+  sampler and its full copy of the weights);
+- **push**: each weight push into the sampler (``update_weights``), over the memory before it;
+- **sample** and **update** (the log-prob passes and the optimizer step): each call, over the memory before it;
+  a rollout step is one of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GB = 2**30
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+class Phase:
+    """Peak resident memory over a block (the kernel's high-water mark, reset at entry)."""
+
+    def __enter__(self):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self.before = _status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = _status("VmHWM")
+        self.over = self.peak - self.before
+
+
+def _wrap(cls, name: str, record: list, label: str) -> None:
+    real = getattr(cls, name)
+
+    def measured(self, *a, **k):
+        with Phase() as p:
+            out = real(self, *a, **k)
+        record.append({"phase": label, "before": p.before, "peak": p.peak, "over": p.over})
+        return out
+
+    setattr(cls, name, measured)
+
+
+def worker(args) -> None:
+    """One rank (under the launcher): the loop with its calls measured; writes ``rank{r}.json``."""
+    import dataclasses
+
+    import torch
+
+    import nft.train.run as run_mod
+    from nft.rollout.torch_sampler import TorchSampler
+    from nft.train.config import TrainConfig
+
+    record: list[dict] = []
+    start_peak: dict = {}
+    real_sample = TorchSampler.sample
+
+    def first_sample(self, *a, **k):
+        if not start_peak:
+            start_peak["load"] = _status("VmHWM")  # the process's peak up to here: the set-up
+        return real_sample(self, *a, **k)
+
+    TorchSampler.sample = first_sample
+    _wrap(TorchSampler, "sample", record, "sample")
+    _wrap(TorchSampler, "update_weights", record, "push")
+    import nft.train.update as update_mod
+
+    real_update = update_mod.update
+
+    def update(*a, **k):
+        with Phase() as p:
+            out = real_update(*a, **k)
+        record.append({"phase": "update", "before": p.before, "peak": p.peak, "over": p.over})
+        return out
+
+    update_mod.update = update
+    for mod in list(sys.modules.values()):  # the loop imported ``update`` by name
+        if getattr(mod, "__name__", "").startswith("nft.train") and getattr(mod, "update", None) is real_update:
+            mod.update = update
+    torch.set_num_threads(1)
+    d = Path(args.dir)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = dict(
+        model=str(d / "model"),
+        data=str(d / "data"),
+        steps=2,
+        prompts_per_step=2,
+        answers_per_prompt=4,
+        mini_batch_prompts=2,
+        micro_batch_size=4,
+        max_new_tokens=48,
+        batch_rule="all",
+        lr=1e-6,
+        val_every=0,
+        val_benchmarks=["synth-easy"],
+        val_k=1,
+        val_limit=4,
+        checkpoint_every=100,
+        threads=1,
+        grader="dapo",
+        grader_workers=1,
+        tracking=False,
+        engine="deepspeed",
+        deepspeed_config=str(d / "zero3-bf16.json"),
+        sampler="torch",
+    )
+    cfg = TrainConfig(**{k: v for k, v in settings.items() if k in fields})
+    t0 = time.perf_counter()
+    run_mod.run_training(cfg, "nft", 0, d / f"run-{args.label}", progress=False, arm="nft")
+    rank = int(os.environ.get("RANK", "0"))
+    out = {"rank": rank, "load_peak": start_peak.get("load"), "calls": record, "seconds": time.perf_counter() - t0}
+    (d / f"{args.label}-rank{rank}.json").write_text(json.dumps(out))
+
+
+def build(d: Path) -> None:
+    """The random 0.5B-shaped model, its tokenizer and data (once), and ZeRO-3 in bf16."""
+    if not (d / "model" / "config.json").is_file():
+        sys.path.insert(0, str(REPO / "scripts"))
+        import torch
+        from gpu_smoke import QWEN25_05B
+        from gpu_smoke import build as build_model
+
+        torch.manual_seed(0)
+        build_model(d, QWEN25_05B)
+    ds = json.loads((REPO / "experiments/deepspeed/zero3.json").read_text())
+    ds["bf16"] = {"enabled": True}
+    (d / "zero3-bf16.json").write_text(json.dumps(ds))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nft", default=str(REPO), help="the checkout whose nft package runs (default: this one)")
+    ap.add_argument("--label", default="after")
+    ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "nft-memory-ranks"))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        sys.path.insert(0, args.nft)
+        worker(args)
+        return 0
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    build(d)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": args.nft}
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    cmd = [
+        launcher,
+        "--num_gpus",
+        "2",
+        __file__,
+        "--worker",
+        "--nft",
+        args.nft,
+        "--label",
+        args.label,
+        "--dir",
+        args.dir,
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
+        return r.returncode
+    ranks = [json.loads((d / f"{args.label}-rank{i}.json").read_text()) for i in range(2)]
+    commit = subprocess.run(["git", "-C", args.nft, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    print(
+        f"memory per rank, {args.label} (nft at {commit.stdout.strip()}): 2 ZeRO-3 CPU ranks, bf16, Qwen2.5-0.5B shape"
+    )
+    for res in ranks:
+
+        def worst(phase: str, key: str = "over", calls: list = res["calls"]) -> float:
+            return max((c[key] for c in calls if c["phase"] == phase), default=0) / GB
+
+        step = max(worst("sample"), worst("update"))
+        print(
+            f"  rank {res['rank']}: load peak {res['load_peak'] / GB:.2f} GB; over the memory before: push "
+            f"{worst('push'):.2f} GB, sample {worst('sample'):.2f} GB, update {worst('update'):.2f} GB "
+            f"(rollout step {step:.2f} GB); peak in a step {max(worst('sample', 'peak'), worst('update', 'peak')):.2f}"
+            f" GB; {res['seconds']:.0f} s"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"label": args.label, "commit": commit.stdout.strip(), "ranks": ranks}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
