@@ -80,6 +80,10 @@ class TrainConfig:
     overlong_buffer: int = 0
     """DAPO's soft overlong penalty buffer in tokens (0: off), applied to GRPO-family rewards."""
     overlong_penalty: float = 1.0
+    overlong_scale: str = "unit"
+    """the reward scale the overlong penalty is added on: ``unit``, the 0/1 rewards as they are; ``official``, the
+    official code's -1/+1 scores (``verifier.py``), so the penalty weighs half as much against correctness here
+    (``penalty / 2`` on 0/1 rewards gives the official group-normalised advantages exactly)."""
     val_every: int = 10
     """validation every N rollout steps (and at steps 0 and the last); 0: only at the end."""
     val_benchmarks: list[str] = field(default_factory=lambda: ["synth-easy", "synth-medium", "synth-hard"])
@@ -210,6 +214,8 @@ class TrainConfig:
             )
         if self.sample_memory_mb < 0:
             raise ValueError(f"train.sample_memory_mb: expected >= 0 (0: one block), got {self.sample_memory_mb}")
+        if self.overlong_scale not in ("unit", "official"):
+            raise ValueError(f"train.overlong_scale: expected unit or official, got {self.overlong_scale!r}")
         if self.push_bucket_mb < 0:
             raise ValueError(
                 f"train.push_bucket_mb: expected >= 0 (0: one parameter at a time), got {self.push_bucket_mb}"

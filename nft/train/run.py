@@ -58,10 +58,10 @@ def _rollout_step(run: Run, step: int) -> dict:
         run.sampler, run.tokenizer, run.train_set, run.cursor, run.pool, cfg, run.rule, run.seed, step, run.dist
     )
     if batch is not None and cfg.overlong_buffer and run.shaped_rewards:
-        batch["rewards"] = (
-            batch["rewards"]
-            + overlong_penalty(batch["lengths"], cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty).double()
-        )
+        # on the official -1/+1 scale the penalty is half as large against the 0/1 rewards used here
+        scale = 0.5 if cfg.overlong_scale == "official" else 1.0
+        pen = overlong_penalty(batch["lengths"], cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        batch["rewards"] = batch["rewards"] + scale * pen.double()
     if get_spec(run.algo).reference:  # the supervised control: sampled for its metrics, trained on solutions
         batch = reference_batch(run.tokenizer, run.train_set, run.cursor, cfg)
     if batch is not None and len(batch["rewards"]):

@@ -94,6 +94,7 @@ def test_micro_batch_normalizer_is_the_sum_of_micro_token_means(monkeypatch):
 
     class _Eng:
         dist = SimpleNamespace(rank=0, world=1)
+        discards_early = True
 
         def __init__(self):
             self.model = torch.nn.Linear(1, 1)
@@ -288,3 +289,33 @@ def test_strict_boxed_grader(response, ok):
     assert grade_dapo_strict("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}") and not grade_dapo_strict(
         "\\boxed{\\frac12}", "\\frac{1}{2}"
     )
+
+
+def test_overlong_penalty_on_the_official_score_scale():
+    """The official 32B DAPO run adds the penalty to -1/+1 scores; half the penalty on 0/1 rewards
+    (``overlong_scale: official``) gives its gradient to 1e-6, the penalty as it is (``unit``) does not."""
+    torch.manual_seed(0)
+    r = torch.tensor([1, 0, 1, 0, 1, 1, 0, 0], dtype=torch.float64)
+    pen = torch.tensor([0.0, -0.3, -1.0, 0.0, -0.5, 0.0, 0.0, -0.2], dtype=torch.float64)
+    base = torch.randn(8, 5)
+    old = base + 0.05 * torch.randn(8, 5)
+
+    def grad(rewards):
+        logp = base.clone().requires_grad_(True)
+        loss, _ = policy_loss(
+            "dapo",
+            logp=logp,
+            old_logp=old,
+            mask=torch.ones(8, 5),
+            rewards=rewards,
+            group_ids=torch.arange(2).repeat_interleave(4),
+        )
+        loss.backward()
+        return logp.grad
+
+    official = grad(2 * r - 1 + pen)
+    assert torch.allclose(grad(r + 0.5 * pen), official, atol=1e-6, rtol=0)
+    assert (grad(r + pen) - official).abs().max() > 1e-2
+    assert TrainConfig(overlong_scale="official").overlong_scale == "official"
+    with pytest.raises(ValueError, match="train.overlong_scale"):
+        TrainConfig(overlong_scale="pm1")
