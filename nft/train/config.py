@@ -69,6 +69,12 @@ class TrainConfig:
     """how the gradients of data-parallel ranks combine: ``sum`` of the ranks' shares of the mini-batch loss (the
     one-process gradient, whatever the number of processes), or ``mean`` as the official code (each rank's loss is its
     own token sum / 1000 and FSDP averages over ranks: the one-process gradient / world size)."""
+    reference_dp: int = 0
+    """with ``dp_reduce: mean``, the official run's data-parallel size (7B: 32, 4 nodes x 8 GPUs; 32B: 16, 128 GPUs
+    with sequence parallelism 8): each process's gradient is scaled by processes / reference_dp, so a step's gradient
+    is the official run's whatever the number of processes here (exactly where the loss is a token sum, NFT and RFT;
+    where it sums micro-batch means, ``normalizer: micro_batch``, as closely as the number of micro-batches per
+    process scales with its rows). 0: no rescaling."""
     normalizer: Literal["mini_batch", "micro_batch"] = "mini_batch"
     """the reduction's denominator: the whole mini-batch's (split-invariant), or each micro-batch's own with the
     micro-batch losses summed, as verl's token mean in the official code (depends on the micro-batch split)."""
@@ -216,6 +222,11 @@ class TrainConfig:
             raise ValueError(f"train.sample_memory_mb: expected >= 0 (0: one block), got {self.sample_memory_mb}")
         if self.overlong_scale not in ("unit", "official"):
             raise ValueError(f"train.overlong_scale: expected unit or official, got {self.overlong_scale!r}")
+        if self.reference_dp < 0 or (self.reference_dp and self.dp_reduce != "mean"):
+            raise ValueError(
+                f"train.reference_dp: expected 0 or a positive size with train.dp_reduce mean, got "
+                f"{self.reference_dp} with dp_reduce {self.dp_reduce}"
+            )
         if self.push_bucket_mb < 0:
             raise ValueError(
                 f"train.push_bucket_mb: expected >= 0 (0: one parameter at a time), got {self.push_bucket_mb}"

@@ -126,6 +126,15 @@ def lr_factor(cfg: TrainConfig):
     return lambda s: min(1.0, (s + 1) / warm)
 
 
+def loss_factor(cfg: TrainConfig, world: int) -> float:
+    """What each process's loss is multiplied by before its backward pass. DeepSpeed averages the processes'
+    gradients: ``dp_reduce: sum`` multiplies by the world size (the one-process gradient); ``mean`` keeps the share
+    as it is (the official code), and with ``reference_dp`` rescales it to that many processes' average."""
+    if cfg.dp_reduce == "sum":
+        return float(world)
+    return world / cfg.reference_dp if cfg.reference_dp else 1.0
+
+
 def make_schedule(opt, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
 
@@ -147,7 +156,8 @@ class TorchEngine:
         self.sched = make_schedule(self.opt, cfg)
 
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
-        loss.backward()
+        factor = loss_factor(self.cfg, 1)
+        (loss * factor if factor != 1.0 else loss).backward()
 
     def step(self) -> float:
         """Clip and apply the accumulated gradient; a non-finite gradient norm is not applied (the gradient is
@@ -206,9 +216,8 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         # ``last``: the mini-batch's last micro-batch (DeepSpeed's accumulation boundary). DeepSpeed averages
         # gradients over ranks; the loop's losses are shares of a sum, hence the factor.
-        # train.dp_reduce "mean" (the official code): no factor, the ranks' gradients are averaged
         self.ds.set_gradient_accumulation_boundary(last)
-        self.ds.backward(loss * (self.dist.world if self.cfg.dp_reduce == "sum" else 1), scale_wrt_gas=False)
+        self.ds.backward(loss * loss_factor(self.cfg, self.dist.world), scale_wrt_gas=False)
 
     def discard(self) -> None:
         raise RuntimeError("internal: DeepSpeedEngine skips a non-finite step in step() (discards_early is False)")

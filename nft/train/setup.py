@@ -39,6 +39,13 @@ def check_backends(cfg: TrainConfig, world: int | None = None) -> dict | None:
     process has, DeepSpeed missing, a DeepSpeed config that contradicts the batch sizes. Returns the resolved
     DeepSpeed config (``None`` for the torch engine)."""
     world = world or launched_world_size()
+    if cfg.reference_dp and cfg.normalizer == "micro_batch" and world != cfg.reference_dp and Dist().is_main:
+        print(
+            f"train: reference_dp {cfg.reference_dp} on {world} process(es) with normalizer micro_batch: the sum of "
+            f"micro-batch means matches the official gradient only as far as the micro-batches per process scale "
+            f"with its rows (exact for token-sum losses, NFT and RFT)",
+            file=sys.stderr,
+        )
     if cfg.sampler == "vllm":
         from ..rollout.vllm_sampler import VLLMOptions, check_vllm
 

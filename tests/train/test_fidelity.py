@@ -54,6 +54,32 @@ def test_dp_reduce(reduce, factor):
     assert eng.ds.losses[0] == pytest.approx(0.12 * factor)
 
 
+@pytest.mark.parametrize("world", [1, 2, 8, 32])
+def test_reference_dp_gives_the_official_world_sizes_gradient_on_any_number_of_processes(world):
+    """``reference_dp: 32`` (the 7B run's 4 x 8 GPUs): the same 64 answers' token sums / 1000, split over ``world``
+    processes and averaged as DeepSpeed averages, give the official gradient, sum / 1000 / 32."""
+    from nft.train.engines import TorchEngine, loss_factor
+
+    cfg = TrainConfig(dp_reduce="mean", reference_dp=32)
+    tokens = torch.arange(1.0, 65.0) * 10
+    shares = [tokens[r::world].sum() / 1000 for r in range(world)]
+    if world == 1:
+        eng = TorchEngine(torch.nn.Linear(1, 1), cfg)
+        w = torch.ones((), requires_grad=True)
+        eng.backward(w * shares[0])
+        effective = float(w.grad)
+    else:
+        eng = DeepSpeedEngine.__new__(DeepSpeedEngine)
+        eng.ds, eng.dist, eng.cfg = _DS(), SimpleNamespace(world=world), cfg
+        for share in shares:
+            eng.backward(share)
+        effective = sum(eng.ds.losses) / world
+    assert effective == pytest.approx(float(tokens.sum()) / 1000 / 32, rel=1e-6)
+    assert loss_factor(TrainConfig(dp_reduce="mean"), world) == 1.0  # without it: the official code on `world`
+    with pytest.raises(ValueError, match="train.reference_dp"):
+        TrainConfig(reference_dp=32)  # dp_reduce sum: nothing to rescale
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # RFT as the official code runs it
 # ---------------------------------------------------------------------------------------------------------------------
