@@ -137,6 +137,12 @@ def worker(args) -> None:
     rank = int(os.environ.get("RANK", "0"))
     out = {"rank": rank, "load_peak": start_peak.get("load"), "calls": record, "seconds": time.perf_counter() - t0}
     (d / f"{args.label}-rank{rank}.json").write_text(json.dumps(out))
+    import torch.distributed as td
+
+    td.barrier()
+    td.destroy_process_group()
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{os.environ['MASTER_PORT']}_{rank}"):
+        f.unlink(missing_ok=True)  # DeepSpeed's CPU collectives leave their shared-memory buffer behind
 
 
 def build(d: Path) -> None:
@@ -172,10 +178,15 @@ def main() -> int:
     build(d)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": args.nft}
     launcher = str(Path(sys.executable).parent / "deepspeed")
+    with socket.socket() as sock:  # a free port for the launcher's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [
         launcher,
         "--num_gpus",
         "2",
+        "--master_port",
+        str(port),
         __file__,
         "--worker",
         "--nft",
@@ -195,17 +206,17 @@ def main() -> int:
         f"memory per rank, {args.label} (nft at {commit.stdout.strip()}): 2 ZeRO-3 CPU ranks, bf16, Qwen2.5-0.5B shape"
     )
     for res in ranks:
-
-        def worst(phase: str, key: str = "over", calls: list = res["calls"]) -> float:
-            return max((c[key] for c in calls if c["phase"] == phase), default=0) / GB
-
-        step = max(worst("sample"), worst("update"))
-        print(
-            f"  rank {res['rank']}: load peak {res['load_peak'] / GB:.2f} GB; over the memory before: push "
-            f"{worst('push'):.2f} GB, sample {worst('sample'):.2f} GB, update {worst('update'):.2f} GB "
-            f"(rollout step {step:.2f} GB); peak in a step {max(worst('sample', 'peak'), worst('update', 'peak')):.2f}"
-            f" GB; {res['seconds']:.0f} s"
-        )
+        calls = res["calls"]
+        print(f"  rank {res['rank']}: load peak {res['load_peak'] / GB:.2f} GB ({res['seconds']:.0f} s in all)")
+        for phase in ("sample", "update", "push"):
+            mine = [c for c in calls if c["phase"] == phase]
+            print(
+                f"    {phase:6s} by call: over the memory before "
+                + ", ".join(f"{c['over'] / GB:.2f}" for c in mine)
+                + " GB; peak "
+                + ", ".join(f"{c['peak'] / GB:.2f}" for c in mine)
+                + " GB"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps({"label": args.label, "commit": commit.stdout.strip(), "ranks": ranks}))
     return 0

@@ -3,6 +3,8 @@ process). Shared by ``nft.train`` and ``nft.rollout`` (a vLLM engine spanning se
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import pickle
 from typing import Any
@@ -83,6 +85,14 @@ def leave() -> None:
     if td.is_available() and td.is_initialized():
         td.barrier()
         td.destroy_process_group()
+        # DeepSpeed's CPU collectives leave a 66 MB shared-memory buffer per process behind (named by the master's
+        # address and port and the local rank); each process removes its own (its mapping lives until it exits)
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if addr and port:
+            rank = os.environ.get("LOCAL_RANK", "0")
+            for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+                with contextlib.suppress(OSError):
+                    os.unlink(f)
 
 
 def launched_world_size() -> int:

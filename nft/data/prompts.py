@@ -37,3 +37,14 @@ def build_messages(question: str, system: str | None = SYSTEM_PROMPT) -> list[di
 def render_prompt(tokenizer, question: str, system: str | None = SYSTEM_PROMPT) -> str:
     """The prompt text up to the open assistant turn, via the tokenizer's chat template."""
     return tokenizer.apply_chat_template(build_messages(question, system), tokenize=False, add_generation_prompt=True)
+
+
+def within_prompt_tokens(problems, tokenizer, max_tokens: int):
+    """The problems whose rendered prompt has at most ``max_tokens`` tokens (verl's ``filter_overlong_prompts``, as
+    the official runs set it: 512 tokens for 7B, 2,048 for 32B), as a set of the same name; 0 keeps them all."""
+    if not max_tokens:
+        return problems
+    from .problems import ProblemSet
+
+    keep = [p for p in problems if len(tokenizer(render_prompt(tokenizer, p.question))["input_ids"]) <= max_tokens]
+    return ProblemSet(keep, problems.name, problems.skipped + len(problems) - len(keep))

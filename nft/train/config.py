@@ -79,6 +79,12 @@ class TrainConfig:
     """the reduction's denominator: the whole mini-batch's (split-invariant), or each micro-batch's own with the
     micro-batch losses summed, as verl's token mean in the official code (depends on the micro-batch split)."""
     weight_decay: float = 0.1
+    max_prompt_tokens: int = 0
+    """drop the training questions whose rendered prompt is longer than this many tokens, before the run (the
+    official ``data.filter_overlong_prompts``: 512 for 7B, 2,048 for 32B); 0 keeps them all."""
+    decay_1d: bool = False
+    """decay the 1-D parameters too (norm weights, biases), as the official code does (verl's AdamW on every
+    parameter); False: the usual exemption."""
     grad_clip: float = 1.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     loss: dict[str, dict[str, Any]] = field(default_factory=dict)

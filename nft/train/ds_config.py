@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..modeling import load_policy
 from .config import TrainConfig
 
 
@@ -143,3 +144,22 @@ def resume_config(ckpt: Path, ds: dict, world: int) -> dict:
             f"  {universal_command(ckpt)}"
         )
     return {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
+
+
+def load_policy_for(source: str, ds_config: dict | None):
+    """The policy in the dtype it trains in: float32 for the torch engine; under DeepSpeed its config's (bf16 weights
+    are what DeepSpeed casts them to anyway), and under ZeRO-3 partitioned as it loads (``HfDeepSpeedConfig``: each
+    rank materialises its shard, not a full copy)."""
+    if ds_config is None:
+        return load_policy(source)
+    dtype = torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") else torch.float32
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if stage < 3:
+        return load_policy(source, dtype)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds_config)  # while it lives, from_pretrained loads under deepspeed.zero.Init
+    try:
+        return load_policy(source, dtype)
+    finally:
+        del keep

@@ -104,10 +104,12 @@ def init_distributed(engine: str) -> Dist:
 # Optimizer and schedule (shared by both engines so they take the same steps)
 # ----------------------------------------------------------------------------------------------------------------------
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW; weight decay on the matrices, and on the 1-D parameters too with ``train.decay_1d``."""
+    decay = [p for p in model.parameters() if p.dim() >= 2 or cfg.decay_1d]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 and not cfg.decay_1d]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [g for g in groups if g["params"]],  # an empty group is left out
         lr=cfg.lr,
         betas=cast("tuple[float, float]", tuple(cfg.adam_betas)),  # two numbers, checked by TrainConfig
     )

@@ -15,20 +15,22 @@ from typing import Any, cast
 
 import torch
 import yaml
+from transformers import AutoTokenizer
 
 from .. import cpu_isa
 from ..algorithms import batch_rule, get_spec, make_params
 from ..data.benchmarks import load_benchmark
+from ..data.prompts import within_prompt_tokens
 from ..dist import Dist, launched_world_size
 from ..flat import flatten
-from ..modeling import load_policy, pad_id
+from ..modeling import pad_id
 from ..reward import GraderPool
 from ..rollout import Sampler, make_sampler
 from ..tracking import MLflowTracker, NullTracker, Tracker
 from ..tracking_store import dvc_experiment, git_state, study_run
 from .checkpoint import fingerprint, has_checkpoint, restore_checkpoint, truncate_history, usable_checkpoint
 from .config import TrainConfig
-from .ds_config import model_hidden_size, resolve_deepspeed_config, resume_config
+from .ds_config import load_policy_for, model_hidden_size, resolve_deepspeed_config, resume_config
 from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed
 from .seeds import Cursor, seed_block
 from .validation import validate
@@ -202,15 +204,20 @@ def _inputs(cfg: TrainConfig, algo: str, seed: int) -> _Inputs:
     params = make_params(algo, **dict(cfg.loss.get(algo, {}) or {}))  # unknown algorithm: error before any work
     spec = get_spec(algo)
     rule = batch_rule(algo, cfg.batch_rule)
+    if not Path(cfg.model).is_dir():
+        raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
     train_set = load_benchmark(cfg.train_set, cfg.data)
+    if cfg.max_prompt_tokens:
+        tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+        train_set = within_prompt_tokens(train_set, tok, cfg.max_prompt_tokens)
+        if not train_set:
+            raise ValueError(f"train.max_prompt_tokens: {cfg.max_prompt_tokens} leaves no question of {cfg.train_set}")
     if spec.reference and not all(getattr(q, "solution", "") for q in train_set):
         raise ValueError(
             f"train.train_set: {algo} trains on worked solutions, and {cfg.train_set!r} has none "
             f"(the synthetic pool has them)"
         )
     val_sets = {name: load_benchmark(name, cfg.data) for name in cfg.val_benchmarks}
-    if not Path(cfg.model).is_dir():
-        raise FileNotFoundError(f"train.model: {cfg.model}: base model folder not found")
     ds_config = check_backends(cfg)
     resolved: dict[str, Any] = {
         "algorithm": algo,
@@ -220,25 +227,6 @@ def _inputs(cfg: TrainConfig, algo: str, seed: int) -> _Inputs:
         "train": asdict(cfg),
     }
     return _Inputs(params, rule, train_set, val_sets, ds_config, resolved)
-
-
-def _load_policy(source: str, ds_config: dict | None):
-    """The policy in the dtype it trains in: float32 for the torch engine; under DeepSpeed its config's (bf16 weights
-    are what DeepSpeed casts them to anyway), and under ZeRO-3 partitioned as it loads (``HfDeepSpeedConfig``: each
-    rank materialises its shard, not a full copy)."""
-    if ds_config is None:
-        return load_policy(source)
-    dtype = torch.bfloat16 if (ds_config.get("bf16") or {}).get("enabled") else torch.float32
-    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-    if stage < 3:
-        return load_policy(source, dtype)
-    from transformers.integrations import HfDeepSpeedConfig
-
-    keep = HfDeepSpeedConfig(ds_config)  # while it lives, from_pretrained loads under deepspeed.zero.Init
-    try:
-        return load_policy(source, dtype)
-    finally:
-        del keep
 
 
 @dataclass
@@ -267,7 +255,7 @@ def _load(
     if resume and ds_config is not None:  # written by another number of processes: its universal conversion
         ds_config = resume_config(Path(cast(str, ckpt)), ds_config, dist.world)
     source = str(Path(cast(str, ckpt)) / "model") if resume else cfg.model
-    model, tokenizer = _load_policy(source, ds_config)
+    model, tokenizer = load_policy_for(source, ds_config)
     if ds_config is None and torch.cuda.is_available():
         model = model.cuda()  # DeepSpeed places its own
     if cfg.gradient_checkpointing:

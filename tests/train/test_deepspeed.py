@@ -47,9 +47,13 @@ def launch_cmd(*args) -> list[str]:
 
 
 def launch(*args, cwd=None):
-    r = subprocess.run(
-        launch_cmd(*args), capture_output=True, text=True, env=launch_env(), cwd=cwd or REPO, timeout=600
-    )
+    cmd = launch_cmd(*args)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=cwd or REPO, timeout=600)
+    finally:  # a failed launch's shared-memory buffers (a finished one's processes removed theirs: nft.dist.leave)
+        port = cmd[cmd.index("--master_port") + 1]
+        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            f.unlink(missing_ok=True)
     if r.returncode != 0:
         raise AssertionError(f"launch failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r

@@ -345,3 +345,30 @@ def test_overlong_penalty_on_the_official_score_scale():
     assert TrainConfig(overlong_scale="official").overlong_scale == "official"
     with pytest.raises(ValueError, match="train.overlong_scale"):
         TrainConfig(overlong_scale="pm1")
+
+
+def test_decay_1d_puts_norms_and_biases_under_weight_decay():
+    """``decay_1d`` (the official AdamW on every parameter): the 1-D parameters join the decayed group."""
+    from nft.train.engines import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    groups = make_optimizer(model, TrainConfig()).param_groups
+    assert [len(g["params"]) for g in groups] == [1, 3] and groups[1]["weight_decay"] == 0.0
+    groups = make_optimizer(model, TrainConfig(decay_1d=True)).param_groups
+    assert [len(g["params"]) for g in groups] == [4] and groups[0]["weight_decay"] == 0.1
+
+
+def test_max_prompt_tokens_drops_the_longer_questions():
+    """``max_prompt_tokens`` (verl's ``filter_overlong_prompts``): questions whose rendered prompt is longer are
+    dropped and counted as skipped; the set keeps its name and gets the hash of what it holds."""
+    from nft.data.problems import Item, ProblemSet
+    from nft.data.prompts import within_prompt_tokens
+
+    class WordTokenizer(ChatTokenizer):
+        def __call__(self, text, **kw):
+            return {"input_ids": text.split()}
+
+    qs = ProblemSet([Item(str(n), " ".join(["w"] * n), "1") for n in (3, 8, 5, 12)], "dapo-math-17k")
+    kept = within_prompt_tokens(qs, WordTokenizer(), 5)
+    assert [len(p.question.split()) for p in kept] == [3, 5] and kept.skipped == 2 and kept.name == "dapo-math-17k"
+    assert kept.hash != qs.hash and within_prompt_tokens(qs, WordTokenizer(), 0) is qs
