@@ -45,6 +45,8 @@ class EvalConfig:
     prompts_per_batch: int = 64
     sample_memory_mb: float = 0.0
     """the torch sampler's decoding memory per call (as ``train.sample_memory_mb``; 0: one block)."""
+    stop_tokens: Literal["chat", "eos"] = "chat"
+    """where a sampled answer ends (as ``train.stop_tokens``)."""
     seed: int = 0
     graders: list[str] = field(default_factory=lambda: ["math_verify", "dapo"])
     """the first grader gives the headline metrics; the others are reported beside it with the disagreement rate."""
@@ -294,7 +296,14 @@ def run_evaluate(
     dist = join_launcher()
     tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
     sampler = make_sampler(
-        cfg.sampler, str(model), tok, seed=cfg.seed, vllm=cfg.vllm, section="eval", memory_mb=cfg.sample_memory_mb
+        cfg.sampler,
+        str(model),
+        tok,
+        seed=cfg.seed,
+        vllm=cfg.vllm,
+        section="eval",
+        memory_mb=cfg.sample_memory_mb,
+        stops=cfg.stop_tokens,
     )
     result: dict[str, Any] = {}
     meta: dict[str, Any] = {

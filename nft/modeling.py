@@ -100,14 +100,24 @@ def load_policy(path: str, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """End-of-answer tokens: the tokenizer's eos plus Qwen's ``<|im_end|>`` / ``<|endoftext|>`` where present."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+def stop_token_ids(tokenizer, stops: str = "chat", generation_eos=None) -> list[int]:
+    """End-of-answer tokens. ``chat``: the tokenizer's eos plus Qwen's ``<|im_end|>`` / ``<|endoftext|>`` where
+    present; ``eos``: the checkpoint's own eos alone (``generation_eos``, its generation config's ``eos_token_id``,
+    else the tokenizer's), where the official rollout stops (vLLM's default)."""
+    if stops == "eos":
+        eos = generation_eos if generation_eos is not None else tokenizer.eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if not ids:
+            raise ValueError("stop_tokens: eos, but the checkpoint names no eos token")
+        return sorted(set(ids))
+    if stops != "chat":
+        raise ValueError(f"stop_tokens: expected chat or eos, got {stops!r}")
+    chat = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     vocab = tokenizer.get_vocab()
     for t in ("<|im_end|>", "<|endoftext|>"):
         if t in vocab:
-            ids.add(vocab[t])
-    return sorted(ids)
+            chat.add(vocab[t])
+    return sorted(chat)
 
 
 def pad_id(tokenizer) -> int:

@@ -20,13 +20,15 @@ def make_sampler(
     weights=None,
     dtype=None,
     memory_mb: float = 0,
+    stops: str = "chat",
 ) -> Sampler:
     """A ``kind`` sampler on the model in ``model_dir``.
 
     ``weights``: what to sample from instead of the folder's weights (the training engine's ``rollout_weights()``):
     the trainer's own module (the torch sampler then shares it: nothing is copied), or a state dict or a gather
     returning one, loaded into the sampler's model. ``dtype``: the torch sampler's copy (default float32); ``memory_mb``:
-    its decoding memory budget per call (0: one block). vLLM checks its options and devices (naming ``section``)
+    its decoding memory budget per call (0: one block); ``stops``: where answers end
+    (:func:`nft.modeling.stop_token_ids`). vLLM checks its options and devices (naming ``section``)
     before loading anything."""
     import torch
 
@@ -35,14 +37,14 @@ def make_sampler(
         from .torch_sampler import TorchSampler
 
         if isinstance(weights, torch.nn.Module):
-            return TorchSampler(weights, tokenizer, memory_mb=memory_mb)
+            return TorchSampler(weights, tokenizer, memory_mb=memory_mb, stops=stops)
         model, _ = load_policy(model_dir, dtype=dtype or torch.float32)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        sampler: Sampler = TorchSampler(model.to(device), tokenizer, memory_mb=memory_mb)
+        sampler: Sampler = TorchSampler(model.to(device), tokenizer, memory_mb=memory_mb, stops=stops)
     elif kind == "vllm":
         from .vllm_sampler import VLLMSampler
 
-        sampler = VLLMSampler(model_dir, tokenizer, seed=seed, options=vllm, section=section)
+        sampler = VLLMSampler(model_dir, tokenizer, seed=seed, options=vllm, section=section, stops=stops)
     else:
         raise ValueError(f"{section}.sampler: expected torch or vllm, got {kind!r}")
     if weights is not None:

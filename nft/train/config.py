@@ -136,6 +136,9 @@ class TrainConfig:
     push_bucket_mb: float = 64.0
     """ZeRO-3 weight push to the sampler: parameters are gathered a bucket of up to this many MB (full size, in the
     training dtype) at a time, one all-gather per bucket; 0 gathers one parameter at a time."""
+    stop_tokens: Literal["chat", "eos"] = "chat"
+    """where a sampled answer ends: ``chat``, the tokenizer's eos and Qwen's ``<|im_end|>`` / ``<|endoftext|>``;
+    ``eos``, the checkpoint's own eos alone (its generation config), as the official rollout (vLLM's default)."""
     sample_memory_mb: float = 0.0
     """the torch sampler's decoding memory per call (KV cache, mask, the step's vocabulary-sized temporaries): a
     call's prompts go in chunks sized to fit, each answer drawing from its own random stream, so the chunks draw what

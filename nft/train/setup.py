@@ -361,6 +361,7 @@ def setup(
         weights=engine.rollout_weights(),
         dtype=engine.dtype,
         memory_mb=cfg.sample_memory_mb,
+        stops=cfg.stop_tokens,
     )
     graders = {cfg.grader_per_set.get(name, cfg.grader) for name in [cfg.train_set, *cfg.val_benchmarks]}
     return Run(

@@ -372,3 +372,24 @@ def test_max_prompt_tokens_drops_the_longer_questions():
     kept = within_prompt_tokens(qs, WordTokenizer(), 5)
     assert [len(p.question.split()) for p in kept] == [3, 5] and kept.skipped == 2 and kept.name == "dapo-math-17k"
     assert kept.hash != qs.hash and within_prompt_tokens(qs, WordTokenizer(), 0) is qs
+
+
+def test_stop_tokens_eos_is_the_checkpoints_eos_alone(tmp_path):
+    """``stop_tokens: eos`` (the official rollout, vLLM's default): the generation config's eos ids alone; ``chat``
+    adds Qwen's chat-turn and end-of-text tokens."""
+    from nft.modeling import stop_token_ids
+    from nft.rollout.vllm_sampler import _generation_eos
+
+    class Tok:
+        eos_token_id = 7
+
+        def get_vocab(self):
+            return {"<|im_end|>": 5, "<|endoftext|>": 6}
+
+    assert stop_token_ids(Tok()) == [5, 6, 7]
+    assert stop_token_ids(Tok(), "eos", [6]) == [6] and stop_token_ids(Tok(), "eos") == [7]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [6, 5]}')
+    assert stop_token_ids(Tok(), "eos", _generation_eos(str(tmp_path))) == [5, 6]
+    assert _generation_eos(str(tmp_path / "none")) is None
+    with pytest.raises(ValueError, match="stop_tokens"):
+        stop_token_ids(Tok(), "all")
