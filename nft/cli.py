@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 
 
@@ -168,18 +169,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from nft.evaluate import EvalConfig, run_evaluate
 
     base = _load(args)["eval"] if args.config else EvalConfig()
-    changes = {
-        k: v
-        for k, v in {
-            "k": args.k,
-            "limit": args.limit,
-            "seed": args.seed,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "max_new_tokens": args.max_new_tokens,
-        }.items()
-        if v is not None
-    }
+    names = ("k", "limit", "seed", "temperature", "top_p", "max_new_tokens")
+    changes = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.benchmarks:
         changes["benchmarks"] = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     run_evaluate(
@@ -369,12 +360,11 @@ PREEMPTED_EXIT = 143
 
 def main(argv: list[str] | None = None) -> int:
     from nft.config import ConfigError
+    from nft.dist import leave
     from nft.train import Preempted
 
     args = build_parser().parse_args(argv)
     tune_malloc()
-    from nft.dist import leave
-
     try:
         rc = int(args.func(args) or 0)
         if rc == 0:
@@ -387,8 +377,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nft {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        import errno
-
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # every result and checkpoint write goes through a temporary file or folder: the previous one is intact

@@ -286,7 +286,6 @@ def run_evaluate(
     from transformers import AutoTokenizer
 
     from .data.benchmarks import load_benchmark
-    from .io import atomic_write, atomic_write_json
     from .rollout import make_sampler
 
     sets = {name: load_benchmark(name, data) for name in cfg.benchmarks}
@@ -340,15 +339,22 @@ def run_evaluate(
             p.close()
     accs = [m[f"avg@{k_for(cfg, b)}"] for b, m in result.items()]
     result["mean"] = {"avg": sum(accs) / len(accs) if accs else float("nan")}
-    if not dist.is_main:
-        return result
-    meta["processes"] = dist.world
+    if dist.is_main:
+        meta["processes"] = dist.world
+        _write_outputs(result, meta, records, Path(model), Path(out), samples)
+    return result
+
+
+def _write_outputs(result: dict, meta: dict, records: list, model: Path, out: Path, samples) -> None:
+    """Rank 0's files: the metrics, the settings beside them, the per-answer JSONL; the final metrics into the train
+    run that holds ``model``."""
+    from .io import atomic_write, atomic_write_json
+
     atomic_write_json(meta_path(out), meta)
     atomic_write_json(out, result)
     if samples:
         atomic_write(samples, "".join(json.dumps(r) + "\n" for r in records))
-    _log_final(Path(model).parent, result, [Path(out), meta_path(out)])
-    return result
+    _log_final(model.parent, result, [out, meta_path(out)])
 
 
 def join_launcher():

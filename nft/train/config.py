@@ -195,6 +195,11 @@ class TrainConfig:
             raise ValueError(f"train.temperature: must be > 0, got {self.temperature}")
         if len(self.adam_betas) != 2:
             raise ValueError("train.adam_betas: expected two numbers")
+        self._check_registered()
+        self._check_sizes()
+
+    def _check_registered(self) -> None:
+        """Losses, their overrides and graders name registered ones; per-benchmark k's are counts."""
         from ..algorithms import LOSSES, make_params
 
         unknown = sorted(set(self.loss) - set(LOSSES))
@@ -216,6 +221,9 @@ class TrainConfig:
         for name, k in self.val_k_per_benchmark.items():
             if not isinstance(k, int) or k < 1:
                 raise ValueError(f"train.val_k_per_benchmark.{name}: expected an integer >= 1, got {k!r}")
+
+    def _check_sizes(self) -> None:
+        """Batch, chunk, bucket and scale settings, and the engine's config file."""
         if self.gen_batch_prompts < 0 or (self.gen_batch_prompts and self.gen_batch_prompts < self.prompts_per_step):
             raise ValueError(
                 f"train.gen_batch_prompts ({self.gen_batch_prompts}) is below train.prompts_per_step "
