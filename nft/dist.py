@@ -79,10 +79,12 @@ class Dist:
 
 def leave() -> None:
     """Leave the launcher's process group after a command succeeded (every rank at once): a process that exits
-    with the group still open can abort in its teardown ("terminate called without an active exception")."""
+    with the group still open can abort in its teardown ("terminate called without an active exception"). A single
+    process leaves alone a group that a library opened for itself (vLLM's in-process engine: its shutdown destroys
+    it)."""
     import torch.distributed as td
 
-    if td.is_available() and td.is_initialized():
+    if launched_world_size() > 1 and td.is_available() and td.is_initialized():
         td.barrier()
         td.destroy_process_group()
         # DeepSpeed's CPU collectives leave a 66 MB shared-memory buffer per process behind (named by the master's

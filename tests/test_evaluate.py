@@ -156,3 +156,17 @@ def test_evaluate_under_a_launcher_splits_the_work_and_writes_what_one_process_w
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert json.loads((tmp_path / "two.meta.json").read_text())["processes"] == 2
     assert r.stdout.count("evaluate: synth-easy") == 1  # rank 0 reports
+
+
+def test_leave_keeps_a_group_a_library_opened_in_a_single_process(tmp_path):
+    """``nft.dist.leave`` (called when a command succeeds) closes the launcher's group only: in a single process, a
+    group that vLLM's in-process engine opened stays for vLLM's own shutdown to destroy."""
+    code = (
+        "import torch.distributed as td; from nft.dist import leave\n"
+        f"td.init_process_group('gloo', init_method='file://{tmp_path}/g', rank=0, world_size=1)\n"
+        "leave(); print(td.is_initialized())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
