@@ -29,6 +29,7 @@ LABELS = {
     "dr_grpo": "Dr.GRPO",
     "rft": "RFT",
     "sft": "SFT",
+    "dpo": "DPO",
     "base": "Base model",
 }
 STYLES = ["-", "--", ":", "-."]

@@ -22,6 +22,12 @@ def paper_table_path() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "paper" / "table1.csv"
 
 
+#: Table 1's rows that no preset can produce, with the reason (shown as "not reproduced" in the comparison)
+NOT_REPRODUCED = {
+    "dpo": "the official repository (NVlabs/NFT) has no DPO script or settings, and no DPO loss is registered here",
+}
+
+
 def paper_rows(model: str) -> pd.DataFrame | None:
     """Table 1's rows for ``model`` (``method x benchmarks + average``, percent), or None if the file is absent."""
     path = paper_table_path()
@@ -211,6 +217,11 @@ def paper_comparison(
             lines.append(
                 f"| {_name(arm)} | {b} | {mu:.1f} [{lo:.1f}, {hi:.1f}] | {n} | {ref:.1f} | {mu - ref:+.1f} | {inside} |"
             )
+    for method in paper.index:
+        if method not in set(final.arm):
+            why = NOT_REPRODUCED.get(method, "not an arm of this study")
+            ref = float(paper.loc[method, "average"])
+            lines.append(f"| {_name(method)} | average | not reproduced: {why} | 0 | {ref:.1f} | – | – |")
     return "\n".join(lines) + "\n"
 
 

@@ -79,3 +79,18 @@ def test_side_by_side_with_the_paper(tmp_path):
     assert list(paper.columns) == PAPER_BENCHMARKS + ["average"] and paper.loc["nft", "average"] == 59.2
     with pytest.raises(ValueError, match="--paper-model"):
         paper_rows("Llama")
+
+
+def test_paper_rows_without_an_arm_are_shown_not_reproduced(tmp_path):
+    """Every row of the paper's Table 1 appears in the comparison: DPO, which no preset can produce, with its reason;
+    a row this study did not run (DAPO, RFT, Dr.GRPO here) as not an arm of this study."""
+    runs, evals = make_study(tmp_path)
+    out = tmp_path / "reports"
+    assert main(["--runs", str(runs), "--evals", str(evals), "--out", str(out)]) == 0
+    comp = (out / "paper_comparison.md").read_text().splitlines()
+    dpo = next(line for line in comp if line.startswith("| DPO |"))
+    assert "not reproduced: the official repository (NVlabs/NFT) has no DPO script" in dpo and "| 48.9 |" in dpo
+    for name in ("DAPO", "RFT", "Dr.GRPO"):
+        row = next(line for line in comp if line.startswith(f"| {name} |"))
+        assert "not reproduced: not an arm of this study" in row
+    assert not any(line.startswith(("| NFT | average | not", "| GRPO | average | not")) for line in comp)

@@ -393,3 +393,57 @@ def test_stop_tokens_eos_is_the_checkpoints_eos_alone(tmp_path):
     assert _generation_eos(str(tmp_path / "none")) is None
     with pytest.raises(ValueError, match="stop_tokens"):
         stop_token_ids(Tok(), "all")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# NFT's token loss, transcribed from the official actor
+# ---------------------------------------------------------------------------------------------------------------------
+def _official_clamp_preserve_grad(x, min_val=None, max_val=None):
+    """NVlabs/NFT dp_actor.py:53-55."""
+    clipped = torch.clamp(x, min=min_val, max=max_val)
+    return x + (clipped - x).detach()
+
+
+def _official_nft_token_loss(log_prob, old_log_prob, response_mask, correct_mask, correct_rate, neg_weight=1.0):
+    """NVlabs/NFT dp_actor.py:322-346 and 371-373 (ratio_type token, clamp_negative 1.0, clamp_positive 0.0,
+    normalize 1: train_7B.sh:52-58); correct_rate per row, broadcast over tokens as the official batch carries it."""
+    negative_approx_kl = log_prob - old_log_prob
+    ratio = torch.exp((negative_approx_kl).clamp(max=10.0))
+    correct_rate = torch.clamp(correct_rate, min=0.02, max=0.98)
+    negative_rate = 1.0 - correct_rate
+    proxy = 1.0 - correct_rate * ratio
+    norm = 1.0 - correct_rate * 1.0
+    proxy = proxy / norm
+    negative_loss = -torch.log(_official_clamp_preserve_grad(proxy, min_val=abs(1.0)))
+    positive_loss = -torch.log(_official_clamp_preserve_grad(ratio, min_val=0.0))
+    pg_losses = negative_loss * (1.0 - correct_mask[:, None]) * neg_weight + correct_mask[:, None] * positive_loss
+    pg_losses = pg_losses * negative_rate
+    pg_loss = torch.sum(pg_losses * response_mask, dim=1) / 1000.0
+    return torch.sum(pg_loss)
+
+
+@pytest.mark.parametrize("neg_weight", [1.0, 0.0])
+def test_nft_token_loss_equals_the_official_actors_at_extreme_ratios(neg_weight):
+    """The presets' NFT (eps 1.0, omega 1 - r-hat) and RFT (neg_weight 0): value and gradient equal the official
+    actor's on ratios from e^-12 to e^12 (its clamp at e^10, the negative term's clip at 1 with the gradient kept),
+    with groups of every correct rate, uniform groups (clamped to 0.02 / 0.98) and padding."""
+    g = torch.Generator().manual_seed(3)
+    rows, T = 16, 7
+    old = -3 * torch.rand(rows, T, generator=g)
+    logp = (
+        old + torch.linspace(-12, 12, rows * T).reshape(rows, T)[torch.randperm(rows, generator=g)]
+    ).requires_grad_()
+    mask = (torch.rand(rows, T, generator=g) > 0.2).float()
+    mask[:, 0] = 1
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0])  # rates 1/4, 3/4, 1, 0
+    gids = torch.arange(rows) // 4
+    rate = torch.zeros(rows).index_add_(0, gids, rewards) / 4
+    ours, _ = policy_loss(
+        "nft", logp=logp, old_logp=old, mask=mask, rewards=rewards, group_ids=gids, eps=1.0, neg_weight=neg_weight
+    )
+    theirs = _official_nft_token_loss(logp, old, mask, rewards, rate[gids][:, None], neg_weight=neg_weight)
+    (g_ours,) = torch.autograd.grad(ours, logp)
+    (g_theirs,) = torch.autograd.grad(theirs, logp)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(g_ours, g_theirs, rtol=1e-6, atol=1e-12)
+    assert (logp - old).abs().max() > 10  # the clamp at e^10 is reached
