@@ -26,6 +26,8 @@ import dataclasses
 import errno
 import sys
 
+from nft.dist import PREEMPTED_EXIT  # the exit status of a run stopped after its checkpoint (tests import it here)
+
 
 def _cmd_losses(args: argparse.Namespace) -> int:
     from nft.algorithms import LOSSES
@@ -354,17 +356,14 @@ def tune_malloc() -> bool:
         return False
 
 
-#: the exit status of a run stopped by SIGTERM/SIGUSR1 after its checkpoint (128 + SIGTERM, as a shell reports it)
-PREEMPTED_EXIT = 143
-
-
 def main(argv: list[str] | None = None) -> int:
     from nft.config import ConfigError
-    from nft.dist import leave
+    from nft.dist import adopt_slurm, leave
     from nft.train import Preempted
 
     args = build_parser().parse_args(argv)
     tune_malloc()
+    adopt_slurm()  # under srun: the launcher's variables from SLURM's
     try:
         rc = int(args.func(args) or 0)
         if rc == 0:

@@ -8,6 +8,7 @@ names them, raised before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -139,6 +140,50 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+#: the train stage's launcher when ``study.slurm`` is set: each stage a SLURM job (nft/slurm.py)
+SLURM_LAUNCHER = "python -m nft.submit"
+_SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+
+
+@dataclass
+class SlurmSection:
+    """``study.slurm``: the resources of each train stage's job (empty section: stages run on this machine)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    """GPUs per node (``--gpus-per-node``); one task per GPU."""
+    tasks_per_node: int = 0
+    """processes per node; 0: ``gpus_per_node``, or 1 without GPUs."""
+    cpus_per_task: int = 1
+    time: str = ""
+    """``--time`` (``minutes``, ``HH:MM:SS``, ``D-HH:MM:SS``); empty: the partition's default."""
+    partition: str = ""
+    sbatch: list[str] = field(default_factory=list)
+    """further ``sbatch`` options, e.g. ``[--account=abc, --qos=high]``."""
+    resubmits: int = 3
+    """times a job stopped after its checkpoint (preempted, timed out) is submitted again."""
+    logs: str = "slurm-logs"
+    """folder of the jobs' logs (``<stage>-<job id>.out``)."""
+
+    def __post_init__(self):
+        for name in ("nodes", "cpus_per_task"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"study.slurm.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("gpus_per_node", "tasks_per_node", "resubmits"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"study.slurm.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.time and not _SLURM_TIME.match(self.time):
+            raise ValueError(f"study.slurm.time: expected minutes, HH:MM:SS or D-HH:MM:SS, got {self.time!r}")
+
+    @property
+    def tasks(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+    @property
+    def processes(self) -> int:
+        return self.nodes * self.tasks
+
+
 @dataclass
 class StudySection:
     """The ``study`` section: what the study is called and how its training runs are launched."""
@@ -153,6 +198,15 @@ class StudySection:
     ``$NFT_BENCHMARKS_DIR``, else ``../shared/benchmarks`` beside the checkout)."""
     benchmarks_source: Literal["local", "hub"] = "local"
     """``local``: read them from ``benchmarks_dir``; ``hub``: download them from the Hugging Face hub when loaded."""
+    slurm: SlurmSection | None = None
+    """each train stage as a SLURM job with these resources (``launcher: python -m nft.slurm``; nft/slurm.py);
+    unset: stages run on this machine."""
+
+    def __post_init__(self):
+        if (self.slurm is not None) != (self.launcher == SLURM_LAUNCHER):
+            raise ValueError(
+                f"study.launcher: {SLURM_LAUNCHER!r} exactly when study.slurm is set, got {self.launcher!r}"
+            )
 
 
 @dataclass

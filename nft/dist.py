@@ -7,7 +7,11 @@ import contextlib
 import glob
 import os
 import pickle
+from collections.abc import MutableMapping
 from typing import Any
+
+#: the exit status of a run stopped by SIGTERM/SIGUSR1 after its checkpoint (128 + SIGTERM, as a shell reports it)
+PREEMPTED_EXIT = 143
 
 
 class Dist:
@@ -100,3 +104,50 @@ def leave() -> None:
 def launched_world_size() -> int:
     """Processes started by the launcher (``WORLD_SIZE``; 1 without one)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def adopt_slurm(env: MutableMapping[str, str] | None = None) -> bool:
+    """Under ``srun`` (a job step of several tasks) and no launcher's variables: set the ones ``torch.distributed``
+    and DeepSpeed read (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``LOCAL_SIZE``,
+    ``MASTER_ADDR``: the step's first node, ``MASTER_PORT``: from the job and step ids unless set) from SLURM's, so
+    that ``srun -N 2 --ntasks-per-node 8 nft train ...`` spans its nodes without ssh or a launcher. True if set."""
+    if env is None:
+        env = os.environ
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1"))
+    if "WORLD_SIZE" in env or tasks < 2:
+        return False
+    per_node = _expand_counts(env["SLURM_STEP_TASKS_PER_NODE"])
+    local = str(per_node[int(env.get("SLURM_NODEID", "0"))])
+    env.update(
+        RANK=env["SLURM_PROCID"],
+        WORLD_SIZE=str(tasks),
+        LOCAL_RANK=env["SLURM_LOCALID"],
+        LOCAL_WORLD_SIZE=local,
+        LOCAL_SIZE=local,
+        MASTER_ADDR=_first_host(env["SLURM_STEP_NODELIST"]),
+    )
+    if "MASTER_PORT" not in env:  # a port per job step, so that steps sharing a node do not collide
+        env["MASTER_PORT"] = str(
+            20000 + (int(env.get("SLURM_JOB_ID", "0")) * 31 + int(env.get("SLURM_STEP_ID", "0"))) % 20000
+        )
+    return True
+
+
+def _expand_counts(spec: str) -> list[int]:
+    """SLURM's tasks per node, ``"2(x3),1"`` -> ``[2, 2, 2, 1]``."""
+    out: list[int] = []
+    for part in spec.split(","):
+        n, _, rep = part.partition("(x")
+        out += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+    return out
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``scontrol show hostnames`` expands ranges such as ``gpu[01-04]``)."""
+    import shutil
+    import subprocess
+
+    if "[" not in nodelist or not shutil.which("scontrol"):
+        return nodelist.split(",")[0]
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]

@@ -4,7 +4,8 @@ returns them all, and ``nft check`` exits 1 when there is any, having written no
 
 - the model folder the runs load (``train.model``; ``pretrain.base_model``): config, tokenizer and weights;
 - the benchmark and training files the study reads (``study.benchmarks_dir``), unless they come from the hub;
-- the batch against the world size of the launcher (``study.launcher``), and the GPUs it asks for;
+- the batch against the world size of the launcher (``study.launcher``), and the GPUs it asks for; with
+  ``study.slurm``, against its processes, and ``sbatch``, the controller and the partition;
 - the vLLM and torch versions against the pairs this project has run;
 - ``make study``'s stages at once (``--jobs``) against launchers that take the whole machine.
 """
@@ -105,6 +106,22 @@ def versions() -> list[str]:
     return []
 
 
+def slurm_tools(partition: str = "") -> list[str]:
+    """``sbatch``, a reachable controller and the partition, for a study whose stages are SLURM jobs."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("sbatch"):
+        return ["study.slurm: sbatch is not on PATH (run from a SLURM login node)"]
+    r = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return [f"study.slurm: sinfo failed, no controller reachable: {r.stderr.strip()}"]
+    known = {p.rstrip("*") for p in r.stdout.split()}
+    if partition and partition not in known:
+        return [f"study.slurm.partition: {partition!r} is not a partition of this cluster ({sorted(known)})"]
+    return []
+
+
 def problems(cfg: dict, processes: int | None = None, jobs: int = 1, gpus_here: int | None = None) -> list[str]:
     """Every problem found with the study ``cfg`` (:func:`nft.config.load_study`'s result), one line each.
     ``processes``: the training processes (default: the launcher's); ``jobs``: stages run at once;
@@ -125,6 +142,9 @@ def problems(cfg: dict, processes: int | None = None, jobs: int = 1, gpus_here: 
         out += model_folder(train.model, "train.model")
     out += data_files(cfg)
     world, per_node = launcher_world(study.launcher)
+    if study.slurm is not None:  # each train stage is its own SLURM job: its resources, not this machine's
+        world, per_node, gpus_here = study.slurm.processes, 0, 0
+        out += slurm_tools(study.slurm.partition)
     if gpus_here is None:
         import torch
 
@@ -142,7 +162,7 @@ def problems(cfg: dict, processes: int | None = None, jobs: int = 1, gpus_here: 
     if train.prompts_per_step % world:
         out.append(
             f"train.prompts_per_step ({train.prompts_per_step}) must be divisible by the {world} training "
-            f"processes ({'--processes' if processes else 'study.launcher'})"
+            f"processes ({'--processes' if processes else 'study.slurm' if study.slurm else 'study.launcher'})"
         )
     if "vllm" in (train.sampler, cfg["eval"].sampler):
         out += versions()

@@ -1,4 +1,4 @@
-"""The fidelity ledger (experiments/fidelity.yaml, nft.fidelity): every preset key that differs from the defaults has
+"""The fidelity ledger (experiments/fidelity/ledger.yaml, nft.fidelity): every preset key that differs from the defaults has
 an entry; each official entry names a file:line and the tests that exist; the presets hold the official values it
 records; docs/fidelity.md is generated from it. And each of these checks fails on a ledger or preset made wrong."""
 
