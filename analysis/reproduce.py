@@ -93,11 +93,19 @@ def _params(path: Path) -> dict | None:
     return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
 
 
+#: study keys left out of :func:`params_digest`: where evaluation runs (``nft`` here, or a one-process SLURM job)
+#: does not change what it computes
+NOT_RESULTS = ("eval_launcher",)
+
+
 def params_digest(path: Path) -> str | None:
-    """sha256 of the study's parameters as parsed (comments and layout left out); None without the file."""
+    """sha256 of the study's parameters as parsed (comments and layout left out, and :data:`NOT_RESULTS`); None
+    without the file."""
     params = _params(path)
     if params is None:
         return None
+    if isinstance(params.get("study"), dict):
+        params = {**params, "study": {k: v for k, v in params["study"].items() if k not in NOT_RESULTS}}
     return hashlib.sha256(json.dumps(params, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -62,6 +62,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
     raw = cfg["_raw"]
     missing = [k for k in ("arms", "seeds") if k not in raw]
+    missing += [f"study.{k}" for k in ("launcher", "eval_launcher") if k not in (raw.get("study") or {})]
     missing += [f"arm_settings.{a}" for a in raw.get("arms") or [] if a not in (raw.get("arm_settings") or {})]
     if missing and Path(args.config).name == "params.yaml":  # the file dvc.yaml reads these keys from
         raise ConfigError(

@@ -198,6 +198,9 @@ class StudySection:
     ``$NFT_BENCHMARKS_DIR``, else ``../shared/benchmarks`` beside the checkout)."""
     benchmarks_source: Literal["local", "hub"] = "local"
     """``local``: read them from ``benchmarks_dir``; ``hub``: download them from the Hugging Face hub when loaded."""
+    eval_launcher: str = "nft"
+    """the command DVC's evaluate stages run: ``nft`` (here), or ``python -m nft.submit`` with ``slurm``: a SLURM job
+    of one task on one node with ``slurm``'s GPUs per node (vLLM's tensor parallelism inside that process)."""
     slurm: SlurmSection | None = None
     """each train stage as a SLURM job with these resources (``launcher: python -m nft.slurm``; nft/slurm.py);
     unset: stages run on this machine."""
@@ -206,6 +209,10 @@ class StudySection:
         if (self.slurm is not None) != (self.launcher == SLURM_LAUNCHER):
             raise ValueError(
                 f"study.launcher: {SLURM_LAUNCHER!r} exactly when study.slurm is set, got {self.launcher!r}"
+            )
+        if self.eval_launcher not in ("nft", SLURM_LAUNCHER) or (self.eval_launcher != "nft" and self.slurm is None):
+            raise ValueError(
+                f"study.eval_launcher: 'nft', or {SLURM_LAUNCHER!r} with study.slurm set, got {self.eval_launcher!r}"
             )
 
 

@@ -1,4 +1,4 @@
-"""A train stage as a SLURM job: DVC runs ``python -m nft.submit train --config params.yaml ...`` on the submitting
+"""A train (or evaluate) stage as a SLURM job: DVC runs ``python -m nft.submit train --config params.yaml ...`` on the submitting
 node (``study.launcher: python -m nft.submit``); this submits one batch job with ``study.slurm``'s resources, whose
 script runs ``srun python -m nft.cli train ...`` (one task per GPU, spanning the job's nodes: nft.dist.adopt_slurm),
 waits for it (``sbatch --wait``) and exits with its status, so DVC keeps the lock, the hashes and the lineage.
@@ -10,6 +10,7 @@ that checkpoint. A job that fails otherwise ends the stage with one line: the jo
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import subprocess
 import sys
@@ -52,6 +53,8 @@ def submit(s: SlurmSection, argv: list[str]) -> int:
     """Submit ``nft ARGV`` as a job, wait, resubmit while it stops after a checkpoint; the job's exit status."""
     from .dist import PREEMPTED_EXIT
 
+    if argv[0] == "evaluate":  # one process per node's GPUs: vLLM's tensor parallelism, or the torch sampler
+        s = dataclasses.replace(s, nodes=1, tasks_per_node=1)
     name = _stage_name(argv)
     Path(s.logs).mkdir(parents=True, exist_ok=True)
     script = batch_script(s, name, argv)

@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import REPO, TINY, copy_checkout
 
 SMOKE = {
-    "study": {"name": "smoke", "launcher": "nft"},
+    "study": {"name": "smoke", "launcher": "nft", "eval_launcher": "nft"},
     "arms": ["nft", "grpo"],
     "seeds": [0],
     "arm_settings": {"nft": {"algorithm": "nft"}, "grpo": {"algorithm": "grpo"}},
@@ -208,7 +208,12 @@ def _keys_read(monkeypatch, stage: dict, params: Path, arm: str) -> set[str]:
     monkeypatch.setattr(nft.train.run, "run_training", lambda *a, **k: {})
     monkeypatch.setattr(nft.evaluate, "run_evaluate", lambda *a, **k: {})
     cmd = stage["cmd"]
-    for var, value in {"${study.launcher}": "nft", "${item.arm}": arm, "${item.seed}": "0"}.items():
+    for var, value in {
+        "${study.launcher}": "nft",
+        "${study.eval_launcher}": "nft",
+        "${item.arm}": arm,
+        "${item.seed}": "0",
+    }.items():
         cmd = cmd.replace(var, value)
     argv = shlex.split(cmd)
     assert argv[0] == "nft" and "${" not in cmd, cmd

@@ -128,6 +128,30 @@ def test_slurm_section_is_checked_and_goes_with_its_launcher(tiny_study, tmp_pat
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError, match=r"study.launcher: 'python -m nft.submit' exactly when study.slurm is set"):
         load_study(tmp_path / "bad.yaml")
+    bad["study"] = {"eval_launcher": "python -m nft.submit"}  # a job without resources
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=r"study.eval_launcher: 'nft', or 'python -m nft.submit' with study.slurm"):
+        load_study(tmp_path / "bad.yaml")
+
+
+def test_an_evaluate_job_is_one_task_on_one_node_with_its_gpus(monkeypatch, tmp_path):
+    """The train job spans the section's nodes, one task per GPU; the evaluate job is one process on one node that
+    sees the node's GPUs (vLLM's tensor parallelism inside it)."""
+    import nft.slurm
+
+    scripts = []
+
+    def sbatch(cmd, input, **kw):
+        scripts.append(input)
+        return subprocess.CompletedProcess(cmd, 0, stdout="7\n", stderr="")
+
+    monkeypatch.setattr(nft.slurm.subprocess, "run", sbatch)
+    s = SlurmSection(nodes=2, gpus_per_node=8, logs=str(tmp_path / "logs"))
+    assert nft.slurm.submit(s, ["train", "--config", "p.yaml", "--out", "runs/nft-s0"]) == 0
+    assert nft.slurm.submit(s, ["evaluate", "--config", "p.yaml", "--out", "evals/nft-s0.json"]) == 0
+    train, evaluate = (set(x.splitlines()) for x in scripts)
+    assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"} <= train
+    assert {"#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8"} <= evaluate
 
 
 def test_nft_check_without_sbatch_names_the_section(tiny_study, tmp_path, monkeypatch):
@@ -202,15 +226,16 @@ def test_a_failed_job_is_one_line_with_its_id_log_and_error(slurm, tiny_study, t
 @pytest.mark.slow
 def test_a_study_with_two_jobs_in_flight_runs_its_train_stages_as_slurm_jobs(slurm, tmp_path):
     """``make study``'s runner (JOBS=2) on a copy of the repository whose study file sets ``study.slurm``: DVC on
-    this node, each train stage a SLURM job; the pipeline ends up to date and each run's weights equal the same
-    ``nft train`` run here."""
+    this node, each train and evaluate stage a SLURM job; the pipeline ends up to date and each run's weights equal
+    the same ``nft train`` run here."""
     from transformers import AutoModelForCausalLM
 
     from tests.conftest import copy_checkout
     from tests.test_dvc_pipeline import SMOKE
 
     repo = copy_checkout(tmp_path / "repo")
-    cfg = {**SMOKE, "study": {**SMOKE["study"], "launcher": "python -m nft.submit", "slurm": {"nodes": 1}}}
+    study = {"launcher": "python -m nft.submit", "eval_launcher": "python -m nft.submit", "slurm": {"nodes": 1}}
+    cfg = {**SMOKE, "study": {**SMOKE["study"], **study}}
     (repo / "params.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     venv = str(Path(sys.executable).parent)
     env = {
@@ -239,7 +264,13 @@ def test_a_study_with_two_jobs_in_flight_runs_its_train_stages_as_slurm_jobs(slu
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     logs = sorted(p.name.rsplit("-", 1)[0] for p in (repo / "slurm-logs").glob("*.out"))
-    assert logs == ["nft-train-grpo-s0", "nft-train-nft-s0"]
+    assert logs == [
+        "nft-evaluate-base.json",
+        "nft-evaluate-grpo-s0.json",
+        "nft-evaluate-nft-s0.json",
+        "nft-train-grpo-s0",
+        "nft-train-nft-s0",
+    ]
     status = subprocess.run([f"{venv}/dvc", "status"], cwd=repo, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
     for arm in ("nft", "grpo"):
@@ -250,3 +281,64 @@ def test_a_study_with_two_jobs_in_flight_runs_its_train_stages_as_slurm_jobs(slu
         a = AutoModelForCausalLM.from_pretrained(repo / "runs" / f"{arm}-s0" / "model").state_dict()
         b = AutoModelForCausalLM.from_pretrained(local / "model").state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), arm
+
+
+@pytest.mark.slow
+def test_sweep_workers_as_a_job_array_retry_a_preempted_trial(slurm, tiny_study, tmp_path):
+    """Two Optuna workers as a SLURM job array on one storage (PostgreSQL in CI, else sqlite): array task 1 is sent
+    SIGTERM (``scancel --full --signal=TERM``) mid-trial; its trial fails saying so, a copy is queued and run by
+    task 0, and the study finishes."""
+    import shlex
+
+    import optuna
+
+    from tests.test_sweep import _space
+
+    params, _, _ = tiny_study
+    space = _space(tmp_path, base={"train.steps": 3, "train.val_every": 1})
+    storage = os.environ.get("NFT_TEST_PG_URL") or f"sqlite:///{tmp_path}/array.db"
+    study = f"array{os.getpid()}"
+    worker = [sys.executable, "-m", "nft.cli", "sweep", "--config", params, "--space", space, "--trials", 4]
+    worker += ["--study-name", study, "--storage", storage, "--out-dir", tmp_path / "sweeps", "--quiet"]
+    env = {**launch_env(), "SLURM_CONF": slurm["SLURM_CONF"]}
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--array=0-1",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/w-%A_%a.out",
+            "--wrap",
+            shlex.join(map(str, worker)),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = submitted.stdout.strip().split(";")[0]
+    deadline, victim = time.time() + 300, None
+    while victim is None:
+        assert time.time() < deadline, "array task 1 never ran a trial"
+        time.sleep(0.5)
+        try:
+            trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+        except Exception:  # noqa: BLE001 - the study is being created
+            continue
+        mine = f"slurm-{job}_1"
+        victim = next((t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("worker") == mine), None)
+    time.sleep(1.0)  # mid-trial
+    subprocess.run(["scancel", "--full", "--signal=TERM", f"{job}_1"], env=env, check=True)
+    while subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True).stdout.strip():
+        assert time.time() < deadline + 600, "the array did not finish"
+        time.sleep(1.0)
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    dead = trials[victim.number]
+    assert dead.state.name == "FAIL" and dead.user_attrs["error"].startswith("Preempted")
+    copies = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert len(copies) == 1 and copies[0].state.name == "COMPLETE" and copies[0].params == dead.params
+    assert copies[0].user_attrs["worker"] == f"slurm-{job}_0"
+    finished = [t for t in trials if t.state.name == "COMPLETE"]
+    assert 4 <= len(finished) <= 5 and not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    assert "stopped by a signal during trial" in (tmp_path / f"w-{job}_1.out").read_text()

@@ -333,3 +333,39 @@ def test_shared_setting_over_arms_on_a_grid(tiny_study, tmp_path):
         check=False,
     )
     assert r.returncode == 2 and "grid needs every parameter categorical" in r.stderr
+
+
+def test_a_trial_stopped_by_a_signal_is_queued_again_and_its_worker_stops(tiny_study, tmp_path, monkeypatch):
+    """A worker whose trial gets SIGTERM (a preempted or timed-out SLURM job): the trial fails saying so, a copy of
+    it is queued, the worker stops with Preempted (exit 143); the next worker runs the copy and finishes the study.
+    Under a SLURM job array a worker's default id is its array task's."""
+    import optuna
+
+    import nft.train.run as run_mod
+    from nft.sweep import run_sweep
+    from nft.train import Preempted
+
+    params, _, _ = tiny_study
+    storage = f"sqlite:///{tmp_path}/pre.db"
+    space = _space(tmp_path)
+    real = run_mod.run_training
+
+    def stopped(*a, **k):
+        raise Preempted("train: stopped by SIGTERM after step 1 of 2; checkpoint written")
+
+    monkeypatch.setattr(run_mod, "run_training", stopped)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    args = (str(params), str(space), 2, "pre", storage, [0], ["train.tracking=false"], str(tmp_path / "sweeps"))
+    with pytest.raises(Preempted, match=r"worker slurm-77_1 stopped by a signal during trial 0; a copy is queued"):
+        run_sweep(*args)
+    trials = optuna.load_study(study_name="pre", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"]
+    assert trials[0].user_attrs["error"].startswith("Preempted: train: stopped by SIGTERM")
+    assert trials[1].user_attrs["retry_of"] == 0 and "stopped by a signal" in trials[1].user_attrs["retry_reason"]
+    monkeypatch.setattr(run_mod, "run_training", real)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    summary = run_sweep(*args, worker="b")
+    trials = optuna.load_study(study_name="pre", storage=storage).get_trials()
+    assert trials[1].state.name == "COMPLETE" and trials[1].params == trials[0].params
+    assert summary["complete"] == 2

@@ -77,9 +77,13 @@ class Objective:
     tcfg: TrainConfig
     sweep_exp: str
     run_training: Callable[..., dict]
+    preempted: str = ""
+    """set when a trial stopped on a scheduler's signal (SIGTERM, SIGUSR1): this worker then stops."""
 
     def __call__(self, trial) -> float:
         import optuna
+
+        from ..train import Preempted
 
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("sampler_seed", worker_seed(self.space.sampler_seed, self.worker))
@@ -102,6 +106,9 @@ class Objective:
         except optuna.TrialPruned:
             status = "KILLED"
             raise
+        except Preempted as e:
+            self._requeue(trial, values, e)
+            raise
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
             trial.set_user_attr("traceback", traceback.format_exc()[-4000:])
@@ -110,6 +117,16 @@ class Objective:
             if tracker:
                 tracker.set_tags({"trial_state": {"FINISHED": "complete", "KILLED": "pruned"}.get(status, "failed")})
                 tracker.finish(status)
+
+    def _requeue(self, trial, values: dict[str, Any], e: Exception) -> None:
+        """A trial stopped by a scheduler's signal (a preempted or timed-out SLURM job): the trial fails, a copy of
+        it is queued for any worker, and this worker stops after it (:func:`nft.sweep.runner.run_sweep` then raises
+        :class:`nft.train.Preempted`: exit 143)."""
+        self.preempted = f"trial {trial.number}"
+        trial.set_user_attr("error", f"Preempted: {e}"[:2000])
+        reason = f"trial {trial.number} of worker {self.worker} was stopped by a signal (preempted)"
+        self.study.enqueue_trial(values, user_attrs={"retry_of": trial.number, "retry_reason": reason})
+        self.study.stop()
 
     def _mark_retry(self, trial) -> None:
         """The copy of a dead worker's trial: record which trial it retries and why."""

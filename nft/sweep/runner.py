@@ -71,6 +71,8 @@ def _optimize(study, space: SweepSpace, bound: FinishedTrials, objective: Object
         except optuna.exceptions.UpdateFinishedTrialError as e:
             # this worker's trial was failed by a peer (its heartbeat looked stale) and retried there: go on
             print(f"sweep: {e}; its retry runs elsewhere", file=sys.stderr)
+        if objective.preempted:
+            break
 
 
 def _summary(study, study_name: str, storage: str) -> dict:
@@ -136,11 +138,17 @@ def run_sweep(
         trials=trials,
         seeds=seeds,
     )
-    worker = worker or f"{socket.gethostname()}-{os.getpid()}"
+    array = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    # a task of a SLURM job array keeps its id when the array task is submitted again: its sampler seed too
+    worker = worker or (f"slurm-{array[0]}_{array[1]}" if all(array) else f"{socket.gethostname()}-{os.getpid()}")
     study = create_or_load(study_name, storage, space, worker, setup)
     objective = Objective(
         study, space, config, base_sets, seeds, study_name, out_dir, progress, worker, tcfg, sweep_exp, run_training
     )
     bound = FinishedTrials(min(trials, len(grid_points(space))) if space.sampler == "grid" else trials)
     _optimize(study, space, bound, objective)
+    if objective.preempted:
+        from ..train import Preempted
+
+        raise Preempted(f"sweep: worker {worker} stopped by a signal during {objective.preempted}; a copy is queued")
     return _summary(study, study_name, storage)

@@ -89,7 +89,7 @@ def max_wait(study, space: SweepSpace) -> float:
 
 class FinishedTrials:
     """Optuna callback bounding a study at ``n`` finished trials, all workers together. Finished: complete, pruned,
-    or failed and not retried (a dead worker's trial that was retried counts through its copy), so a setting that
+    or failed and not retried (a dead or preempted worker's trial that was retried counts through its copy), so a setting that
     crashes ends the sweep too. A worker stops asking for trials once the finished, running and waiting ones reach
     ``n``; :func:`nft.sweep.run_sweep` then waits for the running ones, which may belong to a dead worker (failed
     when their heartbeat is stale, and retried)."""
@@ -106,6 +106,7 @@ class FinishedTrials:
         trials = study.get_trials(deepcopy=False)
         history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
         retried = {n for t in trials for n in history(t)}  # every trial a later copy retries, chains included
+        retried |= {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}  # preempted, copied
         finished = sum(
             t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             or (t.state == TrialState.FAIL and t.number not in retried)

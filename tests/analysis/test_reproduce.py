@@ -210,3 +210,15 @@ def test_the_reference_of_this_machine_s_vendor_is_read(tmp_path, monkeypatch, c
     assert reproduce.main(["check", "--reference", str(tmp_path / "s.json"), "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no study recorded on a GenuineIntel processor (recorded: s.AuthenticAMD.json)" in err
+
+
+def test_the_params_digest_leaves_out_where_evaluation_runs(tmp_path):
+    from analysis.reproduce import params_digest
+
+    p = tmp_path / "params.yaml"
+    p.write_text("study: {name: s, launcher: nft}\ntrain: {lr: 0.1}\n")
+    before = params_digest(p)
+    p.write_text("study: {name: s, launcher: nft, eval_launcher: python -m nft.submit}\ntrain: {lr: 0.1}\n")
+    assert params_digest(p) == before
+    p.write_text("study: {name: s, launcher: deepspeed}\ntrain: {lr: 0.1}\n")
+    assert params_digest(p) != before
