@@ -71,6 +71,14 @@ def slurm(tmp_path_factory):
         yield env
 
 
+def local_train(params, arm: str, out, cwd=REPO) -> None:
+    """The same ``nft train`` run here, in a fresh process with a job's environment (an in-process run would carry
+    what earlier tests changed in this process, such as an in-process vLLM engine's CPU settings)."""
+    cmd = [sys.executable, "-m", "nft.cli", "train", "--config", params, "--arm", arm, "--seed", 0, "--out", out]
+    r = subprocess.run([*map(str, cmd), "--quiet"], env=launch_env(), cwd=cwd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
 def srun(env: dict, *args, cwd=REPO, timeout=900) -> subprocess.CompletedProcess:
     r = subprocess.run(["srun", *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
@@ -205,7 +213,7 @@ def test_a_job_stopped_by_sigterm_is_submitted_again_and_resumes(slurm, tiny_stu
     assert "stopped after its checkpoint; submitting again (1 of 3)" in out
     logs = sorted((tmp_path / "logs").glob("nft-train-run-*.out"))
     assert len(logs) == 2 and "stopped by SIGTERM" in logs[0].read_text()
-    nft_cli("train", "--config", p, "--arm", "nft", "--seed", "0", "--out", tmp_path / "ref", "--quiet")
+    local_train(p, "nft", tmp_path / "ref")
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "ref" / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -275,9 +283,7 @@ def test_a_study_with_two_jobs_in_flight_runs_its_train_stages_as_slurm_jobs(slu
     assert "up to date" in status.stdout, status.stdout
     for arm in ("nft", "grpo"):
         local = tmp_path / f"local-{arm}"
-        nft_cli(
-            "train", "--config", repo / "params.yaml", "--arm", arm, "--seed", "0", "--out", local, "--quiet", cwd=repo
-        )
+        local_train(repo / "params.yaml", arm, local, cwd=repo)
         a = AutoModelForCausalLM.from_pretrained(repo / "runs" / f"{arm}-s0" / "model").state_dict()
         b = AutoModelForCausalLM.from_pretrained(local / "model").state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), arm
