@@ -39,7 +39,7 @@ def batch_script(s: SlurmSection, name: str, argv: list[str], python: str = sys.
 
 def _stage_name(argv: list[str]) -> str:
     out = argv[argv.index("--out") + 1] if "--out" in argv else "run"
-    return f"nft-{argv[0]}-{Path(out).name}"
+    return f"nft-{argv[0]}-{Path(out).name.removesuffix('.json')}"
 
 
 def last_error(log: Path) -> str:

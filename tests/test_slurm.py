@@ -273,9 +273,9 @@ def test_a_study_with_two_jobs_in_flight_runs_its_train_stages_as_slurm_jobs(slu
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     logs = sorted(p.name.rsplit("-", 1)[0] for p in (repo / "slurm-logs").glob("*.out"))
     assert logs == [
-        "nft-evaluate-base.json",
-        "nft-evaluate-grpo-s0.json",
-        "nft-evaluate-nft-s0.json",
+        "nft-evaluate-base",
+        "nft-evaluate-grpo-s0",
+        "nft-evaluate-nft-s0",
         "nft-train-grpo-s0",
         "nft-train-nft-s0",
     ]
