@@ -147,7 +147,8 @@ _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 
 @dataclass
 class SlurmSection:
-    """``study.slurm``: the resources of each train stage's job (empty section: stages run on this machine)."""
+    """``study.slurm``: the resources of each train stage's job (an evaluate stage's job: one task on one node with
+    ``gpus_per_node``); unset: stages run on this machine."""
 
     nodes: int = 1
     gpus_per_node: int = 0
@@ -202,7 +203,7 @@ class StudySection:
     """the command DVC's evaluate stages run: ``nft`` (here), or ``python -m nft.submit`` with ``slurm``: a SLURM job
     of one task on one node with ``slurm``'s GPUs per node (vLLM's tensor parallelism inside that process)."""
     slurm: SlurmSection | None = None
-    """each train stage as a SLURM job with these resources (``launcher: python -m nft.slurm``; nft/slurm.py);
+    """each train stage as a SLURM job with these resources (``launcher: python -m nft.submit``; nft/slurm.py);
     unset: stages run on this machine."""
 
     def __post_init__(self):
