@@ -1,6 +1,6 @@
 """Benchmark: host memory per rank of the ZeRO-3 path, a random Qwen2.5-0.5B-shaped model under 2 CPU ranks.
 
-    python benchmarks/memory_ranks.py [--nft PATH] [--label after] [--dir /tmp/nft-memory-ranks] [--json F]
+    python benchmarks/memory_ranks.py [--nft PATH] [--label after] [--zero KEY=VALUE ...] [--dir D] [--json F]
 
 Builds (once, under ``--dir``) a random model with Qwen2.5-0.5B's configuration (494 M parameters, vocabulary
 151,936, tied embeddings) and a local tokenizer and data (``scripts/gpu_smoke.py``), then launches ``nft``'s training
@@ -128,7 +128,7 @@ def worker(args) -> None:
         grader_workers=1,
         tracking=False,
         engine="deepspeed",
-        deepspeed_config=str(d / "zero3-bf16.json"),
+        deepspeed_config=str(d / f"zero3-bf16-{args.label}.json"),
         sampler="torch",
     )
     cfg = TrainConfig(**{k: v for k, v in settings.items() if k in fields})
@@ -145,8 +145,9 @@ def worker(args) -> None:
         f.unlink(missing_ok=True)  # DeepSpeed's CPU collectives leave their shared-memory buffer behind
 
 
-def build(d: Path) -> None:
-    """The random 0.5B-shaped model, its tokenizer and data (once), and ZeRO-3 in bf16."""
+def build(d: Path, label: str, zero: list[str]) -> None:
+    """The random 0.5B-shaped model, its tokenizer and data (once), and ZeRO-3 in bf16 with ``zero``'s
+    ``KEY=VALUE`` settings of its ``zero_optimization`` section."""
     if not (d / "model" / "config.json").is_file():
         sys.path.insert(0, str(REPO / "scripts"))
         import torch
@@ -157,7 +158,10 @@ def build(d: Path) -> None:
         build_model(d, QWEN25_05B)
     ds = json.loads((REPO / "experiments/deepspeed/zero3.json").read_text())
     ds["bf16"] = {"enabled": True}
-    (d / "zero3-bf16.json").write_text(json.dumps(ds))
+    for item in zero:
+        key, _, value = item.partition("=")
+        ds["zero_optimization"][key] = json.loads(value)
+    (d / f"zero3-bf16-{label}.json").write_text(json.dumps(ds))
 
 
 def main() -> int:
@@ -166,6 +170,9 @@ def main() -> int:
     ap.add_argument("--label", default="after")
     ap.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "nft-memory-ranks"))
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--zero", action="append", default=[], metavar="KEY=VALUE", help="a zero_optimization setting (JSON value)"
+    )
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -175,7 +182,7 @@ def main() -> int:
         return 0
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
-    build(d)
+    build(d, args.label, args.zero)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": args.nft}
     launcher = str(Path(sys.executable).parent / "deepspeed")
     with socket.socket() as sock:  # a free port for the launcher's rendezvous

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nft.selective import chunked_logprobs, logit_chunk
+
 
 @dataclass
 class ModelConfig:
@@ -236,48 +238,6 @@ def _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id: in
     return torch.cat([spread(out.logits[:, -1:, :]), out2.logits[:, :-1, :]], dim=1)
 
 
-def logit_chunk(tokens: int, vocab: int, budget_mb: float) -> int:
-    """Tokens per chunk of a log-prob pass: 0 (one pass over all ``tokens``) when their fp32 logits fit in
-    ``budget_mb``, else as many tokens as fit (at least one). ``budget_mb`` 0: never chunked."""
-    budget = int(budget_mb * 2**20)
-    if not budget or tokens * vocab * 4 <= budget:
-        return 0
-    return max(1, budget // (vocab * 4))
-
-
-def _head_logprobs(head, h: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """Log-probs of ``targets`` and the entropy (no gradient) per row of hidden states ``h`` ``[n, H]``: the same
-    operations as the one-pass path, on ``n`` rows."""
-    logits = head(h).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
-
-
-def _chunked_logprobs(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int):
-    """:func:`_head_logprobs` over ``[B, T]`` positions, ``chunk`` at a time. Under autograd each chunk's logits are
-    recomputed in the backward pass (``torch.utils.checkpoint``), so one chunk's ``[chunk, vocab]`` logits are alive
-    at a time, forward and backward, instead of the whole ``[B, T, vocab]`` (a selective log-softmax)."""
-    from torch.utils.checkpoint import checkpoint
-
-    B, T, H = hidden.shape
-    flat_h, flat_t = hidden.reshape(B * T, H), targets.reshape(B * T)
-    lps, ents = [], []
-    for s in range(0, B * T, chunk):
-        h, t = flat_h[s : s + chunk], flat_t[s : s + chunk]
-        if torch.is_grad_enabled():
-            lp, ent = checkpoint(_head_logprobs, head, h, t, temperature, use_reentrant=False)
-        else:
-            lp, ent = _head_logprobs(head, h, t, temperature)
-        lps.append(lp)
-        ents.append(ent.detach())
-    return torch.cat(lps).reshape(B, T), torch.cat(ents).reshape(B, T)
-
-
 def _hidden(model, **kwargs):
     """``(output, final hidden states)`` of a forward pass whose head runs on the last position only: the decoder's
     post-norm output, taken by a hook. The pass goes through ``model`` itself (a DeepSpeed engine's forward keeps its
@@ -338,8 +298,8 @@ def response_logprobs(
     device. Logits are divided by ``temperature`` (as verl does) so that old and new log-probs refer to the sampling
     distribution. ``shared_prefix`` runs each distinct prompt once (:func:`_shared_prefix_logits`); False packs
     prompt + answer per row (the reference path). ``chunk_mb``: where the pass's fp32 logits would exceed this many
-    MB, the head runs over chunks of tokens (:func:`_chunked_logprobs`: the same values to rounding, memory
-    O(chunk x vocabulary)); 0 never chunks.
+    MB, the head runs over chunks of tokens (:func:`nft.selective.chunked_logprobs`: the same values to rounding,
+    memory O(chunk x vocabulary) besides the head's weight gradient); 0 never chunks.
     """
     B, T = response.shape
     core = getattr(model, "module", model)
@@ -355,7 +315,7 @@ def response_logprobs(
             )
             hidden = h[:, Lp - 1 : Lp + T - 1, :]
         targets = response.to(hidden.device).clamp(min=0)
-        logp, entropy = _chunked_logprobs(core.get_output_embeddings(), hidden, targets, temperature, chunk)
+        logp, entropy = chunked_logprobs(core.get_output_embeddings(), hidden, targets, temperature, chunk)
         return logp, (entropy if with_entropy else None)
     if shared_prefix:
         logits = _shared_prefix_logits(model, prompt_ids, response, response_mask, pad_id).float()
