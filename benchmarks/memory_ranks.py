@@ -1,6 +1,6 @@
 """Benchmark: host memory per rank of the ZeRO-3 path, a random Qwen2.5-0.5B-shaped model under 2 CPU ranks.
 
-    python benchmarks/memory_ranks.py [--nft PATH] [--label after] [--zero KEY=VALUE ...] [--dir D] [--json F]
+    python benchmarks/memory_ranks.py [--nft PATH] [--label after] [--zero KEY=VALUE ...] [--inside] [--dir D] [--json F]
 
 Builds (once, under ``--dir``) a random model with Qwen2.5-0.5B's configuration (494 M parameters, vocabulary
 151,936, tied embeddings) and a local tokenizer and data (``scripts/gpu_smoke.py``), then launches ``nft``'s training
@@ -10,19 +10,22 @@ earlier commit: the "before" of benchmarks/README.md); its defaults run (the set
 both).
 
 Each rank measures its own resident memory with the kernel's high-water mark (``/proc/self/clear_refs`` reset before
-a phase, ``VmHWM`` after it), around the loop's own calls:
-- **load**: the process's peak from its start to its first sampling call (model loaded and partitioned, engine,
+a phase, after ``malloc_trim`` has returned the heap's free pages, ``VmHWM`` after it), around the loop's own calls:
+- **load**: the process's peak from its start to its first measured call (model loaded and partitioned, engine,
   sampler and its full copy of the weights);
 - **push**: each weight push into the sampler (``update_weights``), over the memory before it;
 - **sample** and **update** (the log-prob passes and the optimizer step): each call, over the memory before it;
-  a rollout step is one of each.
+  a rollout step is one of each. ``--inside``: instead of the whole update, each of its log-prob passes, backward
+  and optimizer step (``logprobs``, ``backward``, ``step``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,7 +48,13 @@ def _status(key: str) -> int:
 class Phase:
     """Peak resident memory over a block (the kernel's high-water mark, reset at entry)."""
 
+    #: the process's peak before the first measured call (its set-up: model, engine, sampler and its copy)
+    load_peak: int | None = None
+
     def __enter__(self):
+        if Phase.load_peak is None:
+            Phase.load_peak = _status("VmHWM")
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # the heap's free pages back to the kernel: "before" is what lives
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         self.before = _status("VmRSS")
@@ -68,6 +77,32 @@ def _wrap(cls, name: str, record: list, label: str) -> None:
     setattr(cls, name, measured)
 
 
+def _replace(record: list, package: str, name: str, label: str) -> None:
+    """Measure each call of the function ``name`` as phase ``label``, in every module of ``package`` that imported it
+    by name."""
+    modules = [m for m in list(sys.modules.values()) if getattr(m, "__name__", "").startswith(package)]
+    real = next(getattr(m, name) for m in modules if hasattr(m, name))
+
+    def measured(*a, **k):
+        with Phase() as p:
+            out = real(*a, **k)
+        record.append({"phase": label, "before": p.before, "peak": p.peak, "over": p.over})
+        return out
+
+    for m in modules:
+        if getattr(m, name, None) is real:
+            setattr(m, name, measured)
+
+
+def _measure_inside(record: list) -> None:
+    """``--inside``: the update's parts instead of the whole update: each log-prob pass, backward and optimizer step."""
+    from nft.train.engines import DeepSpeedEngine
+
+    _wrap(DeepSpeedEngine, "backward", record, "backward")
+    _wrap(DeepSpeedEngine, "step", record, "step")
+    _replace(record, "nft", "response_logprobs", "logprobs")
+
+
 def worker(args) -> None:
     """One rank (under the launcher): the loop with its calls measured; writes ``rank{r}.json``."""
     import dataclasses
@@ -79,31 +114,12 @@ def worker(args) -> None:
     from nft.train.config import TrainConfig
 
     record: list[dict] = []
-    start_peak: dict = {}
-    real_sample = TorchSampler.sample
-
-    def first_sample(self, *a, **k):
-        if not start_peak:
-            start_peak["load"] = _status("VmHWM")  # the process's peak up to here: the set-up
-        return real_sample(self, *a, **k)
-
-    TorchSampler.sample = first_sample
     _wrap(TorchSampler, "sample", record, "sample")
     _wrap(TorchSampler, "update_weights", record, "push")
-    import nft.train.update as update_mod
-
-    real_update = update_mod.update
-
-    def update(*a, **k):
-        with Phase() as p:
-            out = real_update(*a, **k)
-        record.append({"phase": "update", "before": p.before, "peak": p.peak, "over": p.over})
-        return out
-
-    update_mod.update = update
-    for mod in list(sys.modules.values()):  # the loop imported ``update`` by name
-        if getattr(mod, "__name__", "").startswith("nft.train") and getattr(mod, "update", None) is real_update:
-            mod.update = update
+    if args.inside:
+        _measure_inside(record)
+    else:
+        _replace(record, "nft.train", "update", "update")
     torch.set_num_threads(1)
     d = Path(args.dir)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -135,7 +151,7 @@ def worker(args) -> None:
     t0 = time.perf_counter()
     run_mod.run_training(cfg, "nft", 0, d / f"run-{args.label}", progress=False, arm="nft")
     rank = int(os.environ.get("RANK", "0"))
-    out = {"rank": rank, "load_peak": start_peak.get("load"), "calls": record, "seconds": time.perf_counter() - t0}
+    out = {"rank": rank, "load_peak": Phase.load_peak, "calls": record, "seconds": time.perf_counter() - t0}
     (d / f"{args.label}-rank{rank}.json").write_text(json.dumps(out))
     import torch.distributed as td
 
@@ -173,6 +189,7 @@ def main() -> int:
     ap.add_argument(
         "--zero", action="append", default=[], metavar="KEY=VALUE", help="a zero_optimization setting (JSON value)"
     )
+    ap.add_argument("--inside", action="store_true", help="measure the update's log-prob passes, backward and step")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -183,7 +200,11 @@ def main() -> int:
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     build(d, args.label, args.zero)
+    shutil.rmtree(d / f"run-{args.label}", ignore_errors=True)  # a finished run would not train again
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": args.nft}
+    # the processor's own bf16 kernels (nft pins AVX2 for bit-equal weights across machines; there bf16 matmuls are
+    # emulated, many times slower); the memory figures do not depend on it
+    env.setdefault("NFT_CPU_ISA", "native")
     launcher = str(Path(sys.executable).parent / "deepspeed")
     with socket.socket() as sock:  # a free port for the launcher's rendezvous
         sock.bind(("127.0.0.1", 0))
@@ -202,7 +223,7 @@ def main() -> int:
         args.label,
         "--dir",
         args.dir,
-    ]
+    ] + ["--inside"] * args.inside
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
@@ -215,8 +236,10 @@ def main() -> int:
     for res in ranks:
         calls = res["calls"]
         print(f"  rank {res['rank']}: load peak {res['load_peak'] / GB:.2f} GB ({res['seconds']:.0f} s in all)")
-        for phase in ("sample", "update", "push"):
+        for phase in ("sample", "update", "logprobs", "backward", "step", "push"):
             mine = [c for c in calls if c["phase"] == phase]
+            if not mine:
+                continue
             print(
                 f"    {phase:6s} by call: over the memory before "
                 + ", ".join(f"{c['over'] / GB:.2f}" for c in mine)
