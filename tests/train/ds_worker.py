@@ -111,6 +111,9 @@ def main() -> None:
     ap.add_argument("--algo", default="nft")
     ap.add_argument("--drop", default="", help="comma-separated rows to remove from the batch")
     ap.add_argument("--tokens", type=int, default=0, help="train.micro_batch_tokens (0: micro_batch_size)")
+    ap.add_argument(
+        "--chunk-mb", type=float, default=0, help="train.logprob_chunk_mb, below the config's floor (a tiny vocabulary)"
+    )
     ap.add_argument("--push-mb", type=float, default=0, help="only walk a push of buckets this size (ZeRO-3)")
     ap.add_argument("--poison", type=int, default=-1, help="a question whose losses are NaN on rank 0 (-1: none)")
     ap.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher (LOCAL_RANK is read)")
@@ -128,6 +131,9 @@ def main() -> None:
     drop = tuple(int(x) for x in args.drop.split(",") if x)
     batch = dist.broadcast(fixed_batch(model, tok, drop) if dist.is_main else None)
     cfg = config(args.tokens)
+    if args.chunk_mb:  # the chunked head under ZeRO-3's hooks: chunks of a few tokens of the tiny vocabulary
+        cfg = replace(cfg)
+        object.__setattr__(cfg, "logprob_chunk_mb", args.chunk_mb)
     ds = resolve_deepspeed_config(args.ds_config, cfg, dist.world)
     if args.push_mb:
         engine = DeepSpeedEngine(model, replace(cfg, push_bucket_mb=args.push_mb), ds)
