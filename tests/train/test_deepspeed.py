@@ -201,12 +201,22 @@ def test_nft_train_under_the_launcher_zero3(tiny_study, tmp_path):
 
 def test_a_zero3_checkpoint_resumes_at_another_world_size_through_the_universal_format(tiny_study, tmp_path):
     """Written by 2 ranks at step 1, resumed by 1 process: refused with the one conversion command; once converted,
-    the same command resumes (optimizer and schedule from the universal checkpoint) and finishes the run."""
+    the same command resumes (optimizer and schedule from the universal checkpoint) and finishes the run. The
+    optimizer runs in several sub-groups per rank (``sub_group_size``), as a 7B model's partition does under the
+    preset's zero3.json."""
     params, _, _ = tiny_study
+    ds = json.loads((REPO / "experiments/deepspeed/zero3.json").read_text())
+    ds["zero_optimization"]["sub_group_size"] = 20_000  # the tiny model's partition (70 k per rank) in several groups
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
     p = zero3_params(params, tmp_path, steps=2, checkpoint_every=1)
+    cfg = yaml.safe_load(p.read_text())
+    cfg["train"]["deepspeed_config"] = str(tmp_path / "zero3.json")
+    p.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
     train = ["--module", "nft.cli", "train", "--config", p, "--arm", "nft", "--seed", "0", "--out", out, "--quiet"]
     launch(*train)
+    optim = torch.load(next((out / "checkpoint").rglob("*optim_states.pt")), weights_only=False)
+    assert len(optim["optimizer_state_dict"]["fp32_flat_groups"]) > 1  # several sub-groups
     # back to step 1: the newest checkpoint dropped, the previous one (step 1) the one to resume from
     import shutil
 
