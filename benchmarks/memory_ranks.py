@@ -1,6 +1,7 @@
 """Benchmark: host memory per rank of the ZeRO-3 path, a random Qwen2.5-0.5B-shaped model under 2 CPU ranks.
 
-    python benchmarks/memory_ranks.py [--nft PATH] [--label after] [--zero KEY=VALUE ...] [--inside] [--dir D] [--json F]
+    python benchmarks/memory_ranks.py [--nft PATH] [--label after] [--zero KEY=VALUE ...] [--train KEY=VALUE ...]
+        [--inside] [--dir D] [--json F]
 
 Builds (once, under ``--dir``) a random model with Qwen2.5-0.5B's configuration (494 M parameters, vocabulary
 151,936, tied embeddings) and a local tokenizer and data (``scripts/gpu_smoke.py``), then launches ``nft``'s training
@@ -77,11 +78,8 @@ def _wrap(cls, name: str, record: list, label: str) -> None:
     setattr(cls, name, measured)
 
 
-def _replace(record: list, package: str, name: str, label: str) -> None:
-    """Measure each call of the function ``name`` as phase ``label``, in every module of ``package`` that imported it
-    by name."""
-    modules = [m for m in list(sys.modules.values()) if getattr(m, "__name__", "").startswith(package)]
-    real = next(getattr(m, name) for m in modules if hasattr(m, name))
+def _replace(record: list, real, label: str) -> None:
+    """Measure each call of function ``real`` as phase ``label``, in every ``nft`` module that imported it by name."""
 
     def measured(*a, **k):
         with Phase() as p:
@@ -89,9 +87,10 @@ def _replace(record: list, package: str, name: str, label: str) -> None:
         record.append({"phase": label, "before": p.before, "peak": p.peak, "over": p.over})
         return out
 
-    for m in modules:
-        if getattr(m, name, None) is real:
-            setattr(m, name, measured)
+    for m in list(sys.modules.values()):
+        for name, value in list(vars(m).items()) if getattr(m, "__name__", "").startswith("nft") else ():
+            if value is real:
+                setattr(m, name, measured)
 
 
 def _measure_inside(record: list) -> None:
@@ -100,7 +99,9 @@ def _measure_inside(record: list) -> None:
 
     _wrap(DeepSpeedEngine, "backward", record, "backward")
     _wrap(DeepSpeedEngine, "step", record, "step")
-    _replace(record, "nft", "response_logprobs", "logprobs")
+    import nft.modeling
+
+    _replace(record, nft.modeling.response_logprobs, "logprobs")
 
 
 def worker(args) -> None:
@@ -119,7 +120,9 @@ def worker(args) -> None:
     if args.inside:
         _measure_inside(record)
     else:
-        _replace(record, "nft.train", "update", "update")
+        import nft.train.update
+
+        _replace(record, nft.train.update.update, "update")
     torch.set_num_threads(1)
     d = Path(args.dir)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -146,7 +149,11 @@ def worker(args) -> None:
         engine="deepspeed",
         deepspeed_config=str(d / f"zero3-bf16-{args.label}.json"),
         sampler="torch",
+        gradient_checkpointing=True,  # as the paper presets train
     )
+    for item in args.train:
+        key, _, value = item.partition("=")
+        settings[key] = json.loads(value)
     cfg = TrainConfig(**{k: v for k, v in settings.items() if k in fields})
     t0 = time.perf_counter()
     run_mod.run_training(cfg, "nft", 0, d / f"run-{args.label}", progress=False, arm="nft")
@@ -161,7 +168,7 @@ def worker(args) -> None:
         f.unlink(missing_ok=True)  # DeepSpeed's CPU collectives leave their shared-memory buffer behind
 
 
-def build(d: Path, label: str, zero: list[str]) -> None:
+def build(d: Path, nft: str, label: str, zero: list[str]) -> None:
     """The random 0.5B-shaped model, its tokenizer and data (once), and ZeRO-3 in bf16 with ``zero``'s
     ``KEY=VALUE`` settings of its ``zero_optimization`` section."""
     if not (d / "model" / "config.json").is_file():
@@ -172,7 +179,7 @@ def build(d: Path, label: str, zero: list[str]) -> None:
 
         torch.manual_seed(0)
         build_model(d, QWEN25_05B)
-    ds = json.loads((REPO / "experiments/deepspeed/zero3.json").read_text())
+    ds = json.loads((Path(nft) / "experiments/deepspeed/zero3.json").read_text())  # the measured checkout's own
     ds["bf16"] = {"enabled": True}
     for item in zero:
         key, _, value = item.partition("=")
@@ -189,6 +196,7 @@ def main() -> int:
     ap.add_argument(
         "--zero", action="append", default=[], metavar="KEY=VALUE", help="a zero_optimization setting (JSON value)"
     )
+    ap.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="a train setting (JSON value)")
     ap.add_argument("--inside", action="store_true", help="measure the update's log-prob passes, backward and step")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -199,7 +207,7 @@ def main() -> int:
         return 0
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
-    build(d, args.label, args.zero)
+    build(d, args.nft, args.label, args.zero)
     shutil.rmtree(d / f"run-{args.label}", ignore_errors=True)  # a finished run would not train again
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": args.nft}
     # the processor's own bf16 kernels (nft pins AVX2 for bit-equal weights across machines; there bf16 matmuls are
@@ -209,26 +217,32 @@ def main() -> int:
     with socket.socket() as sock:  # a free port for the launcher's rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [
-        launcher,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
-        __file__,
-        "--worker",
-        "--nft",
-        args.nft,
-        "--label",
-        args.label,
-        "--dir",
-        args.dir,
-    ] + ["--inside"] * args.inside
+    cmd = (
+        [
+            launcher,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(port),
+            __file__,
+            "--worker",
+            "--nft",
+            args.nft,
+            "--label",
+            args.label,
+            "--dir",
+            args.dir,
+        ]
+        + ["--inside"] * args.inside
+        + [f"--train={t}" for t in args.train]
+    )
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
+        shutil.rmtree(d / f"run-{args.label}", ignore_errors=True)
         print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
         return r.returncode
     ranks = [json.loads((d / f"{args.label}-rank{i}.json").read_text()) for i in range(2)]
+    shutil.rmtree(d / f"run-{args.label}", ignore_errors=True)  # its checkpoint: 8 GB
     commit = subprocess.run(["git", "-C", args.nft, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     print(
         f"memory per rank, {args.label} (nft at {commit.stdout.strip()}): 2 ZeRO-3 CPU ranks, bf16, Qwen2.5-0.5B shape"
