@@ -303,7 +303,7 @@ def test_sweep_workers_as_a_job_array_retry_a_preempted_trial(slurm, tiny_study,
     from tests.test_sweep import _space
 
     params, _, _ = tiny_study
-    space = _space(tmp_path, base={"train.steps": 3, "train.val_every": 1})
+    space = _space(tmp_path, base={"train.steps": 8, "train.val_every": 1})
     storage = os.environ.get("NFT_TEST_PG_URL") or f"sqlite:///{tmp_path}/array.db"
     study = f"array{os.getpid()}"
     worker = [sys.executable, "-m", "nft.cli", "sweep", "--config", params, "--space", space, "--trials", 4]
@@ -335,8 +335,15 @@ def test_sweep_workers_as_a_job_array_retry_a_preempted_trial(slurm, tiny_study,
         except Exception:  # noqa: BLE001 - the study is being created
             continue
         mine = f"slurm-{job}_1"
-        victim = next((t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("worker") == mine), None)
-    time.sleep(1.0)  # mid-trial
+        # mid-trial: its first step reported, seven to go (a fixed sleep raced a fast machine's trial to its end)
+        victim = next(
+            (
+                t
+                for t in trials
+                if t.state.name == "RUNNING" and t.user_attrs.get("worker") == mine and t.intermediate_values
+            ),
+            None,
+        )
     subprocess.run(["scancel", "--full", "--signal=TERM", f"{job}_1"], env=env, check=True)
     while subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True).stdout.strip():
         assert time.time() < deadline + 600, "the array did not finish"
