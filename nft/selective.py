@@ -3,8 +3,9 @@
 The trainer needs, per answer token, ``log softmax(h W^T / temperature)[target]`` and the entropy of that
 distribution. Materialised at once, the fp32 logits of 4,096 tokens over Qwen2.5's 151,936-word vocabulary are
 2.49 GB, and autograd keeps several such tensors alive. :class:`ChunkedHead` computes them ``chunk`` rows at a time,
-forward and backward: backward recomputes each chunk's logits from the saved hidden states, and adds the head's weight gradient into one buffer (``addmm_``), so the pass holds one weight gradient
-and one or two ``[chunk, vocab]`` fp32 tensors, whatever the number of tokens.
+forward and backward: backward recomputes each chunk's logits from the saved hidden states and adds the head's
+weight gradient into one buffer (``addmm_``), so the pass holds one weight gradient and one or two
+``[chunk, vocab]`` fp32 tensors, whatever the number of tokens.
 
 The head is called as a module (:func:`chunked_logprobs`), so that a DeepSpeed ZeRO-3 engine's hooks gather its
 weight for the forward and again for the backward."""
