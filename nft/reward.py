@@ -12,14 +12,16 @@ any grader crash, counts as wrong and is recorded. Two exact shortcuts skip the 
 plain integer literals (where math-verify's verdict is the integer comparison).
 
 Graders are the entries of :data:`GRADERS`; each :class:`Grader` says how it runs (its exact shortcut, whether it
-needs a killable worker, whether it takes a timeout), so a new grader is one registry entry.
-"""
+needs a killable worker, whether it takes a timeout), so a new grader is one registry entry."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import multiprocessing as mp
 import re
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,6 +229,7 @@ def grade(response: str, gold: str, grader: str = "math_verify") -> bool:
 
 
 def _worker(conn, fn) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a job's SIGTERM (SLURM's, to every process) is the parent's
     try:  # warm up (imports math-verify / sympy) before saying ready: the per-answer clock starts after this
         fn("\\boxed{1}", "1")
     except BaseException:  # noqa: BLE001
@@ -249,8 +252,7 @@ def _worker(conn, fn) -> None:
 
 @dataclass
 class GradeStats:
-    """What happened while grading a batch. Each failed answer is counted once: ``timeouts`` (a worker killed at
-    the hard bound) or ``errors`` (any other failure: a grader exception, a dead worker)."""
+    """A batch's grading: each failed answer counted once, in ``timeouts`` (killed) or ``errors`` (anything else)."""
 
     n: int = 0
     fast: int = 0
@@ -289,6 +291,7 @@ class GraderPool:
         self._procs: list = [None] * workers
         self._conns: list = [None] * workers
         self._ready: list[bool] = [False] * workers
+        atexit.register(self.close)  # before multiprocessing's own exit handler, which would wait on them
 
     def _start(self, k: int) -> None:
         parent, child = self._ctx.Pipe()
@@ -298,16 +301,21 @@ class GraderPool:
         self._procs[k], self._conns[k] = p, parent
         self._ready[k] = False
 
-    def _wait_ready(self, ks: list[int]) -> None:
-        """Block until the given (new) workers have imported their grader (60 s at most each)."""
+    def _wait_ready(self, ks: list[int], tries: int = 3) -> None:
+        """Block until the given (new) workers have imported their grader (60 s at most each), starting again one
+        that died first (a signal before its handler was set), ``tries`` times in all."""
         deadline = time.perf_counter() + self.startup_timeout
         for k in ks:
-            conn = self._conns[k]
-            if conn.poll(max(0.0, deadline - time.perf_counter())):
-                try:
-                    self._ready[k] = conn.recv() == "ready"
-                except (EOFError, OSError):
-                    self._ready[k] = False
+            for _ in range(tries):
+                conn = self._conns[k]
+                if conn.poll(max(0.0, deadline - time.perf_counter())):
+                    try:
+                        self._ready[k] = conn.recv() == "ready"
+                    except (EOFError, OSError):  # died before it was ready
+                        self._kill(k)
+                        self._start(k)
+                        continue
+                break
             if not self._ready[k]:
                 raise RuntimeError(f"grader worker {k} did not start within {self.startup_timeout:.0f} s")
 
@@ -377,10 +385,8 @@ class GraderPool:
     def close(self) -> None:
         for k, conn in enumerate(self._conns):
             if conn is not None:
-                try:
+                with contextlib.suppress(OSError):  # BrokenPipeError too
                     conn.send(None)
-                except (OSError, BrokenPipeError):
-                    pass
                 self._procs[k].join(timeout=2)
                 if self._procs[k].is_alive():
                     self._procs[k].kill()

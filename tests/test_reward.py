@@ -141,3 +141,34 @@ def test_registry_says_where_a_grader_runs(monkeypatch):
     # the shipped entries: math-verify parses untrusted text in a killable worker, dapo is string work in-process
     assert GRADERS["math_verify"].isolated and GRADERS["math_verify"].fast is fast_verdict
     assert not GRADERS["dapo"].isolated and GRADERS["dapo"].fn is grade_dapo
+
+
+def test_pool_workers_outlive_a_sigterm_sent_to_the_whole_job():
+    """SLURM sends SIGTERM to every process of a job step: the run finishes its step and checkpoints, so its grader
+    workers must keep grading (a killed worker would turn a right answer wrong, and the resumed run would differ)."""
+    import os
+    import signal
+
+    with GraderPool(workers=1, hard_timeout=5.0, fn=hanging_or_crashing_grader) as pool:
+        assert pool.grade_many(["ok"], ["ok"])[0] == [True]  # started and ready
+        pid = pool._procs[0].pid
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.3)
+        verdicts, stats = pool.grade_many(["ok", "ok"], ["ok", "no"])
+        assert verdicts == [True, False] and not stats.errors and pool._procs[0].pid == pid
+
+
+def test_pool_starts_again_a_worker_that_died_while_starting(monkeypatch):
+    """A worker killed before it is ready (a signal during its start-up) is started again, not a failed run."""
+    with GraderPool(workers=1, hard_timeout=5.0, fn=hanging_or_crashing_grader) as pool:
+        real, starts = pool._start, []
+
+        def start_then_kill_the_first(k):
+            real(k)
+            starts.append(pool._procs[k].pid)
+            if len(starts) == 1:
+                pool._procs[k].kill()
+
+        monkeypatch.setattr(pool, "_start", start_then_kill_the_first)
+        verdicts, stats = pool.grade_many(["ok"], ["ok"])
+        assert verdicts == [True] and not stats.errors and len(starts) == 2
