@@ -16,7 +16,6 @@ needs a killable worker, whether it takes a timeout), so a new grader is one reg
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import multiprocessing as mp
@@ -25,6 +24,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing import util as mp_util
 from multiprocessing.connection import wait as mp_wait
 from typing import cast
 
@@ -291,7 +291,7 @@ class GraderPool:
         self._procs: list = [None] * workers
         self._conns: list = [None] * workers
         self._ready: list[bool] = [False] * workers
-        atexit.register(self.close)  # before multiprocessing's own exit handler, which would wait on them
+        mp_util.Finalize(self, self.close, exitpriority=10)  # at exit, before multiprocessing SIGTERMs and joins them
 
     def _start(self, k: int) -> None:
         parent, child = self._ctx.Pipe()

@@ -1,10 +1,13 @@
 """Graders: correctness on known cases, hard time bounds on adversarial answers, crashes counted as wrong."""
 
+import subprocess
+import sys
 import time
 
 import pytest
 
 from nft.reward import GraderPool, extract_boxed, fast_verdict, grade, grade_dapo, normalize_dapo
+from tests.conftest import REPO
 
 ADVERSARIAL = [
     "\\boxed{9^{9^{9^{9}}}}",
@@ -172,3 +175,16 @@ def test_pool_starts_again_a_worker_that_died_while_starting(monkeypatch):
         monkeypatch.setattr(pool, "_start", start_then_kill_the_first)
         verdicts, stats = pool.grade_many(["ok"], ["ok"])
         assert verdicts == [True] and not stats.errors and len(starts) == 2
+
+
+def test_a_process_left_with_an_open_pool_exits():
+    """Workers ignore SIGTERM, which is how multiprocessing stops daemon processes at exit: the pool closes them
+    first, so a run that ends without closing its pool (an error) still exits."""
+    code = (
+        "from nft.reward import GraderPool\n"
+        "from tests.test_reward import hanging_or_crashing_grader as g\n"
+        "p = GraderPool(workers=1, fn=g)\n"
+        "print(p.grade_many(['ok'], ['no'])[0])\n"  # graded by a worker (equal strings take the shortcut)
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.strip() == "[False]", r.stderr
