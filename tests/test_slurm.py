@@ -335,7 +335,7 @@ def test_sweep_workers_as_a_job_array_retry_a_preempted_trial(slurm, tiny_study,
         except Exception:  # noqa: BLE001 - the study is being created
             continue
         mine = f"slurm-{job}_1"
-        # mid-trial: its first step reported, seven to go (a fixed sleep raced a fast machine's trial to its end)
+        # mid-trial on any machine: its first of 8 steps reported, seven to go
         victim = next(
             (
                 t
