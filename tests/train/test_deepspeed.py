@@ -46,14 +46,20 @@ def launch_cmd(*args) -> list[str]:
     return [LAUNCHER, "--num_gpus", "2", "--master_port", str(_port()), *map(str, args)]
 
 
+def remove_shm(cmd: list) -> None:
+    """The shared-memory buffers of launch ``cmd``'s ranks: a rank that ends normally removes its own
+    (nft.dist.leave); a failed or killed one leaves them in /dev/shm."""
+    port = cmd[cmd.index("--master_port") + 1]
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        f.unlink(missing_ok=True)
+
+
 def launch(*args, cwd=None):
     cmd = launch_cmd(*args)
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=cwd or REPO, timeout=600)
-    finally:  # a failed launch's shared-memory buffers (a finished one's processes removed theirs: nft.dist.leave)
-        port = cmd[cmd.index("--master_port") + 1]
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            f.unlink(missing_ok=True)
+    finally:
+        remove_shm(cmd)
     if r.returncode != 0:
         raise AssertionError(f"launch failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r

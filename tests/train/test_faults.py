@@ -99,7 +99,7 @@ def test_zero3_two_ranks_killed_and_resumed(tiny_study, tmp_path):
     """``deepspeed --num_gpus 2`` (two CPU ranks, gloo): killed after its first checkpoint, rerun: the same history
     and final model as an uninterrupted launch."""
     pytest.importorskip("deepspeed")
-    from tests.train.test_deepspeed import launch, launch_cmd, launch_env, zero3_params
+    from tests.train.test_deepspeed import launch, launch_cmd, launch_env, remove_shm, zero3_params
 
     params, _, _ = tiny_study
     p = zero3_params(params, tmp_path, steps=3, checkpoint_every=1)
@@ -109,8 +109,9 @@ def test_zero3_two_ranks_killed_and_resumed(tiny_study, tmp_path):
 
     ref, run = tmp_path / "ref", tmp_path / "killed"
     launch(*args(ref))
+    cmd = launch_cmd(*args(run))
     proc = subprocess.Popen(
-        launch_cmd(*args(run)),
+        cmd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -125,6 +126,7 @@ def test_zero3_two_ranks_killed_and_resumed(tiny_study, tmp_path):
     assert proc.poll() is None, "the launch ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    remove_shm(cmd)
     assert not (run / "metrics.json").exists()
     launch(*args(run))
     assert _comparable(_history(run)) == _comparable(_history(ref))
