@@ -66,20 +66,8 @@ class Phase:
         self.over = self.peak - self.before
 
 
-def _wrap(cls, name: str, record: list, label: str) -> None:
-    real = getattr(cls, name)
-
-    def measured(self, *a, **k):
-        with Phase() as p:
-            out = real(self, *a, **k)
-        record.append({"phase": label, "before": p.before, "peak": p.peak, "over": p.over})
-        return out
-
-    setattr(cls, name, measured)
-
-
-def _replace(record: list, real, label: str) -> None:
-    """Measure each call of function ``real`` as phase ``label``, in every ``nft`` module that imported it by name."""
+def _measured(real, record: list, label: str):
+    """``real`` with each call measured as phase ``label`` into ``record``."""
 
     def measured(*a, **k):
         with Phase() as p:
@@ -87,10 +75,26 @@ def _replace(record: list, real, label: str) -> None:
         record.append({"phase": label, "before": p.before, "peak": p.peak, "over": p.over})
         return out
 
+    return measured
+
+
+def _wrap(cls, name: str, record: list, label: str) -> None:
+    """Measure each call of method ``cls.name``."""
+    setattr(cls, name, _measured(getattr(cls, name), record, label))
+
+
+def _replace(record: list, real, label: str) -> None:
+    """Measure each call of function ``real`` as phase ``label``, in every ``nft`` module that imported it by name."""
+    measured = _measured(real, record, label)
     for m in list(sys.modules.values()):
         for name, value in list(vars(m).items()) if getattr(m, "__name__", "").startswith("nft") else ():
             if value is real:
                 setattr(m, name, measured)
+
+
+def _settings(items: list[str]) -> dict:
+    """``KEY=VALUE`` command-line items as a dict, each value read as JSON."""
+    return {key: json.loads(value) for key, _, value in (item.partition("=") for item in items)}
 
 
 def _measure_inside(record: list) -> None:
@@ -151,9 +155,7 @@ def worker(args) -> None:
         sampler="torch",
         gradient_checkpointing=True,  # as the paper presets train
     )
-    for item in args.train:
-        key, _, value = item.partition("=")
-        settings[key] = json.loads(value)
+    settings.update(_settings(args.train))
     cfg = TrainConfig(**{k: v for k, v in settings.items() if k in fields})
     t0 = time.perf_counter()
     run_mod.run_training(cfg, "nft", 0, d / f"run-{args.label}", progress=False, arm="nft")
@@ -181,9 +183,7 @@ def build(d: Path, nft: str, label: str, zero: list[str]) -> None:
         build_model(d, QWEN25_05B)
     ds = json.loads((Path(nft) / "experiments/deepspeed/zero3.json").read_text())  # the measured checkout's own
     ds["bf16"] = {"enabled": True}
-    for item in zero:
-        key, _, value = item.partition("=")
-        ds["zero_optimization"][key] = json.loads(value)
+    ds["zero_optimization"].update(_settings(zero))
     (d / f"zero3-bf16-{label}.json").write_text(json.dumps(ds))
 
 
@@ -236,13 +236,14 @@ def main() -> int:
         + ["--inside"] * args.inside
         + [f"--train={t}" for t in args.train]
     )
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    finally:
+        shutil.rmtree(d / f"run-{args.label}", ignore_errors=True)  # its checkpoint: 8 GB
     if r.returncode != 0:
-        shutil.rmtree(d / f"run-{args.label}", ignore_errors=True)
         print(r.stdout[-3000:], r.stderr[-3000:], file=sys.stderr)
         return r.returncode
     ranks = [json.loads((d / f"{args.label}-rank{i}.json").read_text()) for i in range(2)]
-    shutil.rmtree(d / f"run-{args.label}", ignore_errors=True)  # its checkpoint: 8 GB
     commit = subprocess.run(["git", "-C", args.nft, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     print(
         f"memory per rank, {args.label} (nft at {commit.stdout.strip()}): 2 ZeRO-3 CPU ranks, bf16, Qwen2.5-0.5B shape"

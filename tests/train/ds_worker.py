@@ -132,8 +132,8 @@ def main() -> None:
     batch = dist.broadcast(fixed_batch(model, tok, drop) if dist.is_main else None)
     cfg = config(args.tokens)
     if args.chunk_mb:  # the chunked head under ZeRO-3's hooks: chunks of a few tokens of the tiny vocabulary
-        cfg = replace(cfg)
-        object.__setattr__(cfg, "logprob_chunk_mb", args.chunk_mb)
+        cfg = replace(cfg)  # a copy: config() may return the shared CFG
+        cfg.logprob_chunk_mb = args.chunk_mb
     ds = resolve_deepspeed_config(args.ds_config, cfg, dist.world)
     if args.push_mb:
         engine = DeepSpeedEngine(model, replace(cfg, push_bucket_mb=args.push_mb), ds)
