@@ -1,7 +1,7 @@
 """Benchmark: host memory per rank of the ZeRO-3 path, a random Qwen2.5-0.5B-shaped model under 2 CPU ranks.
 
     python benchmarks/memory_ranks.py [--nft PATH] [--label after] [--zero KEY=VALUE ...] [--train KEY=VALUE ...]
-        [--inside] [--dir D] [--json F]
+        [--inside] [--glibc-heap] [--dir D] [--json F]
 
 Builds (once, under ``--dir``) a random model with Qwen2.5-0.5B's configuration (494 M parameters, vocabulary
 151,936, tied embeddings) and a local tokenizer and data (``scripts/gpu_smoke.py``), then launches ``nft``'s training
@@ -18,6 +18,11 @@ a phase, after ``malloc_trim`` has returned the heap's free pages, ``VmHWM`` aft
 - **sample** and **update** (the log-prob passes and the optimizer step): each call, over the memory before it;
   a rollout step is one of each. ``--inside``: instead of the whole update, each of its log-prob passes, backward
   and optimizer step (``logprobs``, ``backward``, ``step``).
+
+The ranks run with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``): each tensor's memory is mapped
+and unmapped with it, so resident memory follows the live tensors, as ``torch.cuda.max_memory_allocated`` does on a
+GPU. With glibc's own setting the threshold grows up to 32 MiB as blocks are freed, and freed blocks stay in its heaps,
+fragmented, counted as resident (``--glibc-heap``: measure that way).
 """
 
 from __future__ import annotations
@@ -198,6 +203,7 @@ def main() -> int:
     )
     ap.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="a train setting (JSON value)")
     ap.add_argument("--inside", action="store_true", help="measure the update's log-prob passes, backward and step")
+    ap.add_argument("--glibc-heap", action="store_true", help="leave glibc's mmap threshold as it is (see above)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -213,6 +219,8 @@ def main() -> int:
     # the processor's own bf16 kernels (nft pins AVX2 for bit-equal weights across machines; there bf16 matmuls are
     # emulated, many times slower); the memory figures do not depend on it
     env.setdefault("NFT_CPU_ISA", "native")
+    if not args.glibc_heap:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     launcher = str(Path(sys.executable).parent / "deepspeed")
     with socket.socket() as sock:  # a free port for the launcher's rendezvous
         sock.bind(("127.0.0.1", 0))
@@ -247,6 +255,7 @@ def main() -> int:
     commit = subprocess.run(["git", "-C", args.nft, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     print(
         f"memory per rank, {args.label} (nft at {commit.stdout.strip()}): 2 ZeRO-3 CPU ranks, bf16, Qwen2.5-0.5B shape"
+        + (", glibc's heap" if args.glibc_heap else "")
     )
     for res in ranks:
         calls = res["calls"]

@@ -14,9 +14,10 @@ from ..modeling import load_policy
 from .config import TrainConfig
 
 
-def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, hidden_size: int | None = None) -> dict:
-    """Read the DeepSpeed JSON and fill its ``"auto"`` entries from the train config; any number that contradicts
-    the train config raises one error naming both fields. Runs before any model loads."""
+def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, model: dict | None = None) -> dict:
+    """Read the DeepSpeed JSON and fill its ``"auto"`` entries from the train config and the model's ``config.json``
+    (``model``, :func:`model_config`); any number that contradicts the train config raises one error naming both
+    fields. Runs before any model loads."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"train.deepspeed_config: {path}: file not found")
@@ -49,7 +50,7 @@ def resolve_deepspeed_config(path: str, cfg: TrainConfig, world: int, hidden_siz
             f"{where}: bf16.check_grad_overflow must stay true: ZeRO skips a step whose gradient is not finite "
             "on any rank, as the torch engine does"
         )
-    _fill_zero(ds, where, hidden_size or 1024)
+    _fill_zero(ds, where, model or {})
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     leftover = [k for k, v in _walk(ds) if v == "auto"]
@@ -86,8 +87,9 @@ def _fill_batch_sizes(ds: dict, cfg: TrainConfig, world: int, where: str) -> Non
         ds[key] = value
 
 
-def _fill_zero(ds: dict, where: str, h: int) -> None:
-    """The ZeRO section: stage 2 or 3, its bucket sizes' ``"auto"`` from the hidden size ``h``."""
+def _fill_zero(ds: dict, where: str, model: dict) -> None:
+    """The ZeRO section: stage 2 or 3; its ``"auto"`` sizes from the model's shape: buckets from the hidden size
+    ``h`` (as transformers fills them), the parameters ZeRO-3 keeps gathered from a decoder layer's."""
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.get("stage", 0)
     if stage not in (2, 3):
@@ -95,15 +97,33 @@ def _fill_zero(ds: dict, where: str, h: int) -> None:
             f"{where}: zero_optimization.stage must be 2 or 3, got {stage} (ZeRO-2/3's optimizer detects a "
             "non-finite gradient and skips the step on every rank)"
         )
+    h = model.get("hidden_size", 1024)
+    # Gathered parameters kept live (prefetched ahead, or kept for a reuse within the distance): 2 decoder layers.
+    # DeepSpeed's 1e9 is 2 layers of a 32B model, a 7B model's 4 and a 0.5B model whole; with gradient
+    # checkpointing it kept the gathered layers from the forward to their backward. 2 layers still cover a layer's
+    # recomputed forward to its backward.
+    live = 2 * layer_parameters(model) if "intermediate_size" in model else 10**9
     for key, value in (
         ("reduce_bucket_size", h * h),
         ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
         ("stage3_param_persistence_threshold", 10 * h),
+        ("stage3_max_live_parameters", live),
+        ("stage3_max_reuse_distance", live),
     ):
         if zero.get(key) == "auto":
             zero[key] = value
     if zero.get("offload_optimizer") or zero.get("offload_param"):
         ds.setdefault("zero_force_ds_cpu_optimizer", False)  # the client AdamW on offloaded states
+
+
+def layer_parameters(model: dict) -> int:
+    """Parameters of one decoder layer of a Qwen2/Llama-shaped ``config.json``: attention (grouped key/value
+    heads) and the gated MLP; biases and norms are too small to count."""
+    h = model["hidden_size"]
+    heads = model.get("num_attention_heads", 1)
+    head_dim = model.get("head_dim") or h // heads
+    kv = model.get("num_key_value_heads") or heads
+    return 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * model["intermediate_size"]
 
 
 def _walk(d: dict, prefix: str = ""):
@@ -114,10 +134,11 @@ def _walk(d: dict, prefix: str = ""):
             yield f"{prefix}{k}", v
 
 
-def model_hidden_size(model_dir: str) -> int | None:
+def model_config(model_dir: str) -> dict | None:
+    """The model folder's ``config.json`` (None where there is none: the ``"auto"`` sizes then take defaults)."""
     f = Path(model_dir) / "config.json"
     if f.is_file():
-        return json.loads(f.read_text()).get("hidden_size")
+        return json.loads(f.read_text())
     return None
 
 

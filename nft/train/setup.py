@@ -30,7 +30,7 @@ from ..tracking import MLflowTracker, NullTracker, Tracker
 from ..tracking_store import dvc_experiment, git_state, study_run
 from .checkpoint import fingerprint, has_checkpoint, restore_checkpoint, truncate_history, usable_checkpoint
 from .config import TrainConfig
-from .ds_config import load_policy_for, model_hidden_size, resolve_deepspeed_config, resume_config
+from .ds_config import load_policy_for, model_config, resolve_deepspeed_config, resume_config
 from .engines import DeepSpeedEngine, Engine, TorchEngine, init_distributed
 from .seeds import Cursor, seed_block
 from .validation import validate
@@ -59,7 +59,7 @@ def check_backends(cfg: TrainConfig, world: int | None = None) -> dict | None:
                 f"set train.engine: deepspeed"
             )
         return None
-    ds = resolve_deepspeed_config(cfg.deepspeed_config, cfg, world, model_hidden_size(cfg.model))
+    ds = resolve_deepspeed_config(cfg.deepspeed_config, cfg, world, model_config(cfg.model))
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError(
             "train.engine: deepspeed is not installed here (pip install -e '.[deepspeed]'), or set train.engine: torch"

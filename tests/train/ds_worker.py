@@ -120,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     from nft.dist import leave
     from nft.modeling import load_policy
-    from nft.train.ds_config import resolve_deepspeed_config
+    from nft.train.ds_config import model_config, resolve_deepspeed_config
     from nft.train.engines import DeepSpeedEngine, init_distributed
     from nft.train.update import update
 
@@ -134,7 +134,7 @@ def main() -> None:
     if args.chunk_mb:  # the chunked head under ZeRO-3's hooks: chunks of a few tokens of the tiny vocabulary
         cfg = replace(cfg)  # a copy: config() may return the shared CFG
         cfg.logprob_chunk_mb = args.chunk_mb
-    ds = resolve_deepspeed_config(args.ds_config, cfg, dist.world)
+    ds = resolve_deepspeed_config(args.ds_config, cfg, dist.world, model_config(args.model))
     if args.push_mb:
         engine = DeepSpeedEngine(model, replace(cfg, push_bucket_mb=args.push_mb), ds)
         res = push_peak(engine)

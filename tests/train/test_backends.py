@@ -15,6 +15,10 @@ from nft.train.setup import check_backends
 from tests.conftest import REPO, nft_cli
 
 CFG = TrainConfig(prompts_per_step=8, answers_per_prompt=4, mini_batch_prompts=2, micro_batch_size=3, grad_clip=0.5)
+# config.json shapes of Qwen2.5-Math-7B, Qwen2.5-32B and Qwen2.5-0.5B (the fields the "auto" sizes read)
+QWEN7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4}
+QWEN32B = {"hidden_size": 5120, "intermediate_size": 27648, "num_attention_heads": 40, "num_key_value_heads": 8}
+QWEN05B = {"hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2}
 
 
 def ds_file(tmp_path, **entries):
@@ -33,7 +37,7 @@ def ds_file(tmp_path, **entries):
 
 
 def test_auto_entries_are_filled_from_the_train_config(tmp_path):
-    ds = resolve_deepspeed_config(ds_file(tmp_path), CFG, world=2, hidden_size=64)
+    ds = resolve_deepspeed_config(ds_file(tmp_path), CFG, world=2, model={"hidden_size": 64})
     # 2 questions x 4 answers per optimizer step over 2 ranks = 4 answers per rank = 2 micro-batches of 3
     assert ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 2
@@ -43,7 +47,27 @@ def test_auto_entries_are_filled_from_the_train_config(tmp_path):
     assert ds["bf16"]["enabled"] is False  # no GPU here
     # the shipped configs resolve
     for stage in ("zero2", "zero3"):
-        resolve_deepspeed_config(str(REPO / f"experiments/deepspeed/{stage}.json"), CFG, world=4, hidden_size=3584)
+        resolve_deepspeed_config(str(REPO / f"experiments/deepspeed/{stage}.json"), CFG, world=4, model=QWEN7B)
+
+
+@pytest.mark.parametrize("model,layer", [(QWEN7B, 233_046_016), (QWEN32B, 487_587_840), (QWEN05B, 14_909_440)])
+def test_zero3_keeps_two_decoder_layers_gathered(tmp_path, model, layer):
+    """The shipped ZeRO-3 config keeps at most 2 decoder layers' parameters gathered (prefetched or kept for reuse):
+    DeepSpeed's default 1e9 is 4 layers at 7B and the whole 0.5B proxy, which it then held from the forward to the
+    backward; a value given in the file is kept."""
+    from nft.train.ds_config import layer_parameters
+
+    assert layer_parameters(model) == layer
+    zero = resolve_deepspeed_config(str(REPO / "experiments/deepspeed/zero3.json"), CFG, world=8, model=model)[
+        "zero_optimization"
+    ]
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 2 * layer
+    assert zero["reduce_bucket_size"] == model["hidden_size"] ** 2
+    no_shape = resolve_deepspeed_config(str(REPO / "experiments/deepspeed/zero3.json"), CFG, world=8, model=None)
+    assert no_shape["zero_optimization"]["stage3_max_live_parameters"] == 10**9  # DeepSpeed's default
+    given = {"stage": 3, "stage3_max_live_parameters": 123, "stage3_max_reuse_distance": "auto"}
+    zero = resolve_deepspeed_config(ds_file(tmp_path, zero_optimization=given), CFG, 2, model)["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == 123 and zero["stage3_max_reuse_distance"] == 2 * layer
 
 
 @pytest.mark.parametrize(
@@ -191,7 +215,7 @@ def test_presets_are_valid_for_8_processes(preset):
     cfg = load_study(str(REPO / "experiments" / preset), [])
     t = cfg["train"]
     if t.engine == "deepspeed":
-        ds = resolve_deepspeed_config(str(REPO / t.deepspeed_config), t, world=8, hidden_size=3584)
+        ds = resolve_deepspeed_config(str(REPO / t.deepspeed_config), t, world=8, model=QWEN7B)
         assert ds["train_batch_size"] >= t.mini_batch_prompts * t.answers_per_prompt
 
 
