@@ -99,9 +99,9 @@ def _fill_zero(ds: dict, where: str, model: dict) -> None:
         )
     h = model.get("hidden_size", 1024)
     # Gathered parameters kept live (prefetched ahead, or kept for a reuse within the distance): 2 decoder layers.
-    # DeepSpeed's 1e9 is 2 layers of a 32B model, a 7B model's 4 and a 0.5B model whole; with gradient
-    # checkpointing it kept the gathered layers from the forward to their backward. 2 layers still cover a layer's
-    # recomputed forward to its backward.
+    # DeepSpeed's 1e9 is 2 layers of a 32B model, 4 of a 7B model and a whole 0.5B model, which its prefetcher then
+    # holds gathered from the forward to the backward. 2 layers still span a layer's recomputed forward and its
+    # backward (gradient checkpointing), so the backward does not gather it again.
     live = 2 * layer_parameters(model) if "intermediate_size" in model else 10**9
     for key, value in (
         ("reduce_bucket_size", h * h),
